@@ -1,0 +1,54 @@
+# Every target runs from a clean clone; .ci/run provisions the machine and then runs `make test`.
+GO            ?= go
+BIN           ?= bin
+ENVOY_VERSION ?= 1.40.0
+VERSION       ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
+LDFLAGS       := -s -w -X github.com/envoy-docker-shim/envoy-docker-shim/services/buildinfo.Version=$(VERSION)
+# Test timeouts are generous ceilings, not targets: a hung daemon must fail the run, not eat CI's 90 minutes.
+TEST_TIMEOUT  ?= 15m
+
+.PHONY: all build test unit e2e lint generate bench provision clean
+
+all: build
+
+# Static binaries: the shim is copied onto arbitrary hosts, so nothing may depend on the host's libc.
+build:
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/ ./shim/cmd/... ./services/cmd/... ./envoy/cmd/...
+
+# Everything CI runs: lint, unit tests and the end-to-end suite against a real dockerd and a real Envoy.
+test: lint
+	$(GO) test -timeout $(TEST_TIMEOUT) ./...
+
+unit:
+	$(GO) test -short ./...
+
+e2e:
+	$(GO) test -timeout $(TEST_TIMEOUT) ./testbed/...
+
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
+	  if [ -n "$$out" ]; then echo "gofmt needed on:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+	$(GO) tool staticcheck ./...
+	@cp go.mod /tmp/.go.mod.lint && cp go.sum /tmp/.go.sum.lint && $(GO) mod tidy && \
+	  if ! cmp -s go.mod /tmp/.go.mod.lint || ! cmp -s go.sum /tmp/.go.sum.lint; then \
+	    echo "go mod tidy changed go.mod/go.sum: run it and commit the result"; exit 1; fi
+
+# Regenerates the committed protobuf code; needs protoc (Debian: protobuf-compiler).
+generate:
+	PATH="$$(pwd)/$(BIN)/tools:$$PATH" && mkdir -p $(BIN)/tools && \
+	  $(GO) build -o $(BIN)/tools/ google.golang.org/protobuf/cmd/protoc-gen-go google.golang.org/grpc/cmd/protoc-gen-go-grpc && \
+	  protoc --proto_path=services/registration/proto \
+	    --go_out=services/registration --go_opt=module=github.com/envoy-docker-shim/envoy-docker-shim/services/registration \
+	    --go-grpc_out=services/registration --go-grpc_opt=module=github.com/envoy-docker-shim/envoy-docker-shim/services/registration \
+	    services/registration/proto/registration.proto
+
+bench:
+	$(GO) test -run '^$$' -bench . -benchtime 1x -timeout 30m ./...
+
+# Installs what the tests need on a Debian host (also what a Vagrant VM runs).
+provision:
+	testbed/provision.sh
+
+clean:
+	rm -rf $(BIN)

@@ -1,0 +1,253 @@
+// Package envoyconfig translates registry entries into the Envoy resources that carry them: one
+// listener per host socket and one cluster per mapping. Every function is pure: the same entry
+// always gives byte-identical resources, so re-publishing an unchanged port never makes Envoy
+// drain its listener. This package is the one place that names Envoy resources.
+package envoyconfig
+
+import (
+	"fmt"
+	"net/netip"
+	"time"
+
+	accesslog "github.com/envoyproxy/go-control-plane/envoy/config/accesslog/v3"
+	cluster "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	endpoint "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
+	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	route "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	stream "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/stream/v3"
+	router "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
+	hcm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	tcpproxy "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/anypb"
+	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/wrapperspb"
+
+	"github.com/envoy-docker-shim/envoy-docker-shim/services/registry"
+)
+
+// Limits and timeouts set on every mapping. Envoy's defaults (1,024 connections and requests per
+// cluster, a 15 s route timeout, a 1 h TCP idle timeout) would break ports that docker-proxy
+// carried without limits, so each is chosen to behave like docker-proxy unless there is a reason.
+const (
+	// ConnectTimeout bounds dialling the container; docker-proxy relies on the kernel's (minutes),
+	// but a container that does not answer within 5 s is not going to.
+	ConnectTimeout = 5 * time.Second
+	// MaxConnections, MaxPendingRequests and MaxRequests are the per-mapping circuit breakers.
+	MaxConnections     = 100_000
+	MaxPendingRequests = 100_000
+	MaxRequests        = 100_000
+	// StreamIdleTimeout ends an HTTP stream with no activity (Envoy's default, set explicitly).
+	StreamIdleTimeout = 5 * time.Minute
+	// HTTPIdleTimeout closes an idle downstream HTTP connection (Envoy's default, set explicitly).
+	HTTPIdleTimeout = time.Hour
+	// A route timeout and a TCP idle timeout of zero disable them: docker-proxy never cuts a slow
+	// response or a quiet database connection, and neither may we.
+	RouteTimeout   = 0
+	TCPIdleTimeout = 0
+)
+
+// Options are the operator's choices that shape every resource.
+type Options struct {
+	// AccessLog writes one line per request (HTTP) or connection (TCP) to Envoy's stdout.
+	AccessLog bool
+}
+
+// Resources is what Envoy needs for one mapping.
+type Resources struct {
+	Listener *listener.Listener
+	Cluster  *cluster.Cluster
+}
+
+// ListenerName names the listener of a host socket, e.g. "tcp_127.0.0.1_8080" or "tcp_[::]_8080".
+func ListenerName(k registry.Key) string {
+	return fmt.Sprintf("%s_%s_%d", k.Proto, bracketed(k.HostIP), k.HostPort)
+}
+
+// ClusterName names the cluster of a mapping. A host socket carries one mapping at a time, so the
+// cluster shares the listener's name; its stats use the service name (alt_stat_name).
+func ClusterName(k registry.Key) string { return ListenerName(k) }
+
+func bracketed(ip netip.Addr) string {
+	if ip.Is6() && !ip.Is4In6() {
+		return "[" + ip.String() + "]"
+	}
+	return ip.Unmap().String()
+}
+
+// ForEntry returns the resources carrying e, or false when Envoy does not carry it (shim mode).
+func ForEntry(e registry.Entry, opts Options) (Resources, bool, error) {
+	if e.Proto != registry.TCP || e.Mode == registry.ModeShim {
+		return Resources{}, false, nil
+	}
+	c := Cluster(e)
+	var l *listener.Listener
+	var err error
+	switch e.Mode {
+	case registry.ModeHTTP:
+		l, err = HTTPListener(e, opts)
+	case registry.ModeTCP:
+		l, err = TCPListener(e, opts)
+	default:
+		return Resources{}, false, fmt.Errorf("mapping %s: unknown proxy mode %q", e.Key, e.Mode)
+	}
+	if err != nil {
+		return Resources{}, false, fmt.Errorf("mapping %s: %w", e.Key, err)
+	}
+	return Resources{Listener: l, Cluster: c}, true, nil
+}
+
+// Cluster sends to the one container of the mapping.
+func Cluster(e registry.Entry) *cluster.Cluster {
+	name := ClusterName(e.Key)
+	return &cluster.Cluster{
+		Name:                 name,
+		AltStatName:          e.Service.Name,
+		ClusterDiscoveryType: &cluster.Cluster_Type{Type: cluster.Cluster_STATIC},
+		ConnectTimeout:       durationpb.New(ConnectTimeout),
+		LbPolicy:             cluster.Cluster_ROUND_ROBIN,
+		CircuitBreakers: &cluster.CircuitBreakers{Thresholds: []*cluster.CircuitBreakers_Thresholds{{
+			Priority:           core.RoutingPriority_DEFAULT,
+			MaxConnections:     wrapperspb.UInt32(MaxConnections),
+			MaxPendingRequests: wrapperspb.UInt32(MaxPendingRequests),
+			MaxRequests:        wrapperspb.UInt32(MaxRequests),
+		}}},
+		LoadAssignment: &endpoint.ClusterLoadAssignment{
+			ClusterName: name,
+			Endpoints: []*endpoint.LocalityLbEndpoints{{
+				LbEndpoints: []*endpoint.LbEndpoint{{
+					HostIdentifier: &endpoint.LbEndpoint_Endpoint{Endpoint: &endpoint.Endpoint{
+						Address: socketAddress(e.ContainerIP, e.ContainerPort),
+					}},
+				}},
+			}},
+		},
+	}
+}
+
+// HTTPListener terminates HTTP on the host socket and routes every request to the container,
+// changing as little as docker-proxy would: upstream Server headers pass through, Envoy adds none
+// of its own, HTTP/1.0 and WebSocket upgrades keep working.
+func HTTPListener(e registry.Entry, opts Options) (*listener.Listener, error) {
+	routerConfig, err := typed(&router.Router{SuppressEnvoyHeaders: true})
+	if err != nil {
+		return nil, err
+	}
+	logs, err := accessLogs(opts, httpLogFormat)
+	if err != nil {
+		return nil, err
+	}
+	manager := &hcm.HttpConnectionManager{
+		StatPrefix: e.Service.Name,
+		CodecType:  hcm.HttpConnectionManager_AUTO,
+		RouteSpecifier: &hcm.HttpConnectionManager_RouteConfig{RouteConfig: &route.RouteConfiguration{
+			Name: ListenerName(e.Key),
+			// The cluster may reach Envoy after the listener on an ADS stream; validation would
+			// reject the listener instead of answering 503 for the few milliseconds in between.
+			ValidateClusters: wrapperspb.Bool(false),
+			VirtualHosts: []*route.VirtualHost{{
+				Name:    e.Service.Name,
+				Domains: []string{"*"},
+				Routes: []*route.Route{{
+					Match: &route.RouteMatch{PathSpecifier: &route.RouteMatch_Prefix{Prefix: "/"}},
+					Action: &route.Route_Route{Route: &route.RouteAction{
+						ClusterSpecifier: &route.RouteAction_Cluster{Cluster: ClusterName(e.Key)},
+						Timeout:          durationpb.New(RouteTimeout),
+					}},
+					Decorator: &route.Decorator{Operation: e.Service.Operation},
+				}},
+			}},
+		}},
+		HttpFilters: []*hcm.HttpFilter{{
+			Name:       "envoy.filters.http.router",
+			ConfigType: &hcm.HttpFilter_TypedConfig{TypedConfig: routerConfig},
+		}},
+		StreamIdleTimeout:          durationpb.New(StreamIdleTimeout),
+		CommonHttpProtocolOptions:  &core.HttpProtocolOptions{IdleTimeout: durationpb.New(HTTPIdleTimeout)},
+		HttpProtocolOptions:        &core.Http1ProtocolOptions{AcceptHttp_10: true},
+		ServerHeaderTransformation: hcm.HttpConnectionManager_PASS_THROUGH,
+		UpgradeConfigs:             []*hcm.HttpConnectionManager_UpgradeConfig{{UpgradeType: "websocket"}},
+		UseRemoteAddress:           wrapperspb.Bool(true),
+		AccessLog:                  logs,
+	}
+	return listenerWith(e, "envoy.filters.network.http_connection_manager", manager)
+}
+
+// TCPListener proxies raw TCP to the container with per-service connection and byte stats.
+func TCPListener(e registry.Entry, opts Options) (*listener.Listener, error) {
+	logs, err := accessLogs(opts, tcpLogFormat)
+	if err != nil {
+		return nil, err
+	}
+	proxy := &tcpproxy.TcpProxy{
+		StatPrefix:       e.Service.Name,
+		ClusterSpecifier: &tcpproxy.TcpProxy_Cluster{Cluster: ClusterName(e.Key)},
+		IdleTimeout:      durationpb.New(TCPIdleTimeout),
+		AccessLog:        logs,
+	}
+	return listenerWith(e, "envoy.filters.network.tcp_proxy", proxy)
+}
+
+func listenerWith(e registry.Entry, filterName string, filterConfig proto.Message) (*listener.Listener, error) {
+	config, err := typed(filterConfig)
+	if err != nil {
+		return nil, err
+	}
+	return &listener.Listener{
+		Name:             ListenerName(e.Key),
+		Address:          socketAddress(e.HostIP, e.HostPort),
+		TrafficDirection: core.TrafficDirection_INBOUND,
+		// One socket per worker, and the way a port is handed over from the socket dockerd 28+
+		// passes to the shim: the shim's socket and Envoy's share the port for a moment.
+		EnableReusePort: wrapperspb.Bool(true),
+		FilterChains: []*listener.FilterChain{{
+			Filters: []*listener.Filter{{
+				Name:       filterName,
+				ConfigType: &listener.Filter_TypedConfig{TypedConfig: config},
+			}},
+		}},
+	}, nil
+}
+
+// socketAddress leaves ipv4_compat off: an IPv6 listener is v6-only, like docker-proxy's tcp6
+// socket, so "::" and "0.0.0.0" on one port coexist as two listeners.
+func socketAddress(ip netip.Addr, port uint16) *core.Address {
+	return &core.Address{Address: &core.Address_SocketAddress{SocketAddress: &core.SocketAddress{
+		Protocol:      core.SocketAddress_TCP,
+		Address:       ip.Unmap().String(),
+		PortSpecifier: &core.SocketAddress_PortValue{PortValue: uint32(port)},
+	}}}
+}
+
+const (
+	httpLogFormat = `[%START_TIME%] service=%ROUTE_NAME% "%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%" %RESPONSE_CODE% %RESPONSE_FLAGS% rx=%BYTES_RECEIVED% tx=%BYTES_SENT% ms=%DURATION% client=%DOWNSTREAM_REMOTE_ADDRESS% upstream=%UPSTREAM_HOST% listener=%LISTENER_NAME%` + "\n"
+	tcpLogFormat  = `[%START_TIME%] tcp client=%DOWNSTREAM_REMOTE_ADDRESS% upstream=%UPSTREAM_HOST% %RESPONSE_FLAGS% rx=%BYTES_RECEIVED% tx=%BYTES_SENT% ms=%DURATION% listener=%LISTENER_NAME% cluster=%UPSTREAM_CLUSTER%` + "\n"
+)
+
+func accessLogs(opts Options, format string) ([]*accesslog.AccessLog, error) {
+	if !opts.AccessLog {
+		return nil, nil
+	}
+	config, err := typed(&stream.StdoutAccessLog{AccessLogFormat: &stream.StdoutAccessLog_LogFormat{
+		LogFormat: &core.SubstitutionFormatString{Format: &core.SubstitutionFormatString_TextFormatSource{
+			TextFormatSource: &core.DataSource{Specifier: &core.DataSource_InlineString{InlineString: format}},
+		}},
+	}})
+	if err != nil {
+		return nil, err
+	}
+	return []*accesslog.AccessLog{{
+		Name:       "envoy.access_loggers.stdout",
+		ConfigType: &accesslog.AccessLog_TypedConfig{TypedConfig: config},
+	}}, nil
+}
+
+// typed wraps a message deterministically, so equal configs give equal bytes.
+func typed(m proto.Message) (*anypb.Any, error) {
+	out := &anypb.Any{}
+	if err := anypb.MarshalFrom(out, m, proto.MarshalOptions{Deterministic: true}); err != nil {
+		return nil, fmt.Errorf("marshal %T: %w", m, err)
+	}
+	return out, nil
+}

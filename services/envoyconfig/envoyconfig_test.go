@@ -1,0 +1,154 @@
+package envoyconfig
+
+import (
+	"bytes"
+	"flag"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
+	"sigs.k8s.io/yaml"
+
+	// Registers the typed configs so golden files show them decoded.
+	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/stream/v3"
+	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
+	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
+
+	"github.com/envoy-docker-shim/envoy-docker-shim/services/registry"
+)
+
+var update = flag.Bool("update", false, "rewrite the golden files in testdata/")
+
+func entry(proto registry.Protocol, hostIP string, mode registry.Mode) registry.Entry {
+	return registry.Entry{
+		Mapping: registry.Mapping{
+			Key:           registry.Key{Proto: proto, HostIP: netip.MustParseAddr(hostIP), HostPort: 8080},
+			ContainerIP:   netip.MustParseAddr("172.17.0.2"),
+			ContainerPort: 80,
+		},
+		Service: registry.Service{Name: "web-test", Operation: "web", ContainerID: "abc", ContainerName: "web1", Mode: mode},
+	}
+}
+
+func TestNames(t *testing.T) {
+	tests := []struct {
+		key  registry.Key
+		want string
+	}{
+		{registry.Key{Proto: registry.TCP, HostIP: netip.MustParseAddr("127.0.0.1"), HostPort: 80}, "tcp_127.0.0.1_80"},
+		{registry.Key{Proto: registry.TCP, HostIP: netip.MustParseAddr("::"), HostPort: 8080}, "tcp_[::]_8080"},
+		{registry.Key{Proto: registry.TCP, HostIP: netip.MustParseAddr("::ffff:10.0.0.1"), HostPort: 1}, "tcp_10.0.0.1_1"},
+		{registry.Key{Proto: registry.UDP, HostIP: netip.MustParseAddr("0.0.0.0"), HostPort: 53}, "udp_0.0.0.0_53"},
+	}
+	for _, tt := range tests {
+		if got := ListenerName(tt.key); got != tt.want {
+			t.Errorf("ListenerName(%v) = %q, want %q", tt.key, got, tt.want)
+		}
+	}
+}
+
+// TestGolden shows a reviewer exactly what Envoy receives for each kind of mapping.
+func TestGolden(t *testing.T) {
+	tests := []struct {
+		name  string
+		entry registry.Entry
+		opts  Options
+	}{
+		{"http_ipv4", entry(registry.TCP, "127.0.0.1", registry.ModeHTTP), Options{AccessLog: true}},
+		{"tcp_ipv6", entry(registry.TCP, "::", registry.ModeTCP), Options{AccessLog: true}},
+		{"http_no_access_log", entry(registry.TCP, "0.0.0.0", registry.ModeHTTP), Options{}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			res, ok, err := ForEntry(tt.entry, tt.opts)
+			if err != nil || !ok {
+				t.Fatalf("ForEntry = %v, %v", ok, err)
+			}
+			got := append(toYAML(t, res.Listener), append([]byte("---\n"), toYAML(t, res.Cluster)...)...)
+			path := filepath.Join("testdata", tt.name+".yaml")
+			if *update {
+				if err := os.WriteFile(path, got, 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			want, err := os.ReadFile(path)
+			if err != nil {
+				t.Fatalf("%v (run go test ./services/envoyconfig -update to create it)", err)
+			}
+			if !bytes.Equal(got, want) {
+				t.Errorf("%s differs from the generated resources; if the change is intended, run with -update.\n--- got\n%s", path, got)
+			}
+		})
+	}
+}
+
+func toYAML(t *testing.T, m proto.Message) []byte {
+	t.Helper()
+	j, err := protojson.Marshal(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	y, err := yaml.JSONToYAML(j)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return y
+}
+
+// TestByteStable: the same entry must always encode to the same bytes, or every unrelated
+// change would make Envoy drain and rebuild live listeners.
+func TestByteStable(t *testing.T) {
+	for _, mode := range []registry.Mode{registry.ModeHTTP, registry.ModeTCP} {
+		var first [2][]byte
+		for i := range 50 {
+			res, _, err := ForEntry(entry(registry.TCP, "127.0.0.1", mode), Options{AccessLog: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			l, _ := cache.MarshalResource(res.Listener)
+			c, _ := cache.MarshalResource(res.Cluster)
+			if i == 0 {
+				first = [2][]byte{l, c}
+				continue
+			}
+			if !bytes.Equal(l, first[0]) || !bytes.Equal(c, first[1]) {
+				t.Fatalf("%s: encoding %d differs from the first", mode, i)
+			}
+		}
+	}
+}
+
+func TestNotCarriedByEnvoy(t *testing.T) {
+	for _, e := range []registry.Entry{
+		entry(registry.UDP, "0.0.0.0", registry.ModeShim),
+		entry(registry.SCTP, "0.0.0.0", registry.ModeHTTP),
+		entry(registry.TCP, "0.0.0.0", registry.ModeShim),
+	} {
+		if _, ok, err := ForEntry(e, Options{}); ok || err != nil {
+			t.Errorf("ForEntry(%s, %s) = %v, %v; want not carried", e.Key, e.Mode, ok, err)
+		}
+	}
+	if _, _, err := ForEntry(entry(registry.TCP, "0.0.0.0", "grpc"), Options{}); err == nil {
+		t.Error("an unknown mode gave no error")
+	}
+}
+
+func TestResourcesValidate(t *testing.T) {
+	for _, mode := range []registry.Mode{registry.ModeHTTP, registry.ModeTCP} {
+		res, _, err := ForEntry(entry(registry.TCP, "::", mode), Options{AccessLog: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := res.Listener.ValidateAll(); err != nil {
+			t.Errorf("%s listener: %v", mode, err)
+		}
+		if err := res.Cluster.ValidateAll(); err != nil {
+			t.Errorf("%s cluster: %v", mode, err)
+		}
+	}
+}

@@ -1,0 +1,104 @@
+// Package labels turns a container's labels into the service a published port belongs to:
+// its name in Envoy's stats (ServiceName-EnvironmentName), its tracing operation and its proxy
+// mode. It does no I/O; label values are outside input and every one is sanitised or rejected.
+package labels
+
+import (
+	"fmt"
+	"net/netip"
+	"strings"
+
+	"github.com/envoy-docker-shim/envoy-docker-shim/services/registry"
+)
+
+// The labels users put on containers, as the seed project named them.
+const (
+	ServiceNameLabel     = "ServiceName"
+	EnvironmentNameLabel = "EnvironmentName"
+	ProxyModeLabel       = "ProxyMode"
+)
+
+// maxNameLen keeps stat names readable and well under Envoy's limits.
+const maxNameLen = 100
+
+// Container is what the Docker API tells about the container behind a container IP.
+type Container struct {
+	ID     string
+	Name   string
+	Labels map[string]string
+}
+
+// ParseMode reads the ProxyMode label: empty means http (the default), otherwise http or tcp.
+func ParseMode(value string) (registry.Mode, error) {
+	switch strings.ToLower(strings.TrimSpace(value)) {
+	case "", "http":
+		return registry.ModeHTTP, nil
+	case "tcp":
+		return registry.ModeTCP, nil
+	}
+	return "", fmt.Errorf("label %s=%q is not supported: use %s=http (the default) or %s=tcp",
+		ProxyModeLabel, value, ProxyModeLabel, ProxyModeLabel)
+}
+
+// Describe names the service of a mapping. c is nil when the container could not be found (the
+// Docker API is down or slow): the port is still served, named after the container IP.
+func Describe(c *Container, containerIP netip.Addr) (registry.Service, error) {
+	if c == nil {
+		name := Sanitize("container-" + containerIP.String())
+		return registry.Service{Name: name, Operation: name, Mode: registry.ModeHTTP}, nil
+	}
+	mode, err := ParseMode(c.Labels[ProxyModeLabel])
+	if err != nil {
+		return registry.Service{}, err
+	}
+	containerName := strings.TrimPrefix(c.Name, "/")
+	base := c.Labels[ServiceNameLabel]
+	if strings.TrimSpace(base) == "" {
+		base = containerName
+	}
+	if base == "" {
+		base = "container-" + containerIP.String()
+	}
+	full := base
+	if env := c.Labels[EnvironmentNameLabel]; strings.TrimSpace(env) != "" {
+		full = base + "-" + env
+	}
+	return registry.Service{
+		Name:          Sanitize(full),
+		Operation:     Sanitize(base),
+		ContainerID:   c.ID,
+		ContainerName: containerName,
+		Mode:          mode,
+	}, nil
+}
+
+// Sanitize makes s safe as an Envoy stat name segment and a Prometheus label: letters, digits,
+// '-' and '_' are kept, every other rune becomes '_' ('.' would split the stat name, ':' and
+// spaces break exporters), runs of '_' collapse, and the result is never empty.
+func Sanitize(s string) string {
+	var b strings.Builder
+	lastUnderscore := false
+	for _, r := range s {
+		keep := r == '-' || r == '_' || (r >= 'a' && r <= 'z') || (r >= 'A' && r <= 'Z') || (r >= '0' && r <= '9')
+		if !keep {
+			r = '_'
+		}
+		if r == '_' {
+			if lastUnderscore {
+				continue
+			}
+			lastUnderscore = true
+		} else {
+			lastUnderscore = false
+		}
+		b.WriteRune(r)
+		if b.Len() >= maxNameLen {
+			break
+		}
+	}
+	out := strings.Trim(b.String(), "_")
+	if out == "" {
+		return "unnamed"
+	}
+	return out
+}

@@ -1,0 +1,158 @@
+package labels
+
+import (
+	"net/netip"
+	"strings"
+	"testing"
+
+	"github.com/envoy-docker-shim/envoy-docker-shim/services/registry"
+)
+
+func TestSanitize(t *testing.T) {
+	tests := []struct{ in, want string }{
+		{"web", "web"},
+		{"web-test", "web-test"},
+		{"my.service", "my_service"},
+		{"a b:c/d", "a_b_c_d"},
+		{"..dots..", "dots"},
+		{"", "unnamed"},
+		{"___", "unnamed"},
+		{"ünïcødé", "n_c_d"},
+		{"café-prod", "caf_-prod"},
+		{"x\ny\tz", "x_y_z"},
+		{strings.Repeat("a", 300), strings.Repeat("a", maxNameLen)},
+		{"UPPER_lower-09", "UPPER_lower-09"},
+	}
+	for _, tt := range tests {
+		if got := Sanitize(tt.in); got != tt.want {
+			t.Errorf("Sanitize(%q) = %q, want %q", tt.in, got, tt.want)
+		}
+	}
+}
+
+func TestParseMode(t *testing.T) {
+	tests := []struct {
+		in      string
+		want    registry.Mode
+		wantErr bool
+	}{
+		{"", registry.ModeHTTP, false},
+		{"http", registry.ModeHTTP, false},
+		{"HTTP", registry.ModeHTTP, false},
+		{" tcp ", registry.ModeTCP, false},
+		{"udp", "", true},
+		{"grpc", "", true},
+	}
+	for _, tt := range tests {
+		got, err := ParseMode(tt.in)
+		if (err != nil) != tt.wantErr || got != tt.want {
+			t.Errorf("ParseMode(%q) = %q, %v; want %q, err=%v", tt.in, got, err, tt.want, tt.wantErr)
+		}
+		if err != nil && !strings.Contains(err.Error(), "ProxyMode=tcp") {
+			t.Errorf("ParseMode(%q) error %q does not say what to do", tt.in, err)
+		}
+	}
+}
+
+func TestDescribe(t *testing.T) {
+	ip := netip.MustParseAddr("172.29.0.2")
+	tests := []struct {
+		name      string
+		container *Container
+		want      registry.Service
+		wantErr   string
+	}{
+		{
+			name:      "service and environment labels",
+			container: &Container{ID: "abc", Name: "/web1", Labels: map[string]string{"ServiceName": "web", "EnvironmentName": "test"}},
+			want:      registry.Service{Name: "web-test", Operation: "web", ContainerID: "abc", ContainerName: "web1", Mode: registry.ModeHTTP},
+		},
+		{
+			name:      "tcp mode",
+			container: &Container{ID: "abc", Name: "/db", Labels: map[string]string{"ServiceName": "pg", "EnvironmentName": "prod", "ProxyMode": "tcp"}},
+			want:      registry.Service{Name: "pg-prod", Operation: "pg", ContainerID: "abc", ContainerName: "db", Mode: registry.ModeTCP},
+		},
+		{
+			name:      "no labels falls back to the container name",
+			container: &Container{ID: "abc", Name: "/quirky_name"},
+			want:      registry.Service{Name: "quirky_name", Operation: "quirky_name", ContainerID: "abc", ContainerName: "quirky_name", Mode: registry.ModeHTTP},
+		},
+		{
+			name:      "environment without service name",
+			container: &Container{ID: "abc", Name: "/api", Labels: map[string]string{"EnvironmentName": "stage"}},
+			want:      registry.Service{Name: "api-stage", Operation: "api", ContainerID: "abc", ContainerName: "api", Mode: registry.ModeHTTP},
+		},
+		{
+			name:      "odd characters are sanitised",
+			container: &Container{ID: "abc", Name: "/x", Labels: map[string]string{"ServiceName": "my svc.v2", "EnvironmentName": "eu:west"}},
+			want:      registry.Service{Name: "my_svc_v2-eu_west", Operation: "my_svc_v2", ContainerID: "abc", ContainerName: "x", Mode: registry.ModeHTTP},
+		},
+		{
+			name:      "unknown proxy mode is an error",
+			container: &Container{ID: "abc", Name: "/x", Labels: map[string]string{"ProxyMode": "udp"}},
+			wantErr:   `ProxyMode="udp"`,
+		},
+		{
+			name: "container unknown (Docker API down)",
+			want: registry.Service{Name: "container-172_29_0_2", Operation: "container-172_29_0_2", Mode: registry.ModeHTTP},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := Describe(tt.container, ip)
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("Describe error = %v, want it to contain %q", err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got != tt.want {
+				t.Errorf("Describe = %+v, want %+v", got, tt.want)
+			}
+		})
+	}
+}
+
+// FuzzSanitize checks that any label value becomes a usable, bounded stat name.
+func FuzzSanitize(f *testing.F) {
+	for _, seed := range []string{"web", "a.b.c", "", "\x00\xff", "ü", strings.Repeat("x", 500), "a__b", "_-_"} {
+		f.Add(seed)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		out := Sanitize(s)
+		if out == "" || len(out) > maxNameLen {
+			t.Fatalf("Sanitize(%q) = %q: empty or longer than %d", s, out, maxNameLen)
+		}
+		for _, r := range out {
+			if !(r == '-' || r == '_' || (r >= 'a' && r <= 'z') || (r >= 'A' && r <= 'Z') || (r >= '0' && r <= '9')) {
+				t.Fatalf("Sanitize(%q) = %q contains %q", s, out, r)
+			}
+		}
+		if Sanitize(out) != out {
+			t.Fatalf("Sanitize is not idempotent on %q: %q", out, Sanitize(out))
+		}
+	})
+}
+
+// FuzzDescribe feeds arbitrary label values: the result is an error or a valid service.
+func FuzzDescribe(f *testing.F) {
+	f.Add("web", "prod", "http", "/c")
+	f.Add("", "", "tcp", "")
+	f.Add("a.b", "c d", "bogus", "/x")
+	f.Fuzz(func(t *testing.T, service, env, mode, name string) {
+		c := &Container{ID: "id", Name: name, Labels: map[string]string{"ServiceName": service, "EnvironmentName": env, "ProxyMode": mode}}
+		got, err := Describe(c, netip.MustParseAddr("10.0.0.1"))
+		if err != nil {
+			return
+		}
+		if got.Name == "" || got.Name != Sanitize(got.Name) || got.Operation != Sanitize(got.Operation) {
+			t.Fatalf("Describe gave unsanitised names %+v", got)
+		}
+		if got.Mode != registry.ModeHTTP && got.Mode != registry.ModeTCP {
+			t.Fatalf("Describe gave mode %q", got.Mode)
+		}
+	})
+}

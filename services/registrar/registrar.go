@@ -1,0 +1,218 @@
+// Package registrar serves the registration API that shims call: it turns one open stream into one
+// registry entry, answers Ready only once Envoy has acknowledged the resources that carry it (or
+// Failed with a reason fit for `docker run`), and removes the entry when the stream ends for any
+// reason — a clean stop, a crash of the shim, or the shim giving up.
+package registrar
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/envoy-docker-shim/envoy-docker-shim/services/dockerapi"
+	"github.com/envoy-docker-shim/envoy-docker-shim/services/labels"
+	pb "github.com/envoy-docker-shim/envoy-docker-shim/services/registration/registrationpb"
+	"github.com/envoy-docker-shim/envoy-docker-shim/services/registry"
+	"github.com/envoy-docker-shim/envoy-docker-shim/services/xds"
+)
+
+// ContainerFinder finds the container behind a container IP (the Docker API, or a fake in tests).
+type ContainerFinder interface {
+	FindByIP(ctx context.Context, ip netip.Addr) (labels.Container, error)
+}
+
+// Publisher says which Envoy resources, at which versions, carry an entry.
+type Publisher interface {
+	Wanted(registry.Entry) ([]xds.Want, error)
+}
+
+// Confirmer waits until Envoy acknowledged resources.
+type Confirmer interface {
+	Wait(ctx context.Context, wants []xds.Want) error
+}
+
+// Server implements the Registrar gRPC service.
+type Server struct {
+	pb.UnimplementedRegistrarServer
+
+	Registry  *registry.Registry
+	Finder    ContainerFinder
+	Publisher Publisher
+	Confirmer Confirmer
+	// ReadyTimeout bounds the wait for Envoy; it must stay well inside the shim's own deadline,
+	// itself well inside dockerd's 16 s, so the user gets our reason rather than a timeout.
+	ReadyTimeout time.Duration
+	Log          *slog.Logger
+	Metrics      *Metrics
+}
+
+// Metrics are the registration API's Prometheus series.
+type Metrics struct {
+	results *prometheus.CounterVec
+	toReady prometheus.Histogram
+}
+
+// NewMetrics registers the series with reg; live counts come from the registry itself.
+func NewMetrics(reg prometheus.Registerer, r *registry.Registry) *Metrics {
+	m := &Metrics{
+		results: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "eds_registrations_total", Help: "Registrations by outcome (ready, failed).",
+		}, []string{"result"}),
+		toReady: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "eds_register_to_ready_seconds",
+			Help:    "Time from a shim's registration to Envoy serving the port.",
+			Buckets: []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10},
+		}),
+	}
+	live := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "eds_registrations", Help: "Live registrations (published ports).",
+	}, func() float64 { return float64(r.Len()) })
+	if reg != nil {
+		reg.MustRegister(m.results, m.toReady, live)
+	}
+	return m
+}
+
+// Register holds one mapping for the life of the stream.
+func (s *Server) Register(stream pb.Registrar_RegisterServer) error {
+	started := time.Now()
+	first, err := stream.Recv()
+	if err != nil {
+		return nil // the shim went away before saying anything
+	}
+	open := first.GetOpen()
+	if open == nil {
+		return s.fail(stream, "the first message on a registration must be Open")
+	}
+	mapping, err := MappingFromProto(open.GetMapping())
+	if err != nil {
+		return s.fail(stream, fmt.Sprintf("invalid mapping: %v", err))
+	}
+	log := s.Log.With("mapping", mapping.Key.String(), "container_ip", mapping.ContainerIP.String(), "shim_pid", open.GetShim().GetPid())
+
+	service, err := s.describe(stream.Context(), mapping, open.GetShim().GetProxiesItself(), log)
+	if err != nil {
+		return s.fail(stream, err.Error())
+	}
+	owner := s.Registry.NewOwner()
+	entry := registry.Entry{
+		Mapping: mapping,
+		Service: service,
+		Shim:    registry.Shim{PID: open.GetShim().GetPid(), Version: open.GetShim().GetVersion()},
+		Owner:   owner,
+	}
+	if err := s.Registry.Claim(entry); err != nil {
+		return s.fail(stream, err.Error())
+	}
+	defer func() {
+		if s.Registry.Release(mapping.Key, owner) {
+			log.Info("deregistered")
+		}
+	}()
+
+	if err := s.confirm(stream.Context(), entry); err != nil {
+		log.Warn("registration failed", "err", err)
+		return s.fail(stream, Reason(mapping, err))
+	}
+	readyAt := time.Now()
+	s.Registry.MarkReady(mapping.Key, owner, readyAt)
+	entry.ReadyAt = readyAt
+	s.Metrics.results.WithLabelValues("ready").Inc()
+	s.Metrics.toReady.Observe(readyAt.Sub(started).Seconds())
+	log.Info("ready", "service", service.Name, "mode", service.Mode, "ms", readyAt.Sub(started).Milliseconds())
+	if err := stream.Send(&pb.RegisterResponse{Response: &pb.RegisterResponse_Ready{Ready: &pb.Ready{Registration: ToProto(entry)}}}); err != nil {
+		return nil
+	}
+
+	// Hold the mapping until the stream ends, relaying what the shim logs: under dockerd its
+	// stdout and stderr go nowhere, and this is where an operator looks.
+	for {
+		msg, err := stream.Recv()
+		if err != nil {
+			return nil
+		}
+		if l := msg.GetLog(); l != nil {
+			log.Log(stream.Context(), shimLevel(l.GetLevel()), l.GetMessage(), "source", "shim")
+		}
+	}
+}
+
+func (s *Server) describe(ctx context.Context, m registry.Mapping, proxiesItself bool, log *slog.Logger) (registry.Service, error) {
+	var found *labels.Container
+	c, err := s.Finder.FindByIP(ctx, m.ContainerIP)
+	switch {
+	case err == nil:
+		found = &c
+	case errors.Is(err, dockerapi.ErrNotFound):
+		log.Warn("no container found for the container IP; naming the service after the IP", "err", err)
+	default:
+		log.Warn("docker API unavailable; naming the service after the container IP", "err", err)
+	}
+	service, err := labels.Describe(found, m.ContainerIP)
+	if err != nil {
+		return registry.Service{}, fmt.Errorf("container %s: %w", c.Name, err)
+	}
+	if m.Proto != registry.TCP || proxiesItself {
+		service.Mode = registry.ModeShim
+	}
+	return service, nil
+}
+
+func (s *Server) confirm(ctx context.Context, e registry.Entry) error {
+	wants, err := s.Publisher.Wanted(e)
+	if err != nil || len(wants) == 0 {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(ctx, s.ReadyTimeout)
+	defer cancel()
+	return s.Confirmer.Wait(ctx, wants)
+}
+
+func (s *Server) fail(stream pb.Registrar_RegisterServer, reason string) error {
+	s.Metrics.results.WithLabelValues("failed").Inc()
+	// The stream's end carries no status: the reason travels in the message, for the user.
+	_ = stream.Send(&pb.RegisterResponse{Response: &pb.RegisterResponse_Failed{Failed: &pb.Failed{Reason: reason}}})
+	return nil
+}
+
+// Reason turns a failure into what `docker run` should print. A port Envoy cannot bind reads
+// exactly as docker-proxy's own error, so scripts and people that know it keep working.
+func Reason(m registry.Mapping, err error) string {
+	var rejected *xds.RejectedError
+	if errors.As(err, &rejected) {
+		if strings.Contains(strings.ToLower(rejected.Reason), "address already in use") {
+			family := "tcp4"
+			if m.HostIP.Is6() && !m.HostIP.Is4In6() {
+				family = "tcp6"
+			}
+			return fmt.Sprintf("listen %s %s: bind: address already in use (envoy: %s)",
+				family, netip.AddrPortFrom(m.HostIP.Unmap(), m.HostPort), rejected.Reason)
+		}
+		return rejected.Error()
+	}
+	return err.Error()
+}
+
+// List returns every live registration.
+func (s *Server) List(context.Context, *pb.ListRequest) (*pb.ListResponse, error) {
+	entries := s.Registry.List()
+	out := &pb.ListResponse{Registrations: make([]*pb.Registration, 0, len(entries))}
+	for _, e := range entries {
+		out.Registrations = append(out.Registrations, ToProto(e))
+	}
+	return out, nil
+}
+
+func shimLevel(level string) slog.Level {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(level)); err != nil {
+		return slog.LevelInfo
+	}
+	return l
+}

@@ -1,0 +1,264 @@
+package registrar
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/envoy-docker-shim/envoy-docker-shim/services/dockerapi"
+	"github.com/envoy-docker-shim/envoy-docker-shim/services/envoyconfig"
+	"github.com/envoy-docker-shim/envoy-docker-shim/services/labels"
+	pb "github.com/envoy-docker-shim/envoy-docker-shim/services/registration/registrationpb"
+	"github.com/envoy-docker-shim/envoy-docker-shim/services/registry"
+	"github.com/envoy-docker-shim/envoy-docker-shim/services/xds"
+)
+
+type fakeFinder struct {
+	containers map[netip.Addr]labels.Container
+	err        error
+}
+
+func (f *fakeFinder) FindByIP(_ context.Context, ip netip.Addr) (labels.Container, error) {
+	if f.err != nil {
+		return labels.Container{}, f.err
+	}
+	c, ok := f.containers[ip]
+	if !ok {
+		return labels.Container{}, dockerapi.ErrNotFound
+	}
+	return c, nil
+}
+
+// fakeConfirmer answers every wait with err, and counts the waits.
+type fakeConfirmer struct {
+	mu    sync.Mutex
+	err   error
+	waits int
+}
+
+func (f *fakeConfirmer) Wait(context.Context, []xds.Want) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.waits++
+	return f.err
+}
+
+type fixture struct {
+	registry  *registry.Registry
+	finder    *fakeFinder
+	confirmer *fakeConfirmer
+	client    pb.RegistrarClient
+}
+
+func newFixture(t *testing.T) *fixture {
+	t.Helper()
+	f := &fixture{
+		finder: &fakeFinder{containers: map[netip.Addr]labels.Container{
+			netip.MustParseAddr("172.17.0.2"): {ID: "c0ffee", Name: "web1", Labels: map[string]string{"ServiceName": "web", "EnvironmentName": "test"}},
+			netip.MustParseAddr("172.17.0.3"): {ID: "bad", Name: "odd", Labels: map[string]string{"ProxyMode": "quic"}},
+		}},
+		confirmer: &fakeConfirmer{},
+	}
+	metrics := xds.NewMetrics(nil)
+	c := xds.NewCache("test", envoyconfig.Options{}, metrics, xds.NewTracker(metrics))
+	f.registry = registry.New(c)
+	srv := grpc.NewServer()
+	pb.RegisterRegistrarServer(srv, &Server{
+		Registry: f.registry, Finder: f.finder, Publisher: c, Confirmer: f.confirmer,
+		ReadyTimeout: time.Second, Log: slog.New(slog.DiscardHandler), Metrics: NewMetrics(nil, f.registry),
+	})
+	sock := filepath.Join(t.TempDir(), "s.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = srv.Serve(l) }()
+	t.Cleanup(srv.Stop)
+	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	f.client = pb.NewRegistrarClient(conn)
+	return f
+}
+
+func tcpMapping(hostPort uint32, containerIP string) *pb.Mapping {
+	return &pb.Mapping{Proto: pb.Protocol_PROTOCOL_TCP, HostIp: "127.0.0.1", HostPort: hostPort, ContainerIp: containerIP, ContainerPort: 80}
+}
+
+// open registers m and returns the first answer and a function that ends the stream.
+func (f *fixture) open(t *testing.T, m *pb.Mapping, shim *pb.Shim) (*pb.RegisterResponse, func()) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	stream, err := f.client.Register(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := stream.Send(&pb.RegisterRequest{Request: &pb.RegisterRequest_Open{Open: &pb.Open{Mapping: m, Shim: shim}}}); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := stream.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp, cancel
+}
+
+func (f *fixture) waitLen(t *testing.T, n int) {
+	t.Helper()
+	deadline := time.Now().Add(2 * time.Second)
+	for f.registry.Len() != n {
+		if time.Now().After(deadline) {
+			t.Fatalf("registry holds %d entries, want %d", f.registry.Len(), n)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func TestRegisterReadyListAndDeregister(t *testing.T) {
+	f := newFixture(t)
+	resp, end := f.open(t, tcpMapping(8080, "172.17.0.2"), &pb.Shim{Pid: 42, Version: "v1"})
+	r := resp.GetReady().GetRegistration()
+	if r == nil {
+		t.Fatalf("want Ready, got %v", resp)
+	}
+	if r.GetService() != "web-test" || r.GetMode() != pb.Mode_MODE_HTTP || r.GetListener() != "tcp_127.0.0.1_8080" || r.GetContainerId() != "c0ffee" || r.GetReadyUnixMs() == 0 {
+		t.Fatalf("registration %v", r)
+	}
+	list, err := f.client.List(context.Background(), &pb.ListRequest{})
+	if err != nil || len(list.GetRegistrations()) != 1 || list.GetRegistrations()[0].GetShim().GetPid() != 42 {
+		t.Fatalf("List = %v, %v", list, err)
+	}
+	end()
+	f.waitLen(t, 0)
+}
+
+func TestRegisterFailures(t *testing.T) {
+	tests := []struct {
+		name       string
+		mapping    *pb.Mapping
+		confirmErr error
+		want       string
+	}{
+		{
+			name:       "port taken reads like docker-proxy",
+			mapping:    tcpMapping(8081, "172.17.0.2"),
+			confirmErr: &xds.RejectedError{Name: "tcp_127.0.0.1_8081", Reason: "cannot bind '127.0.0.1:8081': Address already in use"},
+			want:       "listen tcp4 127.0.0.1:8081: bind: address already in use (envoy: cannot bind '127.0.0.1:8081': Address already in use)",
+		},
+		{
+			name:       "envoy not connected",
+			mapping:    tcpMapping(8082, "172.17.0.2"),
+			confirmErr: xds.ErrEnvoyNotConnected,
+			want:       "envoy is not connected",
+		},
+		{
+			name:    "unsupported ProxyMode label",
+			mapping: tcpMapping(8083, "172.17.0.3"),
+			want:    `container odd: label ProxyMode="quic" is not supported`,
+		},
+		{
+			name:    "bad container IP",
+			mapping: tcpMapping(8084, "not-an-ip"),
+			want:    "invalid mapping: container IP",
+		},
+		{
+			name:    "unknown protocol",
+			mapping: &pb.Mapping{Proto: pb.Protocol_PROTOCOL_UNSPECIFIED, HostIp: "127.0.0.1", HostPort: 1, ContainerIp: "10.0.0.1", ContainerPort: 1},
+			want:    "invalid mapping: unknown protocol",
+		},
+		{
+			name:    "port out of range",
+			mapping: &pb.Mapping{Proto: pb.Protocol_PROTOCOL_TCP, HostIp: "127.0.0.1", HostPort: 70000, ContainerIp: "10.0.0.1", ContainerPort: 1},
+			want:    "port out of range",
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			f := newFixture(t)
+			f.confirmer.err = tt.confirmErr
+			resp, end := f.open(t, tt.mapping, nil)
+			defer end()
+			if got := resp.GetFailed().GetReason(); !strings.Contains(got, tt.want) {
+				t.Fatalf("reason %q, want it to contain %q", got, tt.want)
+			}
+			f.waitLen(t, 0) // a failed registration leaves nothing behind
+		})
+	}
+}
+
+func TestRegisterIPv6PortTaken(t *testing.T) {
+	m := registry.Mapping{Key: registry.Key{Proto: registry.TCP, HostIP: netip.MustParseAddr("::"), HostPort: 80}}
+	got := Reason(m, &xds.RejectedError{Reason: "cannot bind '[::]:80': Address already in use"})
+	if !strings.HasPrefix(got, "listen tcp6 [::]:80: bind: address already in use") {
+		t.Fatalf("Reason = %q", got)
+	}
+}
+
+func TestRegisterDockerDownFallsBackToIPName(t *testing.T) {
+	f := newFixture(t)
+	f.finder.err = errors.New("Cannot connect to the Docker daemon")
+	resp, end := f.open(t, tcpMapping(8085, "172.17.0.2"), nil)
+	defer end()
+	if got := resp.GetReady().GetRegistration().GetService(); got != "container-172_17_0_2" {
+		t.Fatalf("service %q (response %v)", got, resp)
+	}
+}
+
+func TestRegisterUDPIsListedWithoutEnvoy(t *testing.T) {
+	f := newFixture(t)
+	m := tcpMapping(5353, "172.17.0.2")
+	m.Proto = pb.Protocol_PROTOCOL_UDP
+	f.confirmer.err = xds.ErrEnvoyNotConnected // must not matter: Envoy is not involved
+	resp, end := f.open(t, m, &pb.Shim{ProxiesItself: true})
+	defer end()
+	r := resp.GetReady().GetRegistration()
+	if r.GetMode() != pb.Mode_MODE_SHIM || r.GetListener() != "" {
+		t.Fatalf("registration %v", resp)
+	}
+	if f.confirmer.waits != 0 {
+		t.Fatal("a UDP registration waited for Envoy")
+	}
+}
+
+func TestRegisterConflict(t *testing.T) {
+	f := newFixture(t)
+	_, end := f.open(t, tcpMapping(8086, "172.17.0.2"), &pb.Shim{Pid: 7})
+	defer end()
+	resp, end2 := f.open(t, tcpMapping(8086, "172.17.0.9"), nil)
+	defer end2()
+	if got := resp.GetFailed().GetReason(); !strings.Contains(got, "already published for container c0ffee") {
+		t.Fatalf("reason %q", got)
+	}
+	if f.registry.Len() != 1 {
+		t.Fatal("the conflicting registration disturbed the first")
+	}
+}
+
+func TestRegisterFirstMessageMustBeOpen(t *testing.T) {
+	f := newFixture(t)
+	stream, err := f.client.Register(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = stream.Send(&pb.RegisterRequest{Request: &pb.RegisterRequest_Log{Log: &pb.ShimLog{Message: "hi"}}})
+	resp, err := stream.Recv()
+	if err != nil || !strings.Contains(resp.GetFailed().GetReason(), "must be Open") {
+		t.Fatalf("resp %v, err %v", resp, err)
+	}
+	if _, err := stream.Recv(); err != io.EOF {
+		t.Fatalf("stream not ended after Failed: %v", err)
+	}
+}

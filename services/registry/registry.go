@@ -1,0 +1,261 @@
+// Package registry owns the set of published ports that envoy-docker-server serves: the one source
+// of truth from which everything Envoy sees is derived. It does no I/O; an Observer (the xDS
+// publisher) is told of every change synchronously, in order, under the registry's lock.
+package registry
+
+import (
+	"cmp"
+	"errors"
+	"fmt"
+	"net/netip"
+	"slices"
+	"sync"
+	"time"
+)
+
+// Protocol is the transport of a published port, as dockerd names it in -proto.
+type Protocol string
+
+const (
+	TCP  Protocol = "tcp"
+	UDP  Protocol = "udp"
+	SCTP Protocol = "sctp"
+)
+
+// ParseProtocol accepts exactly the names dockerd passes.
+func ParseProtocol(s string) (Protocol, error) {
+	switch p := Protocol(s); p {
+	case TCP, UDP, SCTP:
+		return p, nil
+	}
+	return "", fmt.Errorf("unknown protocol %q: want tcp, udp or sctp", s)
+}
+
+// Key identifies one host socket: dockerd never publishes two containers on the same one.
+type Key struct {
+	Proto    Protocol
+	HostIP   netip.Addr
+	HostPort uint16
+}
+
+func (k Key) String() string {
+	return fmt.Sprintf("%s/%s", netip.AddrPortFrom(k.HostIP, k.HostPort), k.Proto)
+}
+
+// Mapping is one published port as dockerd hands it to its userland proxy.
+type Mapping struct {
+	Key
+	ContainerIP   netip.Addr
+	ContainerPort uint16
+}
+
+// Validate rejects what dockerd would never send, so nothing malformed reaches Envoy.
+func (m Mapping) Validate() error {
+	switch {
+	case m.Proto != TCP && m.Proto != UDP && m.Proto != SCTP:
+		return fmt.Errorf("unknown protocol %q: want tcp, udp or sctp", m.Proto)
+	case !m.HostIP.IsValid():
+		return errors.New("host IP missing")
+	case m.HostPort == 0:
+		return errors.New("host port must be 1-65535")
+	case !m.ContainerIP.IsValid():
+		return errors.New("container IP missing")
+	case m.ContainerIP.IsUnspecified():
+		return fmt.Errorf("container IP %s is unspecified", m.ContainerIP)
+	case m.ContainerPort == 0:
+		return errors.New("container port must be 1-65535")
+	}
+	return nil
+}
+
+// Mode says who carries a mapping's traffic and how.
+type Mode string
+
+const (
+	// ModeHTTP: Envoy's HTTP connection manager, per-request stats, tracing and access logs.
+	ModeHTTP Mode = "http"
+	// ModeTCP: Envoy's TCP proxy, per-connection stats.
+	ModeTCP Mode = "tcp"
+	// ModeShim: the shim proxies the port itself (UDP); listed here, never configured in Envoy.
+	ModeShim Mode = "shim"
+)
+
+// Service is what the container's labels say about the mapping.
+type Service struct {
+	// Name is ServiceName-EnvironmentName (or the container's name), sanitised for Envoy stat names.
+	Name string
+	// Operation is the ServiceName label as the user wrote it (sanitised), for tracing decorators.
+	Operation     string
+	ContainerID   string
+	ContainerName string
+	Mode          Mode
+}
+
+// Shim describes the process holding the registration.
+type Shim struct {
+	PID     int32
+	Version string
+}
+
+// Entry is one live registration.
+type Entry struct {
+	Mapping
+	Service
+	Shim    Shim
+	Owner   Owner
+	ReadyAt time.Time
+}
+
+// Owner identifies the registration stream that holds an entry; only the owner can release it.
+type Owner uint64
+
+// Observer is told of every change to the registry, in order. It must not call back into the
+// registry. An Upsert that fails leaves the registry as it was.
+type Observer interface {
+	Upsert(Entry) error
+	Delete(Entry)
+}
+
+// ConflictError says the host socket is already published for another container.
+type ConflictError struct{ Existing Entry }
+
+func (e *ConflictError) Error() string {
+	return fmt.Sprintf("host port %s is already published for container %s (%s) by shim pid %d",
+		e.Existing.Key, shortID(e.Existing.ContainerID), e.Existing.ContainerName, e.Existing.Shim.PID)
+}
+
+func shortID(id string) string {
+	if len(id) > 12 {
+		return id[:12]
+	}
+	return id
+}
+
+// Registry is safe for concurrent use.
+type Registry struct {
+	mu        sync.Mutex
+	entries   map[Key]Entry
+	observer  Observer
+	lastOwner Owner
+}
+
+// New returns an empty registry that reports changes to observer (which may be nil).
+func New(observer Observer) *Registry {
+	return &Registry{entries: make(map[Key]Entry), observer: observer}
+}
+
+// NewOwner hands out a token for one registration stream.
+func (r *Registry) NewOwner() Owner {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.lastOwner++
+	return r.lastOwner
+}
+
+// Claim adds or takes over the entry for e's key. The same mapping claimed again (a shim that
+// reconnected) changes owner without touching Envoy; a different mapping on a held key is a conflict.
+func (r *Registry) Claim(e Entry) error {
+	if err := e.Mapping.Validate(); err != nil {
+		return err
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if old, ok := r.entries[e.Key]; ok && old.Owner != e.Owner {
+		if old.Mapping != e.Mapping || old.ContainerID != e.ContainerID {
+			return &ConflictError{Existing: old}
+		}
+		if e.ReadyAt.IsZero() {
+			e.ReadyAt = old.ReadyAt
+		}
+	}
+	if r.observer != nil {
+		if err := r.observer.Upsert(e); err != nil {
+			return err
+		}
+	}
+	r.entries[e.Key] = e
+	return nil
+}
+
+// MarkReady records when Envoy confirmed the entry; it is a no-op for a key the owner no longer holds.
+func (r *Registry) MarkReady(key Key, owner Owner, at time.Time) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if e, ok := r.entries[key]; ok && e.Owner == owner {
+		e.ReadyAt = at
+		r.entries[key] = e
+	}
+}
+
+// Release removes the entry if owner still holds it, and reports whether it did.
+func (r *Registry) Release(key Key, owner Owner) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	e, ok := r.entries[key]
+	if !ok || e.Owner != owner {
+		return false
+	}
+	r.remove(e)
+	return true
+}
+
+// RemoveContainer drops every entry of a container that is gone and returns them.
+func (r *Registry) RemoveContainer(containerID string) []Entry {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var removed []Entry
+	for _, e := range r.entries {
+		if e.ContainerID == containerID {
+			removed = append(removed, e)
+		}
+	}
+	sortEntries(removed)
+	for _, e := range removed {
+		r.remove(e)
+	}
+	return removed
+}
+
+func (r *Registry) remove(e Entry) {
+	delete(r.entries, e.Key)
+	if r.observer != nil {
+		r.observer.Delete(e)
+	}
+}
+
+// Get returns the entry for key.
+func (r *Registry) Get(key Key) (Entry, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	e, ok := r.entries[key]
+	return e, ok
+}
+
+// List returns every entry ordered by protocol, host address and port.
+func (r *Registry) List() []Entry {
+	r.mu.Lock()
+	out := make([]Entry, 0, len(r.entries))
+	for _, e := range r.entries {
+		out = append(out, e)
+	}
+	r.mu.Unlock()
+	sortEntries(out)
+	return out
+}
+
+// Len is the number of live entries.
+func (r *Registry) Len() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.entries)
+}
+
+func sortEntries(es []Entry) {
+	slices.SortFunc(es, func(a, b Entry) int {
+		return cmp.Or(
+			cmp.Compare(a.Proto, b.Proto),
+			a.HostIP.Compare(b.HostIP),
+			cmp.Compare(a.HostPort, b.HostPort),
+		)
+	})
+}

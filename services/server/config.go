@@ -1,0 +1,53 @@
+// Package server assembles envoy-docker-server: the registration API on a root-only Unix socket,
+// the xDS server Envoy connects to, a loopback HTTP endpoint for health and metrics, and the
+// Docker watcher, as one oklog/run group that stops as a whole.
+package server
+
+import (
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/kelseyhightower/envconfig"
+)
+
+// Config is every setting of envoy-docker-server, read from the environment.
+type Config struct {
+	Socket        string        `envconfig:"EDS_SOCKET" default:"/run/envoy-docker-shim/server.sock" desc:"Unix socket of the registration API (mode 0600, root only). The shim reads the same variable."`
+	XDSAddr       string        `envconfig:"EDS_XDS_ADDR" default:"127.0.0.1:18000" desc:"Address of the xDS (ADS) gRPC server that Envoy connects to. Keep it on loopback."`
+	HTTPAddr      string        `envconfig:"EDS_HTTP_ADDR" default:"127.0.0.1:18001" desc:"Address of /healthz (200 once Envoy is connected), /metrics (Prometheus) and /registrations."`
+	DockerHost    string        `envconfig:"DOCKER_HOST" default:"unix:///var/run/docker.sock" desc:"Docker Engine API, for container labels and events."`
+	DockerTimeout time.Duration `envconfig:"EDS_DOCKER_TIMEOUT" default:"2s" desc:"Bound on finding a container's labels; past it the port is served under a name made from the container IP."`
+	ReadyTimeout  time.Duration `envconfig:"EDS_READY_TIMEOUT" default:"8s" desc:"Bound on waiting for Envoy to confirm a port; must stay below the shim's EDS_SHIM_TIMEOUT."`
+	AccessLog     bool          `envconfig:"EDS_ACCESS_LOG" default:"true" desc:"Envoy writes one access-log line per request (http) or connection (tcp) to its stdout."`
+	LogLevel      string        `envconfig:"EDS_LOG_LEVEL" default:"info" desc:"debug, info, warn or error. Logs are JSON on stderr."`
+}
+
+// ConfigFromEnv reads Config from the environment.
+func ConfigFromEnv() (Config, error) {
+	var c Config
+	if err := envconfig.Process("", &c); err != nil {
+		return Config{}, fmt.Errorf("configuration: %w", err)
+	}
+	if _, err := c.level(); err != nil {
+		return Config{}, err
+	}
+	if c.ReadyTimeout <= 0 || c.DockerTimeout <= 0 {
+		return Config{}, fmt.Errorf("configuration: EDS_READY_TIMEOUT and EDS_DOCKER_TIMEOUT must be positive")
+	}
+	return c, nil
+}
+
+func (c Config) level() (slog.Level, error) {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(c.LogLevel)); err != nil {
+		return 0, fmt.Errorf("configuration: EDS_LOG_LEVEL=%q: want debug, info, warn or error", c.LogLevel)
+	}
+	return l, nil
+}
+
+// Logger is the one JSON logger setup of the server.
+func (c Config) Logger() *slog.Logger {
+	level, _ := c.level()
+	return slog.New(slog.NewJSONHandler(stderr, &slog.HandlerOptions{Level: level}))
+}

@@ -1,0 +1,220 @@
+package server
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/oklog/run"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/keepalive"
+	"google.golang.org/protobuf/encoding/protojson"
+
+	"github.com/envoy-docker-shim/envoy-docker-shim/services/dockerapi"
+	"github.com/envoy-docker-shim/envoy-docker-shim/services/envoyconfig"
+	"github.com/envoy-docker-shim/envoy-docker-shim/services/registrar"
+	pb "github.com/envoy-docker-shim/envoy-docker-shim/services/registration/registrationpb"
+	"github.com/envoy-docker-shim/envoy-docker-shim/services/registry"
+	"github.com/envoy-docker-shim/envoy-docker-shim/services/xds"
+)
+
+var stderr = os.Stderr
+
+// Server is one envoy-docker-server process.
+type Server struct {
+	cfg      Config
+	log      *slog.Logger
+	registry *registry.Registry
+	cache    *xds.Cache
+	tracker  *xds.Tracker
+	metrics  *prometheus.Registry
+	engine   dockerapi.Engine
+	finder   registrar.ContainerFinder
+}
+
+// New builds a server. engine is the Docker Engine API; nil connects to cfg.DockerHost.
+func New(cfg Config, log *slog.Logger, engine dockerapi.Engine) (*Server, error) {
+	if engine == nil {
+		c, err := dockerapi.NewClient(cfg.DockerHost)
+		if err != nil {
+			return nil, err
+		}
+		engine = c
+	}
+	metrics := prometheus.NewRegistry()
+	metrics.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	xdsMetrics := xds.NewMetrics(metrics)
+	tracker := xds.NewTracker(xdsMetrics)
+	c := xds.NewCache(bootID(), envoyconfig.Options{AccessLog: cfg.AccessLog}, xdsMetrics, tracker)
+	return &Server{
+		cfg:      cfg,
+		log:      log,
+		registry: registry.New(c),
+		cache:    c,
+		tracker:  tracker,
+		metrics:  metrics,
+		engine:   engine,
+		finder:   &dockerapi.Finder{Engine: engine, Timeout: cfg.DockerTimeout},
+	}, nil
+}
+
+// bootID makes every boot's state-of-the-world versions unique.
+func bootID() string {
+	b := make([]byte, 4)
+	_, _ = rand.Read(b)
+	return fmt.Sprintf("%x-%s", time.Now().Unix(), hex.EncodeToString(b))
+}
+
+// Registry exposes the registry, for in-process tests and benchmarks.
+func (s *Server) Registry() *registry.Registry { return s.registry }
+
+// Run serves until ctx ends or one actor fails, then stops every actor.
+func (s *Server) Run(ctx context.Context) error {
+	registrationListener, err := listenUnix(s.cfg.Socket)
+	if err != nil {
+		return err
+	}
+	xdsListener, err := net.Listen("tcp", s.cfg.XDSAddr)
+	if err != nil {
+		registrationListener.Close()
+		return fmt.Errorf("xDS server on %s: %w", s.cfg.XDSAddr, err)
+	}
+	httpListener, err := net.Listen("tcp", s.cfg.HTTPAddr)
+	if err != nil {
+		registrationListener.Close()
+		xdsListener.Close()
+		return fmt.Errorf("HTTP server on %s: %w", s.cfg.HTTPAddr, err)
+	}
+
+	var g run.Group
+	parent := ctx
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+
+	registrations := grpc.NewServer()
+	pb.RegisterRegistrarServer(registrations, &registrar.Server{
+		Registry:     s.registry,
+		Finder:       s.finder,
+		Publisher:    s.cache,
+		Confirmer:    s.tracker,
+		ReadyTimeout: s.cfg.ReadyTimeout,
+		Log:          s.log.With("component", "registrar"),
+		Metrics:      registrar.NewMetrics(s.metrics, s.registry),
+	})
+	g.Add(func() error {
+		s.log.Info("registration API listening", "socket", s.cfg.Socket)
+		return registrations.Serve(registrationListener)
+	}, func(error) {
+		registrations.Stop()
+		os.Remove(s.cfg.Socket)
+	})
+
+	xdsServer := grpc.NewServer(
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 5 * time.Second, PermitWithoutStream: true}),
+		grpc.MaxConcurrentStreams(1000),
+	)
+	xds.Register(ctx, xdsServer, s.cache, s.tracker)
+	g.Add(func() error {
+		s.log.Info("xDS server listening", "addr", xdsListener.Addr().String())
+		return xdsServer.Serve(xdsListener)
+	}, func(error) { xdsServer.Stop() })
+
+	httpServer := &http.Server{Handler: s.httpHandler(), ReadHeaderTimeout: 5 * time.Second}
+	g.Add(func() error {
+		s.log.Info("HTTP endpoint listening", "addr", httpListener.Addr().String())
+		if err := httpServer.Serve(httpListener); !errors.Is(err, http.ErrServerClosed) {
+			return err
+		}
+		return nil
+	}, func(error) {
+		shutdownCtx, done := context.WithTimeout(context.Background(), 2*time.Second)
+		defer done()
+		_ = httpServer.Shutdown(shutdownCtx)
+	})
+
+	watcher := &dockerapi.Watcher{
+		Engine: s.engine,
+		Gone: func(id string) {
+			for _, e := range s.registry.RemoveContainer(id) {
+				s.log.Info("container gone; mapping removed", "mapping", e.Key.String(), "container", id)
+			}
+		},
+		OnError: func(err error) { s.log.Warn("docker event stream interrupted; reconnecting", "err", err) },
+	}
+	watchCtx, stopWatch := context.WithCancel(ctx)
+	g.Add(func() error { return watcher.Run(watchCtx) }, func(error) { stopWatch() })
+
+	// The signal handler also ends the group when the caller's context is cancelled.
+	g.Add(run.SignalHandler(ctx, syscall.SIGINT, syscall.SIGTERM))
+	err = g.Run()
+	var sig run.SignalError
+	switch {
+	case errors.As(err, &sig):
+		s.log.Info("stopping", "signal", sig.Signal.String())
+		return nil
+	case parent.Err() != nil && errors.Is(err, context.Canceled):
+		return nil
+	}
+	return err
+}
+
+func (s *Server) httpHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+		if !s.tracker.Connected() {
+			http.Error(w, "envoy not connected", http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ok")
+	})
+	mux.Handle("GET /metrics", promhttp.HandlerFor(s.metrics, promhttp.HandlerOpts{}))
+	mux.HandleFunc("GET /registrations", func(w http.ResponseWriter, r *http.Request) {
+		list, _ := (&registrar.Server{Registry: s.registry}).List(r.Context(), nil)
+		b, err := protojson.MarshalOptions{Multiline: true, EmitUnpopulated: true}.Marshal(list)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = w.Write(b)
+	})
+	return mux
+}
+
+// listenUnix serves the registration API on a root-only socket, replacing a stale socket file but
+// never one a live server still answers on.
+func listenUnix(path string) (net.Listener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, fmt.Errorf("registration socket directory: %w", err)
+	}
+	if _, err := os.Stat(path); err == nil {
+		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+			c.Close()
+			return nil, fmt.Errorf("another envoy-docker-server is already serving %s: stop it first", path)
+		}
+		if err := os.Remove(path); err != nil {
+			return nil, fmt.Errorf("remove stale socket %s: %w", path, err)
+		}
+	}
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("registration socket %s: %w", path, err)
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		l.Close()
+		return nil, fmt.Errorf("restrict registration socket %s: %w", path, err)
+	}
+	return l, nil
+}

@@ -1,0 +1,121 @@
+// Package xds is envoy-docker-server's xDS control plane: per-resource caches that the registry
+// feeds (one LinearCache per resource type, so a change costs the same with 10 ports or 10,000,
+// and delta xDS sends only what changed), go-control-plane's ADS server over them, and a tracker
+// of what Envoy acknowledged, so a registration is answered only once Envoy really serves it.
+package xds
+
+import (
+	"fmt"
+
+	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
+	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+
+	"github.com/envoy-docker-shim/envoy-docker-shim/services/envoyconfig"
+	"github.com/envoy-docker-shim/envoy-docker-shim/services/registry"
+)
+
+// Want names one resource at the exact content Envoy must have acknowledged.
+type Want struct {
+	TypeURL string
+	Name    string
+	// Version is the SHA-256 of the resource's deterministic encoding: the same for the same
+	// content in every server boot, so an acknowledgement can never be mistaken for another content.
+	Version string
+}
+
+// Cache holds what Envoy is told. It implements registry.Observer: the registry is the source of
+// truth and every change there lands here, in order.
+type Cache struct {
+	tracker   *Tracker
+	options   envoyconfig.Options
+	listeners *cache.LinearCache
+	clusters  *cache.LinearCache
+	mux       *cache.MuxCache
+	metrics   *Metrics
+}
+
+// NewCache makes empty caches. bootID prefixes every state-of-the-world version, so a restarted
+// server never reuses a version Envoy saw from the previous one.
+// Every change is reported to tracker before it can reach Envoy.
+func NewCache(bootID string, options envoyconfig.Options, metrics *Metrics, tracker *Tracker) *Cache {
+	c := &Cache{
+		tracker:   tracker,
+		options:   options,
+		listeners: cache.NewLinearCache(resource.ListenerType, cache.WithVersionPrefix(bootID+"-")),
+		clusters:  cache.NewLinearCache(resource.ClusterType, cache.WithVersionPrefix(bootID+"-")),
+		metrics:   metrics,
+	}
+	c.mux = &cache.MuxCache{
+		Classify:      func(r *cache.Request) string { return r.GetTypeUrl() },
+		ClassifyDelta: func(r *cache.DeltaRequest) string { return r.GetTypeUrl() },
+		Caches: map[string]cache.Cache{
+			resource.ListenerType: c.listeners,
+			resource.ClusterType:  c.clusters,
+		},
+	}
+	return c
+}
+
+// Upsert publishes the resources of e. The cluster goes first so that the listener's route finds it.
+func (c *Cache) Upsert(e registry.Entry) error {
+	res, ok, err := envoyconfig.ForEntry(e, c.options)
+	if err != nil || !ok {
+		return err
+	}
+	c.tracker.Invalidate(resource.ClusterType, res.Cluster.GetName())
+	c.tracker.Invalidate(resource.ListenerType, res.Listener.GetName())
+	if err := c.clusters.UpdateResource(res.Cluster.GetName(), res.Cluster); err != nil {
+		return fmt.Errorf("publish cluster %s: %w", res.Cluster.GetName(), err)
+	}
+	if err := c.listeners.UpdateResource(res.Listener.GetName(), res.Listener); err != nil {
+		return fmt.Errorf("publish listener %s: %w", res.Listener.GetName(), err)
+	}
+	c.metrics.resources.WithLabelValues("listener").Set(float64(c.listeners.NumResources()))
+	c.metrics.resources.WithLabelValues("cluster").Set(float64(c.clusters.NumResources()))
+	return nil
+}
+
+// Delete withdraws the resources of e: the listener first, so no new connection meets a missing cluster.
+func (c *Cache) Delete(e registry.Entry) {
+	if e.Proto != registry.TCP || e.Mode == registry.ModeShim {
+		return
+	}
+	// Errors here only come from notifying watches of a resource that failed to marshal, which
+	// cannot happen for a deletion; there is nothing to roll back.
+	listenerName, clusterName := envoyconfig.ListenerName(e.Key), envoyconfig.ClusterName(e.Key)
+	c.tracker.Invalidate(resource.ListenerType, listenerName)
+	c.tracker.Invalidate(resource.ClusterType, clusterName)
+	_ = c.listeners.DeleteResource(listenerName)
+	_ = c.clusters.DeleteResource(clusterName)
+	c.metrics.resources.WithLabelValues("listener").Set(float64(c.listeners.NumResources()))
+	c.metrics.resources.WithLabelValues("cluster").Set(float64(c.clusters.NumResources()))
+}
+
+// Wanted lists the resources, at their exact versions, that Envoy must acknowledge before e is
+// served. It is empty when Envoy does not carry e.
+func (c *Cache) Wanted(e registry.Entry) ([]Want, error) {
+	res, ok, err := envoyconfig.ForEntry(e, c.options)
+	if err != nil || !ok {
+		return nil, err
+	}
+	var wants []Want
+	for _, r := range []struct {
+		typeURL string
+		name    string
+		res     types.Resource
+	}{
+		{resource.ClusterType, res.Cluster.GetName(), res.Cluster},
+		{resource.ListenerType, res.Listener.GetName(), res.Listener},
+	} {
+		b, err := cache.MarshalResource(r.res)
+		if err != nil {
+			return nil, fmt.Errorf("marshal %s: %w", r.name, err)
+		}
+		wants = append(wants, Want{TypeURL: r.typeURL, Name: r.name, Version: cache.HashResource(b)})
+	}
+	return wants, nil
+}
+
+// Mux is the cache the ADS server serves from.
+func (c *Cache) Mux() cache.Cache { return c.mux }

@@ -1,0 +1,16 @@
+package xds
+
+import (
+	"context"
+
+	discoverygrpc "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/server/v3"
+	"google.golang.org/grpc"
+)
+
+// Register serves ADS (state of the world and delta) from c on g, reporting to tracker. Envoy's
+// bootstrap chooses the variant.
+func Register(ctx context.Context, g *grpc.Server, c *Cache, tracker *Tracker) {
+	srv := server.NewServer(ctx, c.Mux(), tracker.Callbacks())
+	discoverygrpc.RegisterAggregatedDiscoveryServiceServer(g, srv)
+}

@@ -1,0 +1,212 @@
+package xds
+
+import (
+	"context"
+	"errors"
+	"net/netip"
+	"testing"
+	"time"
+
+	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	"google.golang.org/genproto/googleapis/rpc/status"
+	"google.golang.org/protobuf/types/known/anypb"
+
+	"github.com/envoy-docker-shim/envoy-docker-shim/services/envoyconfig"
+	"github.com/envoy-docker-shim/envoy-docker-shim/services/registry"
+)
+
+func newTestTracker() *Tracker { return NewTracker(NewMetrics(nil)) }
+
+func deltaResponse(nonce, typeURL string, versions map[string]string, removed ...string) *discovery.DeltaDiscoveryResponse {
+	r := &discovery.DeltaDiscoveryResponse{Nonce: nonce, TypeUrl: typeURL, RemovedResources: removed}
+	for name, v := range versions {
+		r.Resources = append(r.Resources, &discovery.Resource{Name: name, Version: v})
+	}
+	return r
+}
+
+func waitNow(t *Tracker, wants []Want) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	return t.Wait(ctx, wants)
+}
+
+func TestTrackerDeltaAckAndNack(t *testing.T) {
+	tr := newTestTracker()
+	cb := tr.Callbacks()
+	a := Want{resource.ListenerType, "tcp_127.0.0.1_80", "v1"}
+	b := Want{resource.ListenerType, "tcp_127.0.0.1_81", "v1"}
+
+	if err := waitNow(tr, []Want{a}); !errors.Is(err, ErrEnvoyNotConnected) {
+		t.Fatalf("no stream: Wait = %v, want ErrEnvoyNotConnected", err)
+	}
+	_ = cb.OnDeltaStreamOpen(context.Background(), 1, "")
+	cb.OnStreamDeltaResponse(1, nil, deltaResponse("1", resource.ListenerType, map[string]string{a.Name: "v1", b.Name: "v1"}))
+	if err := waitNow(tr, []Want{a}); err == nil || errors.Is(err, ErrEnvoyNotConnected) {
+		t.Fatalf("before the ACK: Wait = %v, want a timeout", err)
+	}
+
+	// Envoy names the listener it could not add; the other one in the same response was applied.
+	_ = cb.OnStreamDeltaRequest(1, &discovery.DeltaDiscoveryRequest{TypeUrl: resource.ListenerType, ResponseNonce: "1", ErrorDetail: &status.Status{
+		Message: "Error adding/updating listener(s) tcp_127.0.0.1_81: cannot bind '127.0.0.1:81': Address already in use\n",
+	}})
+	if err := waitNow(tr, []Want{a}); err != nil {
+		t.Fatalf("unblamed resource of a NACKed response: Wait = %v, want nil", err)
+	}
+	var rejected *RejectedError
+	if err := waitNow(tr, []Want{b}); !errors.As(err, &rejected) || rejected.Reason != "cannot bind '127.0.0.1:81': Address already in use" {
+		t.Fatalf("blamed resource: Wait = %v", err)
+	}
+	if !tr.Connected() {
+		t.Fatal("a stream that acknowledged is not reported connected")
+	}
+
+	// A new version of the rejected listener is judged on its own acknowledgement.
+	b2 := Want{b.TypeURL, b.Name, "v2"}
+	cb.OnStreamDeltaResponse(1, nil, deltaResponse("2", resource.ListenerType, map[string]string{b.Name: "v2"}))
+	_ = cb.OnStreamDeltaRequest(1, &discovery.DeltaDiscoveryRequest{TypeUrl: resource.ListenerType, ResponseNonce: "2"})
+	if err := waitNow(tr, []Want{b2}); err != nil {
+		t.Fatalf("ACKed new version: Wait = %v", err)
+	}
+	if err := waitNow(tr, []Want{b}); err == nil {
+		t.Fatal("an acknowledgement of v2 satisfied a wait for v1")
+	}
+
+	// A removal forgets the acknowledgement; a closed stream forgets everything.
+	cb.OnStreamDeltaResponse(1, nil, deltaResponse("3", resource.ListenerType, nil, a.Name))
+	_ = cb.OnStreamDeltaRequest(1, &discovery.DeltaDiscoveryRequest{TypeUrl: resource.ListenerType, ResponseNonce: "3"})
+	if err := waitNow(tr, []Want{a}); err == nil {
+		t.Fatal("a removed resource still counts as served")
+	}
+	cb.OnDeltaStreamClosed(1, nil)
+	if err := waitNow(tr, []Want{b2}); !errors.Is(err, ErrEnvoyNotConnected) {
+		t.Fatalf("after the stream closed: Wait = %v, want ErrEnvoyNotConnected", err)
+	}
+}
+
+func TestTrackerUnattributedNackRejectsWholeResponse(t *testing.T) {
+	tr := newTestTracker()
+	cb := tr.Callbacks()
+	_ = cb.OnDeltaStreamOpen(context.Background(), 7, "")
+	cb.OnStreamDeltaResponse(7, nil, deltaResponse("1", resource.ClusterType, map[string]string{"c1": "x"}))
+	_ = cb.OnStreamDeltaRequest(7, &discovery.DeltaDiscoveryRequest{ResponseNonce: "1", ErrorDetail: &status.Status{Message: "something odd"}})
+	var rejected *RejectedError
+	if err := waitNow(tr, []Want{{resource.ClusterType, "c1", "x"}}); !errors.As(err, &rejected) || rejected.Reason != "something odd" {
+		t.Fatalf("Wait = %v, want the whole response rejected", err)
+	}
+}
+
+// TestTrackerSotw: a state-of-the-world response names its resources only inside their encoding,
+// and replaces what Envoy had of the type.
+func TestTrackerSotw(t *testing.T) {
+	tr := newTestTracker()
+	cb := tr.Callbacks()
+	_ = cb.OnStreamOpen(context.Background(), 3, resource.ListenerType)
+	mk := func(port uint16) (Want, *anypb.Any) {
+		e := registry.Entry{
+			Mapping: registry.Mapping{Key: registry.Key{Proto: registry.TCP, HostIP: netip.MustParseAddr("127.0.0.1"), HostPort: port}, ContainerIP: netip.MustParseAddr("10.0.0.2"), ContainerPort: 80},
+			Service: registry.Service{Name: "s", Operation: "s", Mode: registry.ModeTCP},
+		}
+		l, err := envoyconfig.TCPListener(e, envoyconfig.Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := cache.MarshalResource(l)
+		return Want{resource.ListenerType, l.GetName(), cache.HashResource(b)}, &anypb.Any{TypeUrl: resource.ListenerType, Value: b}
+	}
+	w1, a1 := mk(1)
+	w2, a2 := mk(2)
+	cb.OnStreamResponse(context.Background(), 3, nil, &discovery.DiscoveryResponse{Nonce: "9", TypeUrl: resource.ListenerType, Resources: []*anypb.Any{a1, a2}})
+	_ = cb.OnStreamRequest(3, &discovery.DiscoveryRequest{ResponseNonce: "9"})
+	if err := waitNow(tr, []Want{w1, w2}); err != nil {
+		t.Fatalf("Wait = %v", err)
+	}
+	cb.OnStreamResponse(context.Background(), 3, nil, &discovery.DiscoveryResponse{Nonce: "10", TypeUrl: resource.ListenerType, Resources: []*anypb.Any{a2}})
+	_ = cb.OnStreamRequest(3, &discovery.DiscoveryRequest{ResponseNonce: "10"})
+	if err := waitNow(tr, []Want{w1}); err == nil {
+		t.Fatal("a listener missing from a full-state response still counts as served")
+	}
+}
+
+func TestResourceName(t *testing.T) {
+	b, _ := cache.MarshalResource(&listener.Listener{Name: "tcp_[::]_80", StatPrefix: "x"})
+	if got := resourceName(b); got != "tcp_[::]_80" {
+		t.Fatalf("resourceName = %q", got)
+	}
+	for _, junk := range [][]byte{nil, {0xff}, {0x0a, 0x05, 'a'}} {
+		_ = resourceName(junk) // must not panic on truncated input
+	}
+}
+
+// TestTrackerWakesWaiter: a waiter blocked before the ACK is released by it, not by polling.
+func TestTrackerWakesWaiter(t *testing.T) {
+	tr := newTestTracker()
+	cb := tr.Callbacks()
+	_ = cb.OnDeltaStreamOpen(context.Background(), 1, "")
+	w := Want{resource.ClusterType, "c", "v"}
+	done := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		done <- tr.Wait(ctx, []Want{w})
+	}()
+	time.Sleep(20 * time.Millisecond)
+	cb.OnStreamDeltaResponse(1, nil, deltaResponse("1", resource.ClusterType, map[string]string{"c": "v"}))
+	_ = cb.OnStreamDeltaRequest(1, &discovery.DeltaDiscoveryRequest{ResponseNonce: "1"})
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(time.Second):
+		t.Fatal("waiter not woken by the ACK")
+	}
+}
+
+// TestTrackerIgnoresAnswersToSupersededResponses: a port closed and re-opened with the same
+// content must wait for Envoy's answer to the re-opening, not count an older ACK.
+func TestTrackerIgnoresAnswersToSupersededResponses(t *testing.T) {
+	tr := newTestTracker()
+	cb := tr.Callbacks()
+	_ = cb.OnDeltaStreamOpen(context.Background(), 1, "")
+	x := Want{resource.ListenerType, "x", "v"}
+	cb.OnStreamDeltaResponse(1, nil, deltaResponse("1", x.TypeURL, map[string]string{"x": "v"}))
+	cb.OnStreamDeltaResponse(1, nil, deltaResponse("2", x.TypeURL, nil, "x"))
+	cb.OnStreamDeltaResponse(1, nil, deltaResponse("3", x.TypeURL, map[string]string{"x": "v"}))
+	_ = cb.OnStreamDeltaRequest(1, &discovery.DeltaDiscoveryRequest{ResponseNonce: "1"})
+	if err := waitNow(tr, []Want{x}); err == nil {
+		t.Fatal("the ACK of a superseded response satisfied the wait")
+	}
+	_ = cb.OnStreamDeltaRequest(1, &discovery.DeltaDiscoveryRequest{ResponseNonce: "2"})
+	_ = cb.OnStreamDeltaRequest(1, &discovery.DeltaDiscoveryRequest{ResponseNonce: "3"})
+	if err := waitNow(tr, []Want{x}); err != nil {
+		t.Fatalf("after the ACK of the latest response: %v", err)
+	}
+}
+
+// TestTrackerInvalidate: once the cache changes a resource, an earlier answer about it — ACK or
+// NACK — no longer counts, even before the new state is sent.
+func TestTrackerInvalidate(t *testing.T) {
+	tr := newTestTracker()
+	cb := tr.Callbacks()
+	_ = cb.OnDeltaStreamOpen(context.Background(), 1, "")
+	x := Want{resource.ListenerType, "x", "v"}
+	cb.OnStreamDeltaResponse(1, nil, deltaResponse("1", x.TypeURL, map[string]string{"x": "v"}))
+	_ = cb.OnStreamDeltaRequest(1, &discovery.DeltaDiscoveryRequest{ResponseNonce: "1", ErrorDetail: &status.Status{Message: "x: cannot bind"}})
+	var rejected *RejectedError
+	if err := waitNow(tr, []Want{x}); !errors.As(err, &rejected) {
+		t.Fatalf("Wait = %v, want the rejection", err)
+	}
+	tr.Invalidate(x.TypeURL, "x")
+	if err := waitNow(tr, []Want{x}); errors.As(err, &rejected) || err == nil {
+		t.Fatalf("after Invalidate: Wait = %v, want a timeout", err)
+	}
+	cb.OnStreamDeltaResponse(1, nil, deltaResponse("2", x.TypeURL, map[string]string{"x": "v"}))
+	_ = cb.OnStreamDeltaRequest(1, &discovery.DeltaDiscoveryRequest{ResponseNonce: "2"})
+	if err := waitNow(tr, []Want{x}); err != nil {
+		t.Fatalf("after the new ACK: %v", err)
+	}
+}

@@ -1,0 +1,217 @@
+// Package stack runs envoy-docker-server in-process and a real Envoy connected to it, for
+// end-to-end tests of the server and of the shim. The server's JSON log goes to a file that is
+// printed when the test fails.
+package stack
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/docker/docker/api/types/container"
+	"github.com/docker/docker/api/types/events"
+	"github.com/docker/docker/api/types/network"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/envoy-docker-shim/envoy-docker-shim/envoy/bootstrap"
+	"github.com/envoy-docker-shim/envoy-docker-shim/services/dockerapi"
+	pb "github.com/envoy-docker-shim/envoy-docker-shim/services/registration/registrationpb"
+	"github.com/envoy-docker-shim/envoy-docker-shim/services/server"
+	"github.com/envoy-docker-shim/envoy-docker-shim/testbed"
+)
+
+// Options shape one stack.
+type Options struct {
+	// DockerHost is the Docker API the server reads labels from (a testbed daemon's Host). Empty
+	// means no Docker at all: every container is unknown and named after its IP.
+	DockerHost string
+	// XDSAPI is "delta" (default) or "sotw".
+	XDSAPI string
+	// AccessLog turns on Envoy's access log (off by default to keep test logs short).
+	AccessLog bool
+	// Concurrency of Envoy's workers (default 2).
+	Concurrency int
+}
+
+// Stack is a running server and Envoy.
+type Stack struct {
+	Config  server.Config
+	Server  *server.Server
+	Envoy   *testbed.Envoy
+	Client  pb.RegistrarClient
+	LogPath string
+
+	stop context.CancelFunc
+	done chan error
+}
+
+// Start runs the server, then Envoy, and waits until Envoy is ready and connected.
+func Start(t testing.TB, opts Options) *Stack {
+	t.Helper()
+	testbed.RequireRoot(t)
+	dir := t.TempDir()
+	cfg := server.Config{
+		Socket:        filepath.Join(dir, "server.sock"),
+		XDSAddr:       "127.0.0.1:" + strconv.Itoa(testbed.FreePort(t)),
+		HTTPAddr:      "127.0.0.1:" + strconv.Itoa(testbed.FreePort(t)),
+		DockerHost:    opts.DockerHost,
+		DockerTimeout: 2 * time.Second,
+		ReadyTimeout:  8 * time.Second,
+		AccessLog:     opts.AccessLog,
+		LogLevel:      "debug",
+	}
+	s := &Stack{Config: cfg, LogPath: filepath.Join(dir, "server.log"), done: make(chan error, 1)}
+	s.StartServer(t)
+	s.Envoy = StartEnvoy(t, cfg.XDSAddr, opts)
+
+	conn, err := grpc.NewClient("unix://"+cfg.Socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	s.Client = pb.NewRegistrarClient(conn)
+	testbed.WaitFor(t, 15*time.Second, "envoy connected to the server", func() error {
+		status, body, err := testbed.HTTPGet(context.Background(), "http://"+cfg.HTTPAddr+"/healthz")
+		if err != nil || status != 200 {
+			return fmt.Errorf("healthz %d %q %v", status, body, err)
+		}
+		return nil
+	})
+	return s
+}
+
+// StartServer (re)starts the in-process server with the stack's configuration.
+func (s *Stack) StartServer(t testing.TB) {
+	t.Helper()
+	logFile, err := os.OpenFile(s.LogPath, os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	log := slog.New(slog.NewJSONHandler(logFile, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	var engine dockerapi.Engine
+	if s.Config.DockerHost == "" {
+		engine = noDocker{}
+	}
+	srv, err := server.New(s.Config, log, engine)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	s.Server, s.stop, s.done = srv, cancel, make(chan error, 1)
+	go func() { s.done <- srv.Run(ctx); logFile.Close() }()
+	t.Cleanup(func() {
+		s.StopServer(t)
+		if t.Failed() {
+			b, _ := os.ReadFile(s.LogPath)
+			t.Logf("server log (last 6 KiB):\n%s", tail(string(b), 6<<10))
+		}
+	})
+	testbed.WaitFor(t, 10*time.Second, "server socket", func() error {
+		c, err := net.Dial("unix", s.Config.Socket)
+		if err != nil {
+			return err
+		}
+		return c.Close()
+	})
+}
+
+// StopServer stops the in-process server and waits for it (idempotent).
+func (s *Stack) StopServer(t testing.TB) {
+	if s.stop == nil {
+		return
+	}
+	s.stop()
+	s.stop = nil
+	select {
+	case err := <-s.done:
+		if err != nil {
+			t.Errorf("server: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Error("server did not stop within 10 s")
+	}
+}
+
+// StartEnvoy runs a real Envoy with the appliance's own bootstrap, pointed at xdsAddr.
+func StartEnvoy(t testing.TB, xdsAddr string, opts Options) *testbed.Envoy {
+	t.Helper()
+	api := opts.XDSAPI
+	if api == "" {
+		api = "delta"
+	}
+	// Port 0 marks the admin port for the harness to fill in; no other port in it is 0.
+	yaml, err := bootstrap.Render(bootstrap.Config{
+		AdminAddress: "127.0.0.1", AdminPort: 0, XDSAddr: xdsAddr, XDSAPI: api,
+		NodeID: "test", LogLevel: "info", MaxConnections: 100000,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	const admin = "port_value: 0 }"
+	if strings.Count(string(yaml), admin) != 1 {
+		t.Fatalf("bootstrap admin port not found in:\n%s", yaml)
+	}
+	text := strings.Replace(string(yaml), admin, "port_value: "+testbed.AdminPortPlaceholder+" }", 1)
+	return testbed.StartEnvoy(t, testbed.EnvoyOptions{Bootstrap: text, Concurrency: opts.Concurrency})
+}
+
+// Register opens a registration like a shim would and returns the server's first answer; the
+// registration lasts until the returned function is called or the test ends.
+func (s *Stack) Register(t testing.TB, m *pb.Mapping) (*pb.RegisterResponse, func()) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	stream, err := s.Client.Register(ctx)
+	if err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	if err := stream.Send(&pb.RegisterRequest{Request: &pb.RegisterRequest_Open{Open: &pb.Open{Mapping: m, Shim: &pb.Shim{Pid: int32(os.Getpid()), Version: "test"}}}}); err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	resp, err := stream.Recv()
+	if err != nil {
+		cancel()
+		t.Fatalf("register %v: %v", m, err)
+	}
+	t.Cleanup(cancel)
+	return resp, cancel
+}
+
+// TCP is a TCP mapping from 127.0.0.1:hostPort.
+func TCP(hostPort int, containerIP string, containerPort int) *pb.Mapping {
+	return &pb.Mapping{Proto: pb.Protocol_PROTOCOL_TCP, HostIp: "127.0.0.1", HostPort: uint32(hostPort), ContainerIp: containerIP, ContainerPort: uint32(containerPort)}
+}
+
+func tail(s string, n int) string {
+	if len(s) > n {
+		return s[len(s)-n:]
+	}
+	return s
+}
+
+// noDocker is a Docker API with no networks and no containers, and an event stream that stays quiet.
+type noDocker struct{}
+
+func (noDocker) NetworkList(context.Context, network.ListOptions) ([]network.Summary, error) {
+	return nil, nil
+}
+func (noDocker) NetworkInspect(context.Context, string, network.InspectOptions) (network.Inspect, error) {
+	return network.Inspect{}, fmt.Errorf("no such network")
+}
+func (noDocker) ContainerList(context.Context, container.ListOptions) ([]container.Summary, error) {
+	return nil, nil
+}
+func (noDocker) Events(ctx context.Context, _ events.ListOptions) (<-chan events.Message, <-chan error) {
+	errs := make(chan error, 1)
+	go func() { <-ctx.Done(); errs <- ctx.Err() }()
+	return nil, errs
+}
