@@ -2,12 +2,13 @@
 GO            ?= go
 BIN           ?= bin
 ENVOY_VERSION ?= 1.40.0
+ENVOY_BIN     ?= /var/cache/envoy-docker-shim/envoy-$(ENVOY_VERSION)/envoy
 VERSION       ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS       := -s -w -X github.com/envoy-docker-shim/envoy-docker-shim/services/buildinfo.Version=$(VERSION)
 # Test timeouts are generous ceilings, not targets: a hung daemon must fail the run, not eat CI's 90 minutes.
 TEST_TIMEOUT  ?= 15m
 
-.PHONY: all build test unit e2e lint generate bench provision clean
+.PHONY: all build test unit e2e lint generate bench provision up clean
 
 all: build
 
@@ -22,8 +23,10 @@ test: lint
 unit:
 	$(GO) test -short ./...
 
+# The end-to-end tests: the harness's own, and every TestE2E* of the other packages.
 e2e:
 	$(GO) test -timeout $(TEST_TIMEOUT) ./testbed/...
+	$(GO) test -timeout $(TEST_TIMEOUT) -run 'E2E' ./services/... ./shim/... ./envoy/...
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
@@ -43,8 +46,15 @@ generate:
 	    --go-grpc_out=services/registration --go-grpc_opt=module=github.com/envoy-docker-shim/envoy-docker-shim/services/registration \
 	    services/registration/proto/registration.proto
 
+# Benchmarks against the real stack; figures go in closing notes, never into assertions.
 bench:
 	$(GO) test -run '^$$' -bench . -benchtime 1x -timeout 30m ./...
+
+# Runs envoy-docker-server and Envoy on this host in the foreground, as root; Ctrl-C stops both.
+up: build
+	@[ -x "$(ENVOY_BIN)" ] || { echo "no Envoy at $(ENVOY_BIN): run make provision or set ENVOY_BIN"; exit 1; }
+	ENVOY_BINARY=$(ENVOY_BIN) ENVOY_CONFIG_PATH=$(BIN)/envoy.yaml \
+	  bash -c 'trap "kill 0" EXIT; $(BIN)/envoy-docker-server & $(BIN)/envoy-entrypoint & wait -n'
 
 # Installs what the tests need on a Debian host (also what a Vagrant VM runs).
 provision:

@@ -14,13 +14,12 @@ import (
 	"github.com/kelseyhightower/envconfig"
 )
 
-// Config is every setting of the Envoy container. ENVOY_BASE_ID, ENVOY_PORT and
-// ENVOY_UI_LISTEN_PORT keep the meaning they had in the seed project.
+// Config is every setting of the Envoy container. ENVOY_BASE_ID and ENVOY_PORT keep the meaning
+// they had in the seed project.
 type Config struct {
 	BaseID         int    `envconfig:"ENVOY_BASE_ID" default:"0" desc:"Envoy --base-id: shared-memory namespace, distinct per Envoy on one host."`
 	AdminPort      int    `envconfig:"ENVOY_PORT" default:"9901" desc:"Port of Envoy's admin interface, always bound to ENVOY_ADMIN_ADDRESS."`
 	AdminAddress   string `envconfig:"ENVOY_ADMIN_ADDRESS" default:"127.0.0.1" desc:"Address of Envoy's admin interface; loopback unless you mean to expose it."`
-	UIListenPort   int    `envconfig:"ENVOY_UI_LISTEN_PORT" default:"8081" desc:"Port of the UI (metrics and routes)."`
 	XDSAddr        string `envconfig:"EDS_XDS_ADDR" default:"127.0.0.1:18000" desc:"Where envoy-docker-server serves xDS (same variable as the server's)."`
 	XDSAPI         string `envconfig:"ENVOY_XDS_API" default:"delta" desc:"xDS variant: delta (only changes are sent) or sotw (state of the world)."`
 	NodeID         string `envconfig:"ENVOY_NODE_ID" default:"envoy-docker-shim" desc:"Envoy node id reported to the server."`

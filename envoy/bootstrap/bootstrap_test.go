@@ -1,0 +1,108 @@
+package bootstrap
+
+import (
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/envoy-docker-shim/envoy-docker-shim/testbed"
+)
+
+func defaults(t *testing.T) Config {
+	t.Helper()
+	for _, k := range []string{"ENVOY_BASE_ID", "ENVOY_PORT", "ENVOY_ADMIN_ADDRESS", "EDS_XDS_ADDR", "ENVOY_XDS_API", "ENVOY_NODE_ID", "ENVOY_CONCURRENCY", "ENVOY_LOG_LEVEL", "ENVOY_MAX_CONNECTIONS", "ENVOY_BINARY", "ENVOY_CONFIG_PATH"} {
+		t.Setenv(k, "")
+		os.Unsetenv(k)
+	}
+	c, err := FromEnv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+func TestDefaultsWorkWithEmptyEnvironment(t *testing.T) {
+	c := defaults(t)
+	if c.AdminPort != 9901 || c.AdminAddress != "127.0.0.1" || c.XDSAddr != "127.0.0.1:18000" || c.XDSAPI != "delta" {
+		t.Fatalf("defaults %+v", c)
+	}
+	y, err := Render(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"address: 127.0.0.1, port_value: 9901", "api_type: DELTA_GRPC", "port_value: 18000", "max_active_downstream_connections: 100000"} {
+		if !strings.Contains(string(y), want) {
+			t.Errorf("bootstrap lacks %q:\n%s", want, y)
+		}
+	}
+}
+
+func TestSeedVariablesKeepTheirMeaning(t *testing.T) {
+	defaults(t)
+	t.Setenv("ENVOY_BASE_ID", "3")
+	t.Setenv("ENVOY_PORT", "9911")
+	t.Setenv("ENVOY_XDS_API", "sotw")
+	t.Setenv("ENVOY_CONCURRENCY", "4")
+	c, err := FromEnv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	args := Args(c, "/etc/envoy/envoy.yaml")
+	for _, want := range [][]string{{"--base-id", "3"}, {"--concurrency", "4"}, {"-c", "/etc/envoy/envoy.yaml"}} {
+		i := slices.Index(args, want[0])
+		if i < 0 || i+1 >= len(args) || args[i+1] != want[1] {
+			t.Errorf("args %v lack %v", args, want)
+		}
+	}
+	y, _ := Render(c)
+	if !strings.Contains(string(y), "port_value: 9911") || !strings.Contains(string(y), "api_type: GRPC") {
+		t.Errorf("bootstrap ignores ENVOY_PORT or ENVOY_XDS_API:\n%s", y)
+	}
+}
+
+func TestInvalidSettingsAreClearErrors(t *testing.T) {
+	tests := []struct {
+		env, value, want string
+	}{
+		{"ENVOY_XDS_API", "rest", "ENVOY_XDS_API=\"rest\": want delta or sotw"},
+		{"EDS_XDS_ADDR", "localhost:18000", "want IP:port"},
+		{"EDS_XDS_ADDR", "127.0.0.1:0", "port must be 1-65535"},
+		{"ENVOY_PORT", "70000", "ENVOY_PORT=70000"},
+		{"ENVOY_PORT", "abc", "ENVOY_PORT"},
+		{"ENVOY_ADMIN_ADDRESS", "my host", "want an IP address"},
+		{"ENVOY_MAX_CONNECTIONS", "0", "must be positive"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.env+"="+tt.value, func(t *testing.T) {
+			defaults(t)
+			t.Setenv(tt.env, tt.value)
+			if _, err := FromEnv(); err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("FromEnv = %v, want an error containing %q", err, tt.want)
+			}
+		})
+	}
+}
+
+// TestEnvoyAcceptsBootstrap runs the real Envoy in validate mode on both xDS variants.
+func TestEnvoyAcceptsBootstrap(t *testing.T) {
+	bin := testbed.EnvoyBinary(t)
+	for _, api := range []string{"delta", "sotw"} {
+		c := defaults(t)
+		c.XDSAPI = api
+		y, err := Render(c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		path := filepath.Join(t.TempDir(), "envoy.yaml")
+		if err := os.WriteFile(path, y, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		out, err := exec.Command(bin, "--mode", "validate", "-c", path, "--disable-hot-restart").CombinedOutput()
+		if err != nil {
+			t.Fatalf("%s: envoy rejected the bootstrap: %v\n%s", api, err, out)
+		}
+	}
+}

@@ -1,0 +1,160 @@
+package server
+
+import (
+	"context"
+	"encoding/json"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/docker/docker/api/types/container"
+	"github.com/docker/docker/api/types/events"
+	"github.com/docker/docker/api/types/network"
+)
+
+type quietDocker struct{}
+
+func (quietDocker) NetworkList(context.Context, network.ListOptions) ([]network.Summary, error) {
+	return nil, nil
+}
+func (quietDocker) NetworkInspect(context.Context, string, network.InspectOptions) (network.Inspect, error) {
+	return network.Inspect{}, nil
+}
+func (quietDocker) ContainerList(context.Context, container.ListOptions) ([]container.Summary, error) {
+	return nil, nil
+}
+func (quietDocker) Events(ctx context.Context, _ events.ListOptions) (<-chan events.Message, <-chan error) {
+	errs := make(chan error, 1)
+	go func() { <-ctx.Done(); errs <- ctx.Err() }()
+	return nil, errs
+}
+
+func freeAddr(t *testing.T) string {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+// TestServerWithoutEnvoy: the socket is root-only, /healthz says Envoy is missing, /metrics
+// carries the server's series, and the process stops cleanly when asked.
+func TestServerWithoutEnvoy(t *testing.T) {
+	cfg := Config{
+		Socket: filepath.Join(t.TempDir(), "run", "server.sock"), XDSAddr: freeAddr(t), HTTPAddr: freeAddr(t),
+		DockerTimeout: time.Second, ReadyTimeout: time.Second, LogLevel: "info",
+	}
+	s, err := New(cfg, slog.New(slog.DiscardHandler), quietDocker{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- s.Run(ctx) }()
+
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		if _, err := os.Stat(cfg.Socket); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("socket not created")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	fi, err := os.Stat(cfg.Socket)
+	if err != nil || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("socket mode %v, %v; want 0600", fi.Mode(), err)
+	}
+	get := func(path string) (int, string) {
+		t.Helper()
+		resp, err := http.Get("http://" + cfg.HTTPAddr + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	if code, body := get("/healthz"); code != http.StatusServiceUnavailable || !strings.Contains(body, "envoy not connected") {
+		t.Fatalf("/healthz = %d %q without Envoy", code, body)
+	}
+	_, metrics := get("/metrics")
+	for _, series := range []string{"eds_registrations 0", "eds_xds_streams 0", "go_goroutines"} {
+		if !strings.Contains(metrics, series) {
+			t.Errorf("/metrics lacks %q", series)
+		}
+	}
+	code, body := get("/registrations")
+	var list struct{ Registrations []any }
+	if err := json.Unmarshal([]byte(body), &list); code != 200 || err != nil || list.Registrations == nil || len(list.Registrations) != 0 {
+		t.Errorf("/registrations = %d %q (%v)", code, body, err)
+	}
+
+	// A second server on the same socket must refuse rather than steal it.
+	second := cfg
+	second.XDSAddr, second.HTTPAddr = freeAddr(t), freeAddr(t)
+	s2, _ := New(second, slog.New(slog.DiscardHandler), quietDocker{})
+	if err := s2.Run(context.Background()); err == nil || !strings.Contains(err.Error(), "already serving") {
+		t.Fatalf("second server: %v", err)
+	}
+
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("Run = %v after cancel", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("server did not stop")
+	}
+	if _, err := os.Stat(cfg.Socket); !os.IsNotExist(err) {
+		t.Errorf("socket left behind: %v", err)
+	}
+}
+
+func TestStaleSocketIsReplaced(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "s.sock")
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.(*net.UnixListener).SetUnlinkOnClose(false)
+	l.Close() // the file stays, nobody answers: what a crashed server leaves
+	l2, err := listenUnix(path)
+	if err != nil {
+		t.Fatalf("stale socket not replaced: %v", err)
+	}
+	l2.Close()
+}
+
+func TestConfigFromEnv(t *testing.T) {
+	t.Setenv("EDS_LOG_LEVEL", "loud")
+	if _, err := ConfigFromEnv(); err == nil || !strings.Contains(err.Error(), "EDS_LOG_LEVEL") {
+		t.Fatalf("bad level: %v", err)
+	}
+	t.Setenv("EDS_LOG_LEVEL", "debug")
+	t.Setenv("EDS_READY_TIMEOUT", "soon")
+	if _, err := ConfigFromEnv(); err == nil || !strings.Contains(err.Error(), "EDS_READY_TIMEOUT") {
+		t.Fatalf("bad duration: %v", err)
+	}
+	t.Setenv("EDS_READY_TIMEOUT", "")
+	os.Unsetenv("EDS_READY_TIMEOUT")
+	c, err := ConfigFromEnv()
+	if err != nil || c.ReadyTimeout != 8*time.Second || c.Socket != "/run/envoy-docker-shim/server.sock" {
+		t.Fatalf("defaults: %+v, %v", c, err)
+	}
+}
+
+func TestBootIDsDiffer(t *testing.T) {
+	if a, b := bootID(), bootID(); a == b {
+		t.Fatalf("two boots share the version prefix %q", a)
+	}
+}
