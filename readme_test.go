@@ -12,6 +12,7 @@ import (
 	"testing"
 
 	"github.com/envoy-docker-shim/envoy-docker-shim/envoy/bootstrap"
+	"github.com/envoy-docker-shim/envoy-docker-shim/services/resync"
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/server"
 )
 
@@ -31,6 +32,7 @@ func table() string {
 	}{
 		{"envoy-docker-server", server.Config{}},
 		{"envoy (entrypoint)", bootstrap.Config{}},
+		{"resync", resync.Config{}},
 	} {
 		t := reflect.TypeOf(c.spec)
 		for i := range t.NumField() {

@@ -50,6 +50,8 @@ type Server struct {
 	ReadyTimeout time.Duration
 	Log          *slog.Logger
 	Metrics      *Metrics
+	// OnRestored is called after resync's Restore: the registry is as complete as it will get.
+	OnRestored func()
 }
 
 // Metrics are the registration API's Prometheus series.

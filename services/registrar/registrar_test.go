@@ -55,6 +55,7 @@ func (f *fakeConfirmer) Wait(context.Context, []xds.Want) error {
 }
 
 type fixture struct {
+	server    *Server
 	registry  *registry.Registry
 	finder    *fakeFinder
 	confirmer *fakeConfirmer
@@ -74,10 +75,11 @@ func newFixture(t *testing.T) *fixture {
 	c := xds.NewCache("test", envoyconfig.Options{}, metrics, xds.NewTracker(metrics))
 	f.registry = registry.New(c)
 	srv := grpc.NewServer()
-	pb.RegisterRegistrarServer(srv, &Server{
+	f.server = &Server{
 		Registry: f.registry, Finder: f.finder, Publisher: c, Confirmer: f.confirmer,
 		ReadyTimeout: time.Second, Log: slog.New(slog.DiscardHandler), Metrics: NewMetrics(nil, f.registry),
-	})
+	}
+	pb.RegisterRegistrarServer(srv, f.server)
 	sock := filepath.Join(t.TempDir(), "s.sock")
 	l, err := net.Listen("unix", sock)
 	if err != nil {
@@ -93,6 +95,8 @@ func newFixture(t *testing.T) *fixture {
 	f.client = pb.NewRegistrarClient(conn)
 	return f
 }
+
+func (f *fixture) onRestored(fn func()) { f.server.OnRestored = fn }
 
 func tcpMapping(hostPort uint32, containerIP string) *pb.Mapping {
 	return &pb.Mapping{Proto: pb.Protocol_PROTOCOL_TCP, HostIp: "127.0.0.1", HostPort: hostPort, ContainerIp: containerIP, ContainerPort: 80}
@@ -260,5 +264,51 @@ func TestRegisterFirstMessageMustBeOpen(t *testing.T) {
 	}
 	if _, err := stream.Recv(); err != io.EOF {
 		t.Fatalf("stream not ended after Failed: %v", err)
+	}
+}
+
+func TestRestore(t *testing.T) {
+	f := newFixture(t)
+	restored := make(chan struct{}, 1)
+	f.onRestored(func() { restored <- struct{}{} })
+	_, end := f.open(t, tcpMapping(9000, "172.17.0.2"), &pb.Shim{Pid: 1})
+	defer end()
+	udp := tcpMapping(9001, "172.17.0.2")
+	udp.Proto = pb.Protocol_PROTOCOL_UDP
+	resp, err := f.client.Restore(context.Background(), &pb.RestoreRequest{Shims: []*pb.Open{
+		{Mapping: tcpMapping(9000, "172.17.0.2"), Shim: &pb.Shim{Pid: 1}},                        // re-registered by itself
+		{Mapping: tcpMapping(9002, "172.17.0.2"), Shim: &pb.Shim{Pid: 2}},                        // shim alive, not reconnected
+		{Mapping: udp, Shim: &pb.Shim{Pid: 3, ProxiesItself: true}},                              // UDP
+		{Mapping: tcpMapping(9003, "172.17.0.99"), Shim: &pb.Shim{Pid: 4}},                       // container gone
+		{Mapping: &pb.Mapping{Proto: pb.Protocol_PROTOCOL_TCP, HostIp: "bad"}, Shim: &pb.Shim{}}, // garbage
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []pb.Restored_Outcome{
+		pb.Restored_OUTCOME_ALREADY_REGISTERED, pb.Restored_OUTCOME_RESTORED, pb.Restored_OUTCOME_RESTORED,
+		pb.Restored_OUTCOME_SKIPPED, pb.Restored_OUTCOME_SKIPPED,
+	}
+	for i, r := range resp.GetResults() {
+		if r.GetOutcome() != want[i] {
+			t.Errorf("result %d: %v (%s), want %v", i, r.GetOutcome(), r.GetReason(), want[i])
+		}
+	}
+	if f.registry.Len() != 3 {
+		t.Fatalf("registry holds %d, want 3 (never the gone container)", f.registry.Len())
+	}
+	if e, _ := f.registry.Get(registry.Key{Proto: registry.UDP, HostIP: netip.MustParseAddr("127.0.0.1"), HostPort: 9001}); e.Mode != registry.ModeShim {
+		t.Errorf("restored UDP mapping mode %q", e.Mode)
+	}
+	select {
+	case <-restored:
+	default:
+		t.Fatal("OnRestored not called")
+	}
+	// The shim of a restored mapping reconnects and takes it over.
+	resp2, end2 := f.open(t, tcpMapping(9002, "172.17.0.2"), &pb.Shim{Pid: 2})
+	defer end2()
+	if resp2.GetReady() == nil {
+		t.Fatalf("takeover of a restored mapping: %v", resp2)
 	}
 }

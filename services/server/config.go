@@ -19,6 +19,7 @@ type Config struct {
 	DockerHost    string        `envconfig:"DOCKER_HOST" default:"unix:///var/run/docker.sock" desc:"Docker Engine API, for container labels and events."`
 	DockerTimeout time.Duration `envconfig:"EDS_DOCKER_TIMEOUT" default:"2s" desc:"Bound on finding a container's labels; past it the port is served under a name made from the container IP."`
 	ReadyTimeout  time.Duration `envconfig:"EDS_READY_TIMEOUT" default:"8s" desc:"Bound on waiting for Envoy to confirm a port; must stay below the shim's EDS_SHIM_TIMEOUT."`
+	RestartGrace  time.Duration `envconfig:"EDS_RESTART_GRACE" default:"5s" desc:"After a (re)start, how long the server waits for shims to re-register and resync to restore the rest before it answers Envoy, which keeps its last configuration meanwhile."`
 	AccessLog     bool          `envconfig:"EDS_ACCESS_LOG" default:"true" desc:"Envoy writes one access-log line per request (http) or connection (tcp) to its stdout."`
 	LogLevel      string        `envconfig:"EDS_LOG_LEVEL" default:"info" desc:"debug, info, warn or error. Logs are JSON on stderr."`
 }
@@ -32,8 +33,8 @@ func ConfigFromEnv() (Config, error) {
 	if _, err := c.level(); err != nil {
 		return Config{}, err
 	}
-	if c.ReadyTimeout <= 0 || c.DockerTimeout <= 0 {
-		return Config{}, fmt.Errorf("configuration: EDS_READY_TIMEOUT and EDS_DOCKER_TIMEOUT must be positive")
+	if c.ReadyTimeout <= 0 || c.DockerTimeout <= 0 || c.RestartGrace < 0 {
+		return Config{}, fmt.Errorf("configuration: EDS_READY_TIMEOUT and EDS_DOCKER_TIMEOUT must be positive, EDS_RESTART_GRACE not negative")
 	}
 	return c, nil
 }

@@ -314,3 +314,101 @@ func BenchmarkRegisterToReady(b *testing.B) {
 		})
 	}
 }
+
+// TestE2EServerRestartLosesNothing: Envoy keeps serving while the server is down and while the
+// restarted server waits for its registry to be rebuilt; a mapping nobody restores is removed
+// only once the server answers Envoy again.
+func TestE2EServerRestartLosesNothing(t *testing.T) {
+	// A grace period far longer than the test: only resync may open it.
+	st := stack.Start(t, stack.Options{RestartGrace: 5 * time.Minute})
+	upstream := loopbackHTTP(t)
+	kept, gone := testbed.FreePort(t), testbed.FreePort(t)
+	respKept, endKept := st.Register(t, stack.TCP(kept, "127.0.0.1", upstream))
+	respGone, endGone := st.Register(t, stack.TCP(gone, "127.0.0.1", upstream))
+	ready(t, respKept)
+	ready(t, respGone)
+
+	// A bounded load loop against both ports for the whole restart.
+	stop := make(chan struct{})
+	var ok, failed atomic.Int64
+	loopDone := make(chan struct{})
+	go func() {
+		defer close(loopDone)
+		deadline := time.Now().Add(60 * time.Second)
+		for time.Now().Before(deadline) {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			for _, p := range []int{kept, gone} {
+				status, _, err := testbed.HTTPGet(context.Background(), fmt.Sprintf("http://127.0.0.1:%d/", p))
+				if err != nil || status != 200 {
+					failed.Add(1)
+					t.Logf("request to %d failed: %d %v", p, status, err)
+				} else {
+					ok.Add(1)
+				}
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}()
+
+	time.Sleep(200 * time.Millisecond)
+	st.StopServer(t)
+	endKept()
+	endGone() // its shim is gone: nobody will re-register or restore it
+	time.Sleep(500 * time.Millisecond)
+	restarted := time.Now()
+	st.StartServer(t)
+
+	// The surviving shim reconnects; its registration waits until the registry is complete.
+	registered := make(chan *pb.RegisterResponse, 1)
+	stream, err := st.Client.Register(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = stream.CloseSend() }()
+	if err := stream.Send(&pb.RegisterRequest{Request: &pb.RegisterRequest_Open{Open: &pb.Open{Mapping: stack.TCP(kept, "127.0.0.1", upstream)}}}); err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		resp, err := stream.Recv()
+		if err != nil {
+			resp = &pb.RegisterResponse{Response: &pb.RegisterResponse_Failed{Failed: &pb.Failed{Reason: err.Error()}}}
+		}
+		registered <- resp
+	}()
+	time.Sleep(300 * time.Millisecond)
+	if got := st.Server.Registry().Len(); got != 1 {
+		t.Fatalf("registry holds %d after the shim re-registered, want 1", got)
+	}
+	// Envoy served both all along: the restarted server has not answered it yet.
+	close(stop)
+	<-loopDone
+	if failed.Load() != 0 || ok.Load() == 0 {
+		t.Fatalf("while the server was down and warming up: %d requests ok, %d failed", ok.Load(), failed.Load())
+	}
+	t.Logf("%d requests served while the server was down and warming up", ok.Load())
+	resp := st.Resync(t, []*pb.Open{{Mapping: stack.TCP(kept, "127.0.0.1", upstream)}})
+	if len(resp.GetResults()) != 1 || resp.GetResults()[0].GetOutcome() != pb.Restored_OUTCOME_ALREADY_REGISTERED {
+		t.Fatalf("restore: %v", resp)
+	}
+	select {
+	case r := <-registered:
+		ready(t, r)
+	case <-time.After(5 * time.Second):
+		t.Fatal("re-registration not ready after resync")
+	}
+	t.Logf("registry rebuilt %v after the restart", time.Since(restarted).Round(time.Millisecond))
+	goneListener := fmt.Sprintf("tcp_127.0.0.1_%d", gone)
+	testbed.WaitFor(t, 5*time.Second, "the unrestored mapping removed from Envoy", func() error {
+		if strings.Contains(string(st.Envoy.Admin(t, "/listeners")), goneListener) {
+			return fmt.Errorf("%s still in Envoy", goneListener)
+		}
+		return nil
+	})
+	if status, _, err := testbed.HTTPGet(context.Background(), fmt.Sprintf("http://127.0.0.1:%d/", kept)); err != nil || status != 200 {
+		t.Fatalf("kept port after the restart: %d %v", status, err)
+	}
+}

@@ -103,24 +103,6 @@ func (s *Server) Run(ctx context.Context) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 
-	registrations := grpc.NewServer()
-	pb.RegisterRegistrarServer(registrations, &registrar.Server{
-		Registry:     s.registry,
-		Finder:       s.finder,
-		Publisher:    s.cache,
-		Confirmer:    s.tracker,
-		ReadyTimeout: s.cfg.ReadyTimeout,
-		Log:          s.log.With("component", "registrar"),
-		Metrics:      registrar.NewMetrics(s.metrics, s.registry),
-	})
-	g.Add(func() error {
-		s.log.Info("registration API listening", "socket", s.cfg.Socket)
-		return registrations.Serve(registrationListener)
-	}, func(error) {
-		registrations.Stop()
-		os.Remove(s.cfg.Socket)
-	})
-
 	xdsServer := grpc.NewServer(
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 5 * time.Second, PermitWithoutStream: true}),
 		grpc.MaxConcurrentStreams(1000),
@@ -130,6 +112,34 @@ func (s *Server) Run(ctx context.Context) error {
 		s.log.Info("xDS server listening", "addr", xdsListener.Addr().String())
 		return xdsServer.Serve(xdsListener)
 	}, func(error) { xdsServer.Stop() })
+
+	registrations := grpc.NewServer()
+	pb.RegisterRegistrarServer(registrations, &registrar.Server{
+		Registry:     s.registry,
+		Finder:       s.finder,
+		Publisher:    s.cache,
+		Confirmer:    s.tracker,
+		ReadyTimeout: s.cfg.ReadyTimeout,
+		Log:          s.log.With("component", "registrar"),
+		Metrics:      registrar.NewMetrics(s.metrics, s.registry),
+		OnRestored: func() {
+			if !s.cache.IsOpen() {
+				s.log.Info("resync done: answering envoy", "registrations", s.registry.Len())
+				s.cache.Open()
+			}
+		},
+	})
+	g.Add(func() error {
+		s.log.Info("registration API listening", "socket", s.cfg.Socket)
+		return registrations.Serve(registrationListener)
+	}, func(error) {
+		// Envoy must be cut off before the registration streams end: each ending stream
+		// deregisters its port, and a stopping server must not tell Envoy to drop every port
+		// it serves. Envoy keeps its configuration until the next server answers.
+		xdsServer.Stop()
+		registrations.Stop()
+		os.Remove(s.cfg.Socket)
+	})
 
 	httpServer := &http.Server{Handler: s.httpHandler(), ReadHeaderTimeout: 5 * time.Second}
 	g.Add(func() error {
@@ -155,6 +165,22 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	watchCtx, stopWatch := context.WithCancel(ctx)
 	g.Add(func() error { return watcher.Run(watchCtx) }, func(error) { stopWatch() })
+
+	// A restarted server must not tell Envoy to drop what it serves before the registry is
+	// rebuilt: Envoy is answered once resync has run, or when the grace period ends.
+	graceCtx, stopGrace := context.WithCancel(ctx)
+	g.Add(func() error {
+		select {
+		case <-time.After(s.cfg.RestartGrace):
+			if !s.cache.IsOpen() {
+				s.log.Info("grace period over: answering envoy", "registrations", s.registry.Len())
+				s.cache.Open()
+			}
+		case <-graceCtx.Done():
+		}
+		<-graceCtx.Done()
+		return nil
+	}, func(error) { stopGrace() })
 
 	// The signal handler also ends the group when the caller's context is cancelled.
 	g.Add(run.SignalHandler(ctx, syscall.SIGINT, syscall.SIGTERM))

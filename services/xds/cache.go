@@ -32,6 +32,7 @@ type Cache struct {
 	listeners *cache.LinearCache
 	clusters  *cache.LinearCache
 	mux       *cache.MuxCache
+	gate      *gate
 	metrics   *Metrics
 }
 
@@ -54,6 +55,7 @@ func NewCache(bootID string, options envoyconfig.Options, metrics *Metrics, trac
 			resource.ClusterType:  c.clusters,
 		},
 	}
+	c.gate = newGate(c.mux)
 	return c
 }
 
@@ -63,8 +65,16 @@ func (c *Cache) Upsert(e registry.Entry) error {
 	if err != nil || !ok {
 		return err
 	}
-	c.tracker.Invalidate(resource.ClusterType, res.Cluster.GetName())
-	c.tracker.Invalidate(resource.ListenerType, res.Listener.GetName())
+	clusterVersion, err := contentVersion(res.Cluster)
+	if err != nil {
+		return err
+	}
+	listenerVersion, err := contentVersion(res.Listener)
+	if err != nil {
+		return err
+	}
+	c.tracker.Invalidate(resource.ClusterType, res.Cluster.GetName(), clusterVersion)
+	c.tracker.Invalidate(resource.ListenerType, res.Listener.GetName(), listenerVersion)
 	if err := c.clusters.UpdateResource(res.Cluster.GetName(), res.Cluster); err != nil {
 		return fmt.Errorf("publish cluster %s: %w", res.Cluster.GetName(), err)
 	}
@@ -84,8 +94,8 @@ func (c *Cache) Delete(e registry.Entry) {
 	// Errors here only come from notifying watches of a resource that failed to marshal, which
 	// cannot happen for a deletion; there is nothing to roll back.
 	listenerName, clusterName := envoyconfig.ListenerName(e.Key), envoyconfig.ClusterName(e.Key)
-	c.tracker.Invalidate(resource.ListenerType, listenerName)
-	c.tracker.Invalidate(resource.ClusterType, clusterName)
+	c.tracker.Invalidate(resource.ListenerType, listenerName, "")
+	c.tracker.Invalidate(resource.ClusterType, clusterName, "")
 	_ = c.listeners.DeleteResource(listenerName)
 	_ = c.clusters.DeleteResource(clusterName)
 	c.metrics.resources.WithLabelValues("listener").Set(float64(c.listeners.NumResources()))
@@ -108,14 +118,31 @@ func (c *Cache) Wanted(e registry.Entry) ([]Want, error) {
 		{resource.ClusterType, res.Cluster.GetName(), res.Cluster},
 		{resource.ListenerType, res.Listener.GetName(), res.Listener},
 	} {
-		b, err := cache.MarshalResource(r.res)
+		version, err := contentVersion(r.res)
 		if err != nil {
-			return nil, fmt.Errorf("marshal %s: %w", r.name, err)
+			return nil, err
 		}
-		wants = append(wants, Want{TypeURL: r.typeURL, Name: r.name, Version: cache.HashResource(b)})
+		wants = append(wants, Want{TypeURL: r.typeURL, Name: r.name, Version: version})
 	}
 	return wants, nil
 }
 
-// Mux is the cache the ADS server serves from.
-func (c *Cache) Mux() cache.Cache { return c.mux }
+// contentVersion is the version go-control-plane gives a resource in delta xDS: the hash of its
+// deterministic encoding.
+func contentVersion(r types.Resource) (string, error) {
+	b, err := cache.MarshalResource(r)
+	if err != nil {
+		return "", fmt.Errorf("marshal %T: %w", r, err)
+	}
+	return cache.HashResource(b), nil
+}
+
+// Serving is the cache the ADS server serves from: nothing reaches Envoy before Open.
+func (c *Cache) Serving() cache.Cache { return c.gate }
+
+// Open starts answering Envoy, with the registry as complete as it is going to get: call it once
+// shims have re-registered and resync has restored the rest, or when the grace period ends.
+func (c *Cache) Open() { c.gate.Open() }
+
+// IsOpen reports whether Envoy is being answered.
+func (c *Cache) IsOpen() bool { return c.gate.isOpen() }

@@ -11,6 +11,6 @@ import (
 // Register serves ADS (state of the world and delta) from c on g, reporting to tracker. Envoy's
 // bootstrap chooses the variant.
 func Register(ctx context.Context, g *grpc.Server, c *Cache, tracker *Tracker) {
-	srv := server.NewServer(ctx, c.Mux(), tracker.Callbacks())
+	srv := server.NewServer(ctx, c.Serving(), tracker.Callbacks())
 	discoverygrpc.RegisterAggregatedDiscoveryServiceServer(g, srv)
 }

@@ -4,9 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"maps"
-	"math"
-	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -50,17 +47,29 @@ type streamKey struct {
 }
 
 type streamState struct {
-	node     string
-	pending  map[string]sentResponse // by nonce
-	acked    map[string]map[string]string
-	rejected map[string]map[string]rejection
-	// latest is the sequence number of the last response that carried or removed each resource.
-	// An answer to an older response says nothing about a resource sent again since: without
-	// this, a port closed and re-opened with the same content would look served before it is.
-	latest map[string]map[string]uint64
-	seq    uint64
+	node      string
+	responses map[string]sentResponse // unanswered responses, by nonce
+	resources map[string]map[string]*resourceState
+	seq       uint64
 	// answered is set once Envoy has answered any response: it is talking, not just connected.
 	answered bool
+}
+
+// resourceState is what one stream knows of one resource.
+type resourceState struct {
+	// held is the version Envoy acknowledged holding ("" when it holds none).
+	held string
+	// rejected is set when Envoy refused the version last sent.
+	rejected *rejection
+	// sent is the version go-control-plane believes Envoy has, as of the last response that
+	// carried the resource ("" after a removal); sentSeq numbers that response and inFlight says
+	// it is not answered yet. An answer to an older response says nothing about the resource.
+	sent     string
+	sentSeq  uint64
+	inFlight bool
+	// changing is set when the cache changed the resource so that a response carrying it will
+	// follow: until then, what Envoy said of it describes the past.
+	changing bool
 }
 
 type sentResponse struct {
@@ -107,6 +116,9 @@ func (t *Tracker) Callbacks() server.Callbacks {
 			t.sent(streamKey{false, id}, resp.GetNonce(), sent)
 		},
 		StreamDeltaRequestFunc: func(id int64, req *discovery.DeltaDiscoveryRequest) error {
+			if len(req.GetInitialResourceVersions()) > 0 {
+				t.alreadyHas(streamKey{true, id}, req.GetTypeUrl(), req.GetInitialResourceVersions())
+			}
 			t.answered(streamKey{true, id}, req.GetNode(), req.GetResponseNonce(), req.GetErrorDetail().GetMessage(), req.GetErrorDetail() != nil)
 			return nil
 		},
@@ -148,12 +160,7 @@ func resourceName(b []byte) string {
 func (t *Tracker) open(k streamKey) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	t.streams[k] = &streamState{
-		pending:  make(map[string]sentResponse),
-		acked:    make(map[string]map[string]string),
-		rejected: make(map[string]map[string]rejection),
-		latest:   make(map[string]map[string]uint64),
-	}
+	t.streams[k] = &streamState{responses: make(map[string]sentResponse), resources: make(map[string]map[string]*resourceState)}
 	t.metrics.streams.Set(float64(len(t.streams)))
 	t.broadcast()
 }
@@ -164,6 +171,52 @@ func (t *Tracker) close(k streamKey) {
 	delete(t.streams, k)
 	t.metrics.streams.Set(float64(len(t.streams)))
 	t.broadcast()
+}
+
+func (st *streamState) resource(typeURL, name string) *resourceState {
+	byName, ok := st.resources[typeURL]
+	if !ok {
+		byName = make(map[string]*resourceState)
+		st.resources[typeURL] = byName
+	}
+	r, ok := byName[name]
+	if !ok {
+		r = &resourceState{}
+		byName[name] = r
+	}
+	return r
+}
+
+// alreadyHas records what a reconnecting Envoy says it holds (delta's initial_resource_versions):
+// go-control-plane does not send those resources again when they are unchanged, so this is the
+// only acknowledgement they get on the new stream.
+func (t *Tracker) alreadyHas(k streamKey, typeURL string, versions map[string]string) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	st, ok := t.streams[k]
+	if !ok {
+		return
+	}
+	for name, version := range versions {
+		r := st.resource(typeURL, name)
+		if r.sentSeq == 0 && !r.changing {
+			r.held, r.sent = version, version
+		}
+	}
+	t.broadcast()
+}
+
+// Invalidate is called by the cache, in the order of its changes and before they can reach any
+// stream, with the resource's new version ("" for a deletion). Where go-control-plane will send
+// the change (what Envoy was last sent differs), nothing Envoy said before counts until it
+// answers that response; where it will not (the change cancelled out), the state stands.
+func (t *Tracker) Invalidate(typeURL, name, version string) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	for _, st := range t.streams {
+		r := st.resource(typeURL, name)
+		r.changing = r.sent != version
+	}
 }
 
 func (t *Tracker) sent(k streamKey, nonce string, s sentResponse) {
@@ -177,23 +230,25 @@ func (t *Tracker) sent(k streamKey, nonce string, s sentResponse) {
 	}
 	st.seq++
 	s.seq = st.seq
-	st.pending[nonce] = s
-	latest := inner(st.latest, s.typeURL)
-	for _, name := range append(slices.Collect(maps.Keys(s.resources)), s.removed...) {
-		latest[name] = s.seq
-		// Until Envoy answers this response, what it said of the resource before no longer holds.
-		delete(st.acked[s.typeURL], name)
-		delete(st.rejected[s.typeURL], name)
+	st.responses[nonce] = s
+	carry := func(name, version string) {
+		r := st.resource(s.typeURL, name)
+		r.sent, r.sentSeq, r.inFlight, r.changing, r.rejected = version, s.seq, true, false, nil
 	}
-}
-
-func inner[V any](m map[string]map[string]V, key string) map[string]V {
-	v, ok := m[key]
-	if !ok {
-		v = make(map[string]V)
-		m[key] = v
+	for name, version := range s.resources {
+		carry(name, version)
 	}
-	return v
+	for _, name := range s.removed {
+		carry(name, "")
+	}
+	if s.fullState {
+		// A state-of-the-world response removes every resource of its type that it does not carry.
+		for name, r := range st.resources[s.typeURL] {
+			if _, ok := s.resources[name]; !ok && r.sent != "" {
+				carry(name, "")
+			}
+		}
+	}
 }
 
 func (t *Tracker) answered(k streamKey, node *core.Node, nonce, detail string, nack bool) {
@@ -206,64 +261,44 @@ func (t *Tracker) answered(k streamKey, node *core.Node, nonce, detail string, n
 	if node.GetId() != "" {
 		st.node = node.GetId()
 	}
-	s, ok := st.pending[nonce]
+	s, ok := st.responses[nonce]
 	if !ok || nonce == "" {
 		return // the first request of a type, or a nonce already answered
 	}
-	delete(st.pending, nonce)
+	delete(st.responses, nonce)
+	st.answered = true
 	typ := shortType(s.typeURL)
 	t.metrics.pushToAck.WithLabelValues(typ).Observe(t.now().Sub(s.at).Seconds())
-
-	acked := inner(st.acked, s.typeURL)
-	rejected := inner(st.rejected, s.typeURL)
-	latest := inner(st.latest, s.typeURL)
-	current := func(name string) bool { return latest[name] == s.seq }
-	if s.fullState {
-		// A state-of-the-world response replaces everything Envoy had of its type.
-		for name := range acked {
-			if _, ok := s.resources[name]; !ok && latest[name] <= s.seq {
-				delete(acked, name)
-			}
-		}
-	}
-	for _, name := range s.removed {
-		if current(name) {
-			delete(acked, name)
-		}
-	}
-	st.answered = true
-	if !nack {
+	if nack {
+		t.metrics.nacks.WithLabelValues(typ).Inc()
+	} else {
 		t.metrics.acks.WithLabelValues(typ).Inc()
-		for name, version := range s.resources {
-			if current(name) {
-				acked[name] = version
-			}
-		}
-		t.broadcast()
-		return
 	}
-	t.metrics.nacks.WithLabelValues(typ).Inc()
+
 	// Envoy applies the resources of a response it can and names the ones it could not
 	// ("Error adding/updating listener(s) NAME: reason"). When no name can be picked out, the
 	// whole response is taken as rejected: a false failure is retried, a false success is a dead port.
 	blamed := make(map[string]string)
-	for name := range s.resources {
-		if reason, ok := reasonFor(detail, name); ok {
-			blamed[name] = reason
+	if nack {
+		for name := range s.resources {
+			if reason, ok := reasonFor(detail, name); ok {
+				blamed[name] = reason
+			}
 		}
 	}
-	for name, version := range s.resources {
-		if !current(name) {
-			continue
+	for name, r := range st.resources[s.typeURL] {
+		if r.sentSeq != s.seq {
+			continue // carried again since: this answer is about an older state
 		}
+		r.inFlight = false
 		reason, isBlamed := blamed[name]
 		switch {
-		case len(blamed) == 0:
-			rejected[name] = rejection{version: version, reason: strings.TrimSpace(detail)}
-		case isBlamed:
-			rejected[name] = rejection{version: version, reason: reason}
+		case r.sent != "" && nack && len(blamed) == 0:
+			r.rejected = &rejection{version: r.sent, reason: strings.TrimSpace(detail)}
+		case r.sent != "" && isBlamed:
+			r.rejected = &rejection{version: r.sent, reason: reason}
 		default:
-			acked[name] = version
+			r.held = r.sent
 		}
 	}
 	t.broadcast()
@@ -287,23 +322,6 @@ func shortType(typeURL string) string {
 		return "cluster"
 	}
 	return typeURL[strings.LastIndex(typeURL, ".")+1:]
-}
-
-// dirty marks a resource the cache changed but no response has carried yet.
-const dirty = math.MaxUint64
-
-// Invalidate is called by the cache, in the same order as its changes, before the change can
-// reach any stream: until a response carries the new state, nothing Envoy said of the resource
-// counts. Without it, a wait that starts before the response goes out would read the answer to
-// the previous state (a port closed and re-opened with the same content, or a stale rejection).
-func (t *Tracker) Invalidate(typeURL, name string) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	for _, st := range t.streams {
-		inner(st.latest, typeURL)[name] = dirty
-		delete(st.acked[typeURL], name)
-		delete(st.rejected[typeURL], name)
-	}
 }
 
 // broadcast wakes every waiter; callers hold t.mu.
@@ -349,17 +367,18 @@ func (t *Tracker) Wait(ctx context.Context, wants []Want) error {
 }
 
 func (t *Tracker) check(wants []Want) (bool, error) {
+	settled := func(r *resourceState) bool { return r != nil && !r.changing && !r.inFlight }
 	for _, st := range t.streams {
 		for _, w := range wants {
-			if r, ok := st.rejected[w.TypeURL][w.Name]; ok && r.version == w.Version {
-				return true, &RejectedError{Name: w.Name, Reason: r.reason}
+			if r := st.resources[w.TypeURL][w.Name]; settled(r) && r.rejected != nil && r.rejected.version == w.Version {
+				return true, &RejectedError{Name: w.Name, Reason: r.rejected.reason}
 			}
 		}
 	}
 	for _, st := range t.streams {
 		all := true
 		for _, w := range wants {
-			if st.acked[w.TypeURL][w.Name] != w.Version {
+			if r := st.resources[w.TypeURL][w.Name]; !settled(r) || r.held != w.Version {
 				all = false
 				break
 			}

@@ -187,26 +187,58 @@ func TestTrackerIgnoresAnswersToSupersededResponses(t *testing.T) {
 	}
 }
 
-// TestTrackerInvalidate: once the cache changes a resource, an earlier answer about it — ACK or
-// NACK — no longer counts, even before the new state is sent.
+// TestTrackerInvalidate: once the cache changes a resource in a way that will be sent, an earlier
+// answer about it — ACK or NACK — no longer counts until Envoy answers the new response; a change
+// that cancels out (removed and re-added before anything was sent) sends nothing and waits for nothing.
 func TestTrackerInvalidate(t *testing.T) {
 	tr := newTestTracker()
 	cb := tr.Callbacks()
 	_ = cb.OnDeltaStreamOpen(context.Background(), 1, "")
 	x := Want{resource.ListenerType, "x", "v"}
+	tr.Invalidate(x.TypeURL, "x", "v")
 	cb.OnStreamDeltaResponse(1, nil, deltaResponse("1", x.TypeURL, map[string]string{"x": "v"}))
 	_ = cb.OnStreamDeltaRequest(1, &discovery.DeltaDiscoveryRequest{ResponseNonce: "1", ErrorDetail: &status.Status{Message: "x: cannot bind"}})
 	var rejected *RejectedError
 	if err := waitNow(tr, []Want{x}); !errors.As(err, &rejected) {
 		t.Fatalf("Wait = %v, want the rejection", err)
 	}
-	tr.Invalidate(x.TypeURL, "x")
+
+	// Released after the rejection, then claimed again with the same content.
+	tr.Invalidate(x.TypeURL, "x", "")
 	if err := waitNow(tr, []Want{x}); errors.As(err, &rejected) || err == nil {
-		t.Fatalf("after Invalidate: Wait = %v, want a timeout", err)
+		t.Fatalf("after the release: Wait = %v, want a timeout", err)
 	}
-	cb.OnStreamDeltaResponse(1, nil, deltaResponse("2", x.TypeURL, map[string]string{"x": "v"}))
+	cb.OnStreamDeltaResponse(1, nil, deltaResponse("2", x.TypeURL, nil, "x"))
 	_ = cb.OnStreamDeltaRequest(1, &discovery.DeltaDiscoveryRequest{ResponseNonce: "2"})
+	tr.Invalidate(x.TypeURL, "x", "v")
+	if err := waitNow(tr, []Want{x}); err == nil {
+		t.Fatal("claimed again: ready before the new content was sent")
+	}
+	cb.OnStreamDeltaResponse(1, nil, deltaResponse("3", x.TypeURL, map[string]string{"x": "v"}))
+	_ = cb.OnStreamDeltaRequest(1, &discovery.DeltaDiscoveryRequest{ResponseNonce: "3"})
 	if err := waitNow(tr, []Want{x}); err != nil {
 		t.Fatalf("after the new ACK: %v", err)
+	}
+
+	// Removed and re-added before go-control-plane sent anything: nothing will be sent.
+	tr.Invalidate(x.TypeURL, "x", "")
+	tr.Invalidate(x.TypeURL, "x", "v")
+	if err := waitNow(tr, []Want{x}); err != nil {
+		t.Fatalf("a change that cancelled out: %v", err)
+	}
+}
+
+// TestTrackerInitialVersions: an Envoy reconnecting to a restarted server says what it holds;
+// unchanged resources are never sent again, so that statement is their acknowledgement.
+func TestTrackerInitialVersions(t *testing.T) {
+	tr := newTestTracker()
+	cb := tr.Callbacks()
+	_ = cb.OnDeltaStreamOpen(context.Background(), 1, "")
+	_ = cb.OnStreamDeltaRequest(1, &discovery.DeltaDiscoveryRequest{TypeUrl: resource.ListenerType, InitialResourceVersions: map[string]string{"x": "v"}})
+	if err := waitNow(tr, []Want{{resource.ListenerType, "x", "v"}}); err != nil {
+		t.Fatalf("resource Envoy already holds: %v", err)
+	}
+	if err := waitNow(tr, []Want{{resource.ListenerType, "x", "w"}}); err == nil {
+		t.Fatal("another version counted as held")
 	}
 }

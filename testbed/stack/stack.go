@@ -39,6 +39,8 @@ type Options struct {
 	AccessLog bool
 	// Concurrency of Envoy's workers (default 2).
 	Concurrency int
+	// RestartGrace is the server's EDS_RESTART_GRACE (default 0: answer Envoy at once).
+	RestartGrace time.Duration
 }
 
 // Stack is a running server and Envoy.
@@ -66,18 +68,15 @@ func Start(t testing.TB, opts Options) *Stack {
 		DockerTimeout: 2 * time.Second,
 		ReadyTimeout:  8 * time.Second,
 		AccessLog:     opts.AccessLog,
+		RestartGrace:  opts.RestartGrace,
 		LogLevel:      "debug",
 	}
 	s := &Stack{Config: cfg, LogPath: filepath.Join(dir, "server.log"), done: make(chan error, 1)}
 	s.StartServer(t)
-	s.Envoy = StartEnvoy(t, cfg.XDSAddr, opts)
-
-	conn, err := grpc.NewClient("unix://"+cfg.Socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
+	if opts.RestartGrace > 0 {
+		s.Resync(t, nil)
 	}
-	t.Cleanup(func() { conn.Close() })
-	s.Client = pb.NewRegistrarClient(conn)
+	s.Envoy = StartEnvoy(t, cfg.XDSAddr, opts)
 	testbed.WaitFor(t, 15*time.Second, "envoy connected to the server", func() error {
 		status, body, err := testbed.HTTPGet(context.Background(), "http://"+cfg.HTTPAddr+"/healthz")
 		if err != nil || status != 200 {
@@ -121,6 +120,24 @@ func (s *Stack) StartServer(t testing.TB) {
 		}
 		return c.Close()
 	})
+	// A fresh connection per server, as a reconnecting shim makes.
+	conn, err := grpc.NewClient("unix://"+s.Config.Socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	s.Client = pb.NewRegistrarClient(conn)
+}
+
+// Resync does what the resync one-shot does after a (re)start: report the live shims' mappings,
+// which ends the server's grace period.
+func (s *Stack) Resync(t testing.TB, shims []*pb.Open) *pb.RestoreResponse {
+	t.Helper()
+	resp, err := s.Client.Restore(context.Background(), &pb.RestoreRequest{Shims: shims})
+	if err != nil {
+		t.Fatalf("restore: %v", err)
+	}
+	return resp
 }
 
 // StopServer stops the in-process server and waits for it (idempotent).

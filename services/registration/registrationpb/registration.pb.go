@@ -129,6 +129,61 @@ func (Mode) EnumDescriptor() ([]byte, []int) {
 	return file_registration_proto_rawDescGZIP(), []int{1}
 }
 
+type Restored_Outcome int32
+
+const (
+	Restored_OUTCOME_UNSPECIFIED Restored_Outcome = 0
+	// The shim had re-registered by itself.
+	Restored_OUTCOME_ALREADY_REGISTERED Restored_Outcome = 1
+	// Restored by the server on the shim's behalf.
+	Restored_OUTCOME_RESTORED Restored_Outcome = 2
+	// Not restored: the reason says why (container gone, Docker unavailable, invalid mapping).
+	Restored_OUTCOME_SKIPPED Restored_Outcome = 3
+)
+
+// Enum value maps for Restored_Outcome.
+var (
+	Restored_Outcome_name = map[int32]string{
+		0: "OUTCOME_UNSPECIFIED",
+		1: "OUTCOME_ALREADY_REGISTERED",
+		2: "OUTCOME_RESTORED",
+		3: "OUTCOME_SKIPPED",
+	}
+	Restored_Outcome_value = map[string]int32{
+		"OUTCOME_UNSPECIFIED":        0,
+		"OUTCOME_ALREADY_REGISTERED": 1,
+		"OUTCOME_RESTORED":           2,
+		"OUTCOME_SKIPPED":            3,
+	}
+)
+
+func (x Restored_Outcome) Enum() *Restored_Outcome {
+	p := new(Restored_Outcome)
+	*p = x
+	return p
+}
+
+func (x Restored_Outcome) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (Restored_Outcome) Descriptor() protoreflect.EnumDescriptor {
+	return file_registration_proto_enumTypes[2].Descriptor()
+}
+
+func (Restored_Outcome) Type() protoreflect.EnumType {
+	return &file_registration_proto_enumTypes[2]
+}
+
+func (x Restored_Outcome) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use Restored_Outcome.Descriptor instead.
+func (Restored_Outcome) EnumDescriptor() ([]byte, []int) {
+	return file_registration_proto_rawDescGZIP(), []int{13, 0}
+}
+
 // Mapping is what dockerd passes to its userland proxy: -proto -host-ip -host-port -container-ip -container-port.
 type Mapping struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -818,6 +873,154 @@ func (x *ListResponse) GetRegistrations() []*Registration {
 	return nil
 }
 
+type RestoreRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Shims         []*Open                `protobuf:"bytes,1,rep,name=shims,proto3" json:"shims,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RestoreRequest) Reset() {
+	*x = RestoreRequest{}
+	mi := &file_registration_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RestoreRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RestoreRequest) ProtoMessage() {}
+
+func (x *RestoreRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_registration_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RestoreRequest.ProtoReflect.Descriptor instead.
+func (*RestoreRequest) Descriptor() ([]byte, []int) {
+	return file_registration_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *RestoreRequest) GetShims() []*Open {
+	if x != nil {
+		return x.Shims
+	}
+	return nil
+}
+
+type RestoreResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Results       []*Restored            `protobuf:"bytes,1,rep,name=results,proto3" json:"results,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RestoreResponse) Reset() {
+	*x = RestoreResponse{}
+	mi := &file_registration_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RestoreResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RestoreResponse) ProtoMessage() {}
+
+func (x *RestoreResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_registration_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RestoreResponse.ProtoReflect.Descriptor instead.
+func (*RestoreResponse) Descriptor() ([]byte, []int) {
+	return file_registration_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *RestoreResponse) GetResults() []*Restored {
+	if x != nil {
+		return x.Results
+	}
+	return nil
+}
+
+type Restored struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Mapping       *Mapping               `protobuf:"bytes,1,opt,name=mapping,proto3" json:"mapping,omitempty"`
+	Outcome       Restored_Outcome       `protobuf:"varint,2,opt,name=outcome,proto3,enum=envoydockershim.registration.v1.Restored_Outcome" json:"outcome,omitempty"`
+	Reason        string                 `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Restored) Reset() {
+	*x = Restored{}
+	mi := &file_registration_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Restored) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Restored) ProtoMessage() {}
+
+func (x *Restored) ProtoReflect() protoreflect.Message {
+	mi := &file_registration_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Restored.ProtoReflect.Descriptor instead.
+func (*Restored) Descriptor() ([]byte, []int) {
+	return file_registration_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *Restored) GetMapping() *Mapping {
+	if x != nil {
+		return x.Mapping
+	}
+	return nil
+}
+
+func (x *Restored) GetOutcome() Restored_Outcome {
+	if x != nil {
+		return x.Outcome
+	}
+	return Restored_OUTCOME_UNSPECIFIED
+}
+
+func (x *Restored) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
 var File_registration_proto protoreflect.FileDescriptor
 
 const file_registration_proto_rawDesc = "" +
@@ -864,7 +1067,20 @@ const file_registration_proto_rawDesc = "" +
 	"\rready_unix_ms\x18\t \x01(\x03R\vreadyUnixMs\"\r\n" +
 	"\vListRequest\"c\n" +
 	"\fListResponse\x12S\n" +
-	"\rregistrations\x18\x01 \x03(\v2-.envoydockershim.registration.v1.RegistrationR\rregistrations*[\n" +
+	"\rregistrations\x18\x01 \x03(\v2-.envoydockershim.registration.v1.RegistrationR\rregistrations\"M\n" +
+	"\x0eRestoreRequest\x12;\n" +
+	"\x05shims\x18\x01 \x03(\v2%.envoydockershim.registration.v1.OpenR\x05shims\"V\n" +
+	"\x0fRestoreResponse\x12C\n" +
+	"\aresults\x18\x01 \x03(\v2).envoydockershim.registration.v1.RestoredR\aresults\"\xa2\x02\n" +
+	"\bRestored\x12B\n" +
+	"\amapping\x18\x01 \x01(\v2(.envoydockershim.registration.v1.MappingR\amapping\x12K\n" +
+	"\aoutcome\x18\x02 \x01(\x0e21.envoydockershim.registration.v1.Restored.OutcomeR\aoutcome\x12\x16\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\"m\n" +
+	"\aOutcome\x12\x17\n" +
+	"\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x1e\n" +
+	"\x1aOUTCOME_ALREADY_REGISTERED\x10\x01\x12\x14\n" +
+	"\x10OUTCOME_RESTORED\x10\x02\x12\x13\n" +
+	"\x0fOUTCOME_SKIPPED\x10\x03*[\n" +
 	"\bProtocol\x12\x18\n" +
 	"\x14PROTOCOL_UNSPECIFIED\x10\x00\x12\x10\n" +
 	"\fPROTOCOL_TCP\x10\x01\x12\x10\n" +
@@ -874,10 +1090,11 @@ const file_registration_proto_rawDesc = "" +
 	"\x10MODE_UNSPECIFIED\x10\x00\x12\r\n" +
 	"\tMODE_HTTP\x10\x01\x12\f\n" +
 	"\bMODE_TCP\x10\x02\x12\r\n" +
-	"\tMODE_SHIM\x10\x032\xe5\x01\n" +
+	"\tMODE_SHIM\x10\x032\xd3\x02\n" +
 	"\tRegistrar\x12s\n" +
 	"\bRegister\x120.envoydockershim.registration.v1.RegisterRequest\x1a1.envoydockershim.registration.v1.RegisterResponse(\x010\x01\x12c\n" +
-	"\x04List\x12,.envoydockershim.registration.v1.ListRequest\x1a-.envoydockershim.registration.v1.ListResponseBUZSgithub.com/envoy-docker-shim/envoy-docker-shim/services/registration/registrationpbb\x06proto3"
+	"\x04List\x12,.envoydockershim.registration.v1.ListRequest\x1a-.envoydockershim.registration.v1.ListResponse\x12l\n" +
+	"\aRestore\x12/.envoydockershim.registration.v1.RestoreRequest\x1a0.envoydockershim.registration.v1.RestoreResponseBUZSgithub.com/envoy-docker-shim/envoy-docker-shim/services/registration/registrationpbb\x06proto3"
 
 var (
 	file_registration_proto_rawDescOnce sync.Once
@@ -891,45 +1108,55 @@ func file_registration_proto_rawDescGZIP() []byte {
 	return file_registration_proto_rawDescData
 }
 
-var file_registration_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_registration_proto_msgTypes = make([]protoimpl.MessageInfo, 11)
+var file_registration_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
+var file_registration_proto_msgTypes = make([]protoimpl.MessageInfo, 14)
 var file_registration_proto_goTypes = []any{
 	(Protocol)(0),            // 0: envoydockershim.registration.v1.Protocol
 	(Mode)(0),                // 1: envoydockershim.registration.v1.Mode
-	(*Mapping)(nil),          // 2: envoydockershim.registration.v1.Mapping
-	(*Shim)(nil),             // 3: envoydockershim.registration.v1.Shim
-	(*RegisterRequest)(nil),  // 4: envoydockershim.registration.v1.RegisterRequest
-	(*Open)(nil),             // 5: envoydockershim.registration.v1.Open
-	(*ShimLog)(nil),          // 6: envoydockershim.registration.v1.ShimLog
-	(*RegisterResponse)(nil), // 7: envoydockershim.registration.v1.RegisterResponse
-	(*Ready)(nil),            // 8: envoydockershim.registration.v1.Ready
-	(*Failed)(nil),           // 9: envoydockershim.registration.v1.Failed
-	(*Registration)(nil),     // 10: envoydockershim.registration.v1.Registration
-	(*ListRequest)(nil),      // 11: envoydockershim.registration.v1.ListRequest
-	(*ListResponse)(nil),     // 12: envoydockershim.registration.v1.ListResponse
+	(Restored_Outcome)(0),    // 2: envoydockershim.registration.v1.Restored.Outcome
+	(*Mapping)(nil),          // 3: envoydockershim.registration.v1.Mapping
+	(*Shim)(nil),             // 4: envoydockershim.registration.v1.Shim
+	(*RegisterRequest)(nil),  // 5: envoydockershim.registration.v1.RegisterRequest
+	(*Open)(nil),             // 6: envoydockershim.registration.v1.Open
+	(*ShimLog)(nil),          // 7: envoydockershim.registration.v1.ShimLog
+	(*RegisterResponse)(nil), // 8: envoydockershim.registration.v1.RegisterResponse
+	(*Ready)(nil),            // 9: envoydockershim.registration.v1.Ready
+	(*Failed)(nil),           // 10: envoydockershim.registration.v1.Failed
+	(*Registration)(nil),     // 11: envoydockershim.registration.v1.Registration
+	(*ListRequest)(nil),      // 12: envoydockershim.registration.v1.ListRequest
+	(*ListResponse)(nil),     // 13: envoydockershim.registration.v1.ListResponse
+	(*RestoreRequest)(nil),   // 14: envoydockershim.registration.v1.RestoreRequest
+	(*RestoreResponse)(nil),  // 15: envoydockershim.registration.v1.RestoreResponse
+	(*Restored)(nil),         // 16: envoydockershim.registration.v1.Restored
 }
 var file_registration_proto_depIdxs = []int32{
 	0,  // 0: envoydockershim.registration.v1.Mapping.proto:type_name -> envoydockershim.registration.v1.Protocol
-	5,  // 1: envoydockershim.registration.v1.RegisterRequest.open:type_name -> envoydockershim.registration.v1.Open
-	6,  // 2: envoydockershim.registration.v1.RegisterRequest.log:type_name -> envoydockershim.registration.v1.ShimLog
-	2,  // 3: envoydockershim.registration.v1.Open.mapping:type_name -> envoydockershim.registration.v1.Mapping
-	3,  // 4: envoydockershim.registration.v1.Open.shim:type_name -> envoydockershim.registration.v1.Shim
-	8,  // 5: envoydockershim.registration.v1.RegisterResponse.ready:type_name -> envoydockershim.registration.v1.Ready
-	9,  // 6: envoydockershim.registration.v1.RegisterResponse.failed:type_name -> envoydockershim.registration.v1.Failed
-	10, // 7: envoydockershim.registration.v1.Ready.registration:type_name -> envoydockershim.registration.v1.Registration
-	2,  // 8: envoydockershim.registration.v1.Registration.mapping:type_name -> envoydockershim.registration.v1.Mapping
-	3,  // 9: envoydockershim.registration.v1.Registration.shim:type_name -> envoydockershim.registration.v1.Shim
+	6,  // 1: envoydockershim.registration.v1.RegisterRequest.open:type_name -> envoydockershim.registration.v1.Open
+	7,  // 2: envoydockershim.registration.v1.RegisterRequest.log:type_name -> envoydockershim.registration.v1.ShimLog
+	3,  // 3: envoydockershim.registration.v1.Open.mapping:type_name -> envoydockershim.registration.v1.Mapping
+	4,  // 4: envoydockershim.registration.v1.Open.shim:type_name -> envoydockershim.registration.v1.Shim
+	9,  // 5: envoydockershim.registration.v1.RegisterResponse.ready:type_name -> envoydockershim.registration.v1.Ready
+	10, // 6: envoydockershim.registration.v1.RegisterResponse.failed:type_name -> envoydockershim.registration.v1.Failed
+	11, // 7: envoydockershim.registration.v1.Ready.registration:type_name -> envoydockershim.registration.v1.Registration
+	3,  // 8: envoydockershim.registration.v1.Registration.mapping:type_name -> envoydockershim.registration.v1.Mapping
+	4,  // 9: envoydockershim.registration.v1.Registration.shim:type_name -> envoydockershim.registration.v1.Shim
 	1,  // 10: envoydockershim.registration.v1.Registration.mode:type_name -> envoydockershim.registration.v1.Mode
-	10, // 11: envoydockershim.registration.v1.ListResponse.registrations:type_name -> envoydockershim.registration.v1.Registration
-	4,  // 12: envoydockershim.registration.v1.Registrar.Register:input_type -> envoydockershim.registration.v1.RegisterRequest
-	11, // 13: envoydockershim.registration.v1.Registrar.List:input_type -> envoydockershim.registration.v1.ListRequest
-	7,  // 14: envoydockershim.registration.v1.Registrar.Register:output_type -> envoydockershim.registration.v1.RegisterResponse
-	12, // 15: envoydockershim.registration.v1.Registrar.List:output_type -> envoydockershim.registration.v1.ListResponse
-	14, // [14:16] is the sub-list for method output_type
-	12, // [12:14] is the sub-list for method input_type
-	12, // [12:12] is the sub-list for extension type_name
-	12, // [12:12] is the sub-list for extension extendee
-	0,  // [0:12] is the sub-list for field type_name
+	11, // 11: envoydockershim.registration.v1.ListResponse.registrations:type_name -> envoydockershim.registration.v1.Registration
+	6,  // 12: envoydockershim.registration.v1.RestoreRequest.shims:type_name -> envoydockershim.registration.v1.Open
+	16, // 13: envoydockershim.registration.v1.RestoreResponse.results:type_name -> envoydockershim.registration.v1.Restored
+	3,  // 14: envoydockershim.registration.v1.Restored.mapping:type_name -> envoydockershim.registration.v1.Mapping
+	2,  // 15: envoydockershim.registration.v1.Restored.outcome:type_name -> envoydockershim.registration.v1.Restored.Outcome
+	5,  // 16: envoydockershim.registration.v1.Registrar.Register:input_type -> envoydockershim.registration.v1.RegisterRequest
+	12, // 17: envoydockershim.registration.v1.Registrar.List:input_type -> envoydockershim.registration.v1.ListRequest
+	14, // 18: envoydockershim.registration.v1.Registrar.Restore:input_type -> envoydockershim.registration.v1.RestoreRequest
+	8,  // 19: envoydockershim.registration.v1.Registrar.Register:output_type -> envoydockershim.registration.v1.RegisterResponse
+	13, // 20: envoydockershim.registration.v1.Registrar.List:output_type -> envoydockershim.registration.v1.ListResponse
+	15, // 21: envoydockershim.registration.v1.Registrar.Restore:output_type -> envoydockershim.registration.v1.RestoreResponse
+	19, // [19:22] is the sub-list for method output_type
+	16, // [16:19] is the sub-list for method input_type
+	16, // [16:16] is the sub-list for extension type_name
+	16, // [16:16] is the sub-list for extension extendee
+	0,  // [0:16] is the sub-list for field type_name
 }
 
 func init() { file_registration_proto_init() }
@@ -950,8 +1177,8 @@ func file_registration_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_registration_proto_rawDesc), len(file_registration_proto_rawDesc)),
-			NumEnums:      2,
-			NumMessages:   11,
+			NumEnums:      3,
+			NumMessages:   14,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -24,6 +24,7 @@ const _ = grpc.SupportPackageIsVersion9
 const (
 	Registrar_Register_FullMethodName = "/envoydockershim.registration.v1.Registrar/Register"
 	Registrar_List_FullMethodName     = "/envoydockershim.registration.v1.Registrar/List"
+	Registrar_Restore_FullMethodName  = "/envoydockershim.registration.v1.Registrar/Restore"
 )
 
 // RegistrarClient is the client API for Registrar service.
@@ -36,6 +37,10 @@ type RegistrarClient interface {
 	Register(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[RegisterRequest, RegisterResponse], error)
 	// List returns every live registration, in a stable order.
 	List(ctx context.Context, in *ListRequest, opts ...grpc.CallOption) (*ListResponse, error)
+	// Restore is resync's call after a server restart: it names the mappings of every shim still
+	// running on the host. The server keeps the ones it has, restores the others whose container
+	// is still on a network (never one whose container is gone), and then starts answering Envoy.
+	Restore(ctx context.Context, in *RestoreRequest, opts ...grpc.CallOption) (*RestoreResponse, error)
 }
 
 type registrarClient struct {
@@ -69,6 +74,16 @@ func (c *registrarClient) List(ctx context.Context, in *ListRequest, opts ...grp
 	return out, nil
 }
 
+func (c *registrarClient) Restore(ctx context.Context, in *RestoreRequest, opts ...grpc.CallOption) (*RestoreResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RestoreResponse)
+	err := c.cc.Invoke(ctx, Registrar_Restore_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // RegistrarServer is the server API for Registrar service.
 // All implementations must embed UnimplementedRegistrarServer
 // for forward compatibility.
@@ -79,6 +94,10 @@ type RegistrarServer interface {
 	Register(grpc.BidiStreamingServer[RegisterRequest, RegisterResponse]) error
 	// List returns every live registration, in a stable order.
 	List(context.Context, *ListRequest) (*ListResponse, error)
+	// Restore is resync's call after a server restart: it names the mappings of every shim still
+	// running on the host. The server keeps the ones it has, restores the others whose container
+	// is still on a network (never one whose container is gone), and then starts answering Envoy.
+	Restore(context.Context, *RestoreRequest) (*RestoreResponse, error)
 	mustEmbedUnimplementedRegistrarServer()
 }
 
@@ -94,6 +113,9 @@ func (UnimplementedRegistrarServer) Register(grpc.BidiStreamingServer[RegisterRe
 }
 func (UnimplementedRegistrarServer) List(context.Context, *ListRequest) (*ListResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method List not implemented")
+}
+func (UnimplementedRegistrarServer) Restore(context.Context, *RestoreRequest) (*RestoreResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Restore not implemented")
 }
 func (UnimplementedRegistrarServer) mustEmbedUnimplementedRegistrarServer() {}
 func (UnimplementedRegistrarServer) testEmbeddedByValue()                   {}
@@ -141,6 +163,24 @@ func _Registrar_List_Handler(srv interface{}, ctx context.Context, dec func(inte
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Registrar_Restore_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RestoreRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(RegistrarServer).Restore(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Registrar_Restore_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(RegistrarServer).Restore(ctx, req.(*RestoreRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Registrar_ServiceDesc is the grpc.ServiceDesc for Registrar service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -151,6 +191,10 @@ var Registrar_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "List",
 			Handler:    _Registrar_List_Handler,
+		},
+		{
+			MethodName: "Restore",
+			Handler:    _Registrar_Restore_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

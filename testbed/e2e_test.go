@@ -1,0 +1,138 @@
+package testbed
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// echoName asks the echo server at an HTTP URL who it is.
+func echoName(t testing.TB, url string) (string, error) {
+	status, body, err := HTTPGet(t.Context(), url)
+	if err != nil {
+		return "", err
+	}
+	if status != http.StatusOK {
+		return "", fmt.Errorf("GET %s: status %d: %s", url, status, body)
+	}
+	var reply struct{ Name, Path string }
+	if err := json.Unmarshal([]byte(body), &reply); err != nil {
+		return "", fmt.Errorf("GET %s: %w: %q", url, err, body)
+	}
+	return reply.Name, nil
+}
+
+func wantName(got, want string) error {
+	if got != want {
+		return fmt.Errorf("answered by %q, want %q", got, want)
+	}
+	return nil
+}
+
+// proxyArgs lists the command lines of the userland proxies the daemon runs.
+func proxyArgs(d *Daemon) []string {
+	var out []string
+	for _, p := range instanceProcs(d.Root, "") {
+		cmdline := string(bytes.ReplaceAll(bytes.TrimRight(readFile(fmt.Sprintf("/proc/%d/cmdline", p.pid)), "\x00"), []byte{0}, []byte{' '}))
+		if strings.Contains(cmdline, "-container-port") {
+			out = append(out, cmdline)
+		}
+	}
+	return out
+}
+
+// TestStockDockerProxy proves the harness with the proxy the shim replaces: every published
+// protocol answers through loopback with the right container's name, and stopping the container
+// closes the ports.
+func TestStockDockerProxy(t *testing.T) {
+	t.Parallel()
+	d := StartDaemon(t, DaemonOptions{})
+	httpPort, tcpPort, udpPort := FreePort(t), FreePort(t), FreePort(t)
+	c := d.Run(t, RunOptions{Publish: []string{
+		fmt.Sprintf("127.0.0.1:%d:80", httpPort),
+		fmt.Sprintf("127.0.0.1:%d:7", tcpPort),
+		fmt.Sprintf("127.0.0.1:%d:7/udp", udpPort),
+	}})
+	if !d.Subnet.Contains(c.IP) {
+		t.Fatalf("container IP %v is not on the daemon's bridge %s", c.IP, d.Subnet)
+	}
+	proxies := proxyArgs(d)
+	wantProxy := fmt.Sprintf("docker-proxy -proto udp -host-ip 127.0.0.1 -host-port %d -container-ip %s -container-port 7", udpPort, c.IP)
+	if len(proxies) != 3 || !containsSuffix(proxies, wantProxy) {
+		t.Fatalf("userland proxies = %q, want 3 including %q", proxies, wantProxy)
+	}
+
+	httpURL := fmt.Sprintf("http://127.0.0.1:%d/hello", httpPort)
+	tcpAddr := net.JoinHostPort("127.0.0.1", strconv.Itoa(tcpPort))
+	udpAddr := net.JoinHostPort("127.0.0.1", strconv.Itoa(udpPort))
+	WaitFor(t, 10*time.Second, "HTTP through docker-proxy", func() error {
+		name, err := echoName(t, httpURL)
+		if err != nil {
+			return err
+		}
+		return wantName(name, c.Name)
+	})
+	name, err := echoName(t, fmt.Sprintf("http://%s/direct", net.JoinHostPort(c.IP.String(), "80")))
+	if err != nil || name != c.Name {
+		t.Fatalf("HTTP straight to the container on the bridge: %q, %v", name, err)
+	}
+
+	got, err := TCPEcho(t.Context(), tcpAddr, []byte("WHOAMI\n"))
+	if err != nil || string(got) != c.Name+"\n" {
+		t.Fatalf("TCP WHOAMI through docker-proxy = %q, %v; want %q", got, err, c.Name+"\n")
+	}
+	payload := make([]byte, 1<<20)
+	_, _ = rand.Read(payload)
+	got, err = TCPEcho(t.Context(), tcpAddr, payload)
+	if err != nil || !bytes.Equal(got, payload) {
+		t.Fatalf("TCP echo of %d bytes returned %d bytes (equal: %v), %v", len(payload), len(got), bytes.Equal(got, payload), err)
+	}
+
+	got, err = UDPEcho(t.Context(), udpAddr, []byte("WHOAMI"))
+	if err != nil || string(got) != c.Name {
+		t.Fatalf("UDP WHOAMI through docker-proxy = %q, %v; want %q", got, err, c.Name)
+	}
+	datagram := make([]byte, 1400)
+	_, _ = rand.Read(datagram)
+	if got, err = UDPEcho(t.Context(), udpAddr, datagram); err != nil || !bytes.Equal(got, datagram) {
+		t.Fatalf("UDP echo of %d bytes returned %d bytes, %v", len(datagram), len(got), err)
+	}
+
+	d.Stop(t, c)
+	// 0 rather than 137 means the echo server exited on SIGTERM instead of waiting for SIGKILL.
+	if code := d.MustDocker(t, "inspect", "-f", "{{.State.ExitCode}}", c.ID); code != "0" {
+		t.Errorf("echo server exited with %s on docker stop, want 0", code)
+	}
+	if left := proxyArgs(d); len(left) != 0 {
+		t.Errorf("userland proxies still running after stop: %q", left)
+	}
+	for _, addr := range []string{tcpAddr, net.JoinHostPort("127.0.0.1", strconv.Itoa(httpPort))} {
+		if _, err := TCPEcho(t.Context(), addr, []byte("x")); !errors.Is(err, syscall.ECONNREFUSED) {
+			t.Errorf("TCP %s after stop: %v, want connection refused", addr, err)
+		}
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 500*time.Millisecond)
+	defer cancel()
+	if got, err := UDPEcho(ctx, udpAddr, []byte("WHOAMI")); err == nil {
+		t.Errorf("UDP %s still answers after stop: %q", udpAddr, got)
+	}
+}
+
+func containsSuffix(list []string, suffix string) bool {
+	for _, s := range list {
+		if strings.HasSuffix(s, suffix) {
+			return true
+		}
+	}
+	return false
+}

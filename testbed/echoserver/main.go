@@ -1,0 +1,255 @@
+// Command echoserver is the workload of the end-to-end tests: a static binary that runs as the only
+// process of a FROM-scratch image and tells the caller which container answered.
+//
+// It serves HTTP (JSON describing the request and the container), raw TCP echo and UDP echo, on
+// port lists taken from the environment so one container can stand behind a published port range.
+// Echo is byte-exact so tests can count bytes through a proxy; the only exception is the WHOAMI
+// probe, which must be the very first bytes of a TCP stream or a whole UDP datagram.
+//
+// As PID 1 in a container it gets no default signal handling, so it handles SIGTERM and SIGINT
+// itself and exits 0 at once: a slow exit would make every `docker stop` in the suite wait.
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// whoami is the probe that asks for the server's name instead of an echo.
+const whoami = "WHOAMI"
+
+type config struct {
+	name     string
+	hostname string
+	http     []int
+	tcp      []int
+	udp      []int
+}
+
+func main() {
+	log.SetFlags(0)
+	log.SetPrefix("echoserver: ")
+	cfg, err := loadConfig(os.LookupEnv)
+	if err != nil {
+		log.Fatal(err)
+	}
+
+	stop := make(chan os.Signal, 1)
+	signal.Notify(stop, syscall.SIGTERM, syscall.SIGINT)
+
+	errs := make(chan error, 1)
+	for _, p := range cfg.http {
+		ln, err := net.Listen("tcp", ":"+strconv.Itoa(p))
+		if err != nil {
+			log.Fatalf("http port %d: %v", p, err)
+		}
+		srv := &http.Server{Handler: httpHandler(cfg), ReadHeaderTimeout: 10 * time.Second}
+		go func() { errs <- fmt.Errorf("http port %d: %w", p, srv.Serve(ln)) }()
+	}
+	for _, p := range cfg.tcp {
+		ln, err := net.Listen("tcp", ":"+strconv.Itoa(p))
+		if err != nil {
+			log.Fatalf("tcp port %d: %v", p, err)
+		}
+		go func() { errs <- fmt.Errorf("tcp port %d: %w", p, serveTCP(ln, cfg.name)) }()
+	}
+	for _, p := range cfg.udp {
+		pc, err := net.ListenPacket("udp", ":"+strconv.Itoa(p))
+		if err != nil {
+			log.Fatalf("udp port %d: %v", p, err)
+		}
+		go func() { errs <- fmt.Errorf("udp port %d: %w", p, serveUDP(pc, cfg.name)) }()
+	}
+	log.Printf("%s serving http %v, tcp %v, udp %v", cfg.name, cfg.http, cfg.tcp, cfg.udp)
+
+	select {
+	case sig := <-stop:
+		log.Printf("%v: exiting", sig)
+		os.Exit(0)
+	case err := <-errs:
+		log.Fatal(err)
+	}
+}
+
+func loadConfig(lookup func(string) (string, bool)) (config, error) {
+	var cfg config
+	cfg.hostname, _ = os.Hostname()
+	cfg.name = cfg.hostname
+	if v, ok := lookup("ECHO_NAME"); ok && v != "" {
+		cfg.name = v
+	}
+	for _, l := range []struct {
+		env  string
+		def  string
+		dest *[]int
+	}{
+		{"ECHO_HTTP_PORTS", "80", &cfg.http},
+		{"ECHO_TCP_PORTS", "7", &cfg.tcp},
+		{"ECHO_UDP_PORTS", "7", &cfg.udp},
+	} {
+		v, ok := lookup(l.env)
+		if !ok {
+			v = l.def
+		}
+		ports, err := parsePorts(v)
+		if err != nil {
+			return config{}, fmt.Errorf("%s=%q: %w", l.env, v, err)
+		}
+		*l.dest = ports
+	}
+	return cfg, nil
+}
+
+// parsePorts reads "80,8080-8082": items separated by commas, each a port or an inclusive range.
+// An empty string means no port at all, so a variable set to "" turns that kind of listener off.
+func parsePorts(s string) ([]int, error) {
+	var ports []int
+	for item := range strings.SplitSeq(s, ",") {
+		item = strings.TrimSpace(item)
+		if item == "" {
+			continue
+		}
+		lo, hi, isRange := strings.Cut(item, "-")
+		first, err := parsePort(lo)
+		if err != nil {
+			return nil, err
+		}
+		last := first
+		if isRange {
+			if last, err = parsePort(hi); err != nil {
+				return nil, err
+			}
+			if last < first {
+				return nil, fmt.Errorf("range %q runs backwards", item)
+			}
+		}
+		for p := first; p <= last; p++ {
+			ports = append(ports, p)
+		}
+	}
+	return ports, nil
+}
+
+func parsePort(s string) (int, error) {
+	p, err := strconv.Atoi(strings.TrimSpace(s))
+	if err != nil || p < 1 || p > 65535 {
+		return 0, fmt.Errorf("%q is not a port number", s)
+	}
+	return p, nil
+}
+
+type httpReply struct {
+	Name     string `json:"name"`
+	Hostname string `json:"hostname"`
+	Path     string `json:"path"`
+	Method   string `json:"method"`
+	Remote   string `json:"remote"`
+	Port     string `json:"port"`
+}
+
+func httpHandler(cfg config) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, port, _ := net.SplitHostPort(r.Context().Value(http.LocalAddrContextKey).(net.Addr).String())
+		w.Header().Set("Content-Type", "application/json")
+		_ = json.NewEncoder(w).Encode(httpReply{
+			Name:     cfg.name,
+			Hostname: cfg.hostname,
+			Path:     r.URL.Path,
+			Method:   r.Method,
+			Remote:   r.RemoteAddr,
+			Port:     port,
+		})
+	})
+}
+
+func serveTCP(ln net.Listener, name string) error {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return err
+		}
+		go func() {
+			defer c.Close()
+			if err := echoStream(c, name); err != nil && !errors.Is(err, net.ErrClosed) {
+				log.Printf("tcp %s: %v", c.RemoteAddr(), err)
+			}
+			if tc, ok := c.(*net.TCPConn); ok {
+				_ = tc.CloseWrite()
+			}
+		}()
+	}
+}
+
+// echoStream copies rw back to itself, except that a stream opening with "WHOAMI\n" gets the name
+// (and a newline) in place of those bytes. Bytes that might still turn into the probe are held
+// back until they either complete it or stop matching, so a client sending fewer bytes than the
+// probe still gets them echoed.
+func echoStream(rw io.ReadWriter, name string) error {
+	probe := []byte(whoami + "\n")
+	var held []byte
+	buf := make([]byte, 32*1024)
+	for {
+		n, err := rw.Read(buf)
+		if n > 0 {
+			held = append(held, buf[:n]...)
+			switch {
+			case len(held) >= len(probe) && bytes.Equal(held[:len(probe)], probe):
+				if _, werr := rw.Write(append([]byte(name+"\n"), held[len(probe):]...)); werr != nil {
+					return werr
+				}
+				return echoRest(rw, buf)
+			case !bytes.HasPrefix(probe, held):
+				if _, werr := rw.Write(held); werr != nil {
+					return werr
+				}
+				return echoRest(rw, buf)
+			}
+		}
+		if err == io.EOF {
+			_, werr := rw.Write(held)
+			return werr
+		}
+		if err != nil {
+			return err
+		}
+	}
+}
+
+// echoRest hides the connection's ReaderFrom/WriterTo so that copying a socket onto itself stays
+// a plain read/write loop rather than a splice from a socket into the same socket.
+func echoRest(rw io.ReadWriter, buf []byte) error {
+	_, err := io.CopyBuffer(struct{ io.Writer }{rw}, struct{ io.Reader }{rw}, buf)
+	return err
+}
+
+func serveUDP(pc net.PacketConn, name string) error {
+	buf := make([]byte, 65535)
+	for {
+		n, from, err := pc.ReadFrom(buf)
+		if err != nil {
+			return err
+		}
+		if _, err := pc.WriteTo(udpReply(buf[:n], name), from); err != nil {
+			log.Printf("udp reply to %s: %v", from, err)
+		}
+	}
+}
+
+func udpReply(datagram []byte, name string) []byte {
+	if string(bytes.TrimSuffix(datagram, []byte("\n"))) == whoami {
+		return []byte(name)
+	}
+	return datagram
+}

@@ -1,0 +1,116 @@
+package main
+
+import (
+	"bytes"
+	"io"
+	"slices"
+	"testing"
+)
+
+func TestParsePorts(t *testing.T) {
+	tests := []struct {
+		in      string
+		want    []int
+		wantErr bool
+	}{
+		{in: "80", want: []int{80}},
+		{in: "", want: nil},
+		{in: " 7 , 8 ", want: []int{7, 8}},
+		{in: "8000-8003", want: []int{8000, 8001, 8002, 8003}},
+		{in: "80,9000-9001", want: []int{80, 9000, 9001}},
+		{in: "9001-9000", wantErr: true},
+		{in: "0", wantErr: true},
+		{in: "65536", wantErr: true},
+		{in: "http", wantErr: true},
+		{in: "80-", wantErr: true},
+	}
+	for _, tt := range tests {
+		got, err := parsePorts(tt.in)
+		if (err != nil) != tt.wantErr {
+			t.Errorf("parsePorts(%q) error = %v, want error %v", tt.in, err, tt.wantErr)
+			continue
+		}
+		if !slices.Equal(got, tt.want) {
+			t.Errorf("parsePorts(%q) = %v, want %v", tt.in, got, tt.want)
+		}
+	}
+}
+
+func TestLoadConfig(t *testing.T) {
+	env := map[string]string{"ECHO_NAME": "web-1", "ECHO_HTTP_PORTS": "", "ECHO_TCP_PORTS": "7000-7001"}
+	cfg, err := loadConfig(func(k string) (string, bool) { v, ok := env[k]; return v, ok })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.name != "web-1" || len(cfg.http) != 0 || !slices.Equal(cfg.tcp, []int{7000, 7001}) || !slices.Equal(cfg.udp, []int{7}) {
+		t.Errorf("loadConfig = %+v", cfg)
+	}
+	if _, err := loadConfig(func(k string) (string, bool) { return "x", k == "ECHO_UDP_PORTS" }); err == nil {
+		t.Error("loadConfig accepted ECHO_UDP_PORTS=x")
+	}
+}
+
+// chunkedConn feeds the server its input in the given chunks, as a TCP stream may arrive.
+type chunkedConn struct {
+	chunks [][]byte
+	out    bytes.Buffer
+}
+
+func (c *chunkedConn) Read(p []byte) (int, error) {
+	if len(c.chunks) == 0 {
+		return 0, io.EOF
+	}
+	n := copy(p, c.chunks[0])
+	if c.chunks[0] = c.chunks[0][n:]; len(c.chunks[0]) == 0 {
+		c.chunks = c.chunks[1:]
+	}
+	return n, nil
+}
+
+func (c *chunkedConn) Write(p []byte) (int, error) { return c.out.Write(p) }
+
+func TestEchoStream(t *testing.T) {
+	tests := []struct {
+		name   string
+		chunks []string
+		want   string
+	}{
+		{"plain echo", []string{"hello ", "world"}, "hello world"},
+		{"whoami", []string{"WHOAMI\n"}, "web-1\n"},
+		{"whoami split across reads", []string{"WHO", "AMI", "\nrest"}, "web-1\nrest"},
+		{"whoami then data", []string{"WHOAMI\nabc"}, "web-1\nabc"},
+		{"probe prefix only", []string{"WHO"}, "WHO"},
+		{"probe not first", []string{"x", "WHOAMI\n"}, "xWHOAMI\n"},
+		{"diverges from probe", []string{"WHOA", "!"}, "WHOA!"},
+		{"empty", nil, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := &chunkedConn{}
+			for _, s := range tt.chunks {
+				c.chunks = append(c.chunks, []byte(s))
+			}
+			if err := echoStream(c, "web-1"); err != nil {
+				t.Fatal(err)
+			}
+			if got := c.out.String(); got != tt.want {
+				t.Errorf("echoStream wrote %q, want %q", got, tt.want)
+			}
+		})
+	}
+}
+
+func TestUDPReply(t *testing.T) {
+	tests := []struct{ in, want string }{
+		{"WHOAMI", "web-1"},
+		{"WHOAMI\n", "web-1"},
+		{"whoami", "whoami"},
+		{"payload", "payload"},
+		{"", ""},
+	}
+	for _, tt := range tests {
+		if got := string(udpReply([]byte(tt.in), "web-1")); got != tt.want {
+			t.Errorf("udpReply(%q) = %q, want %q", tt.in, got, tt.want)
+		}
+	}
+}
