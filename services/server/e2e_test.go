@@ -43,6 +43,7 @@ func TestE2EServer(t *testing.T) {
 			t.Run("tcp mode echoes and counts bytes", func(t *testing.T) { testTCPMode(t, st, db) })
 			t.Run("closing the registration closes the port within 1s", func(t *testing.T) { testClose(t, st, web) })
 			t.Run("port in use is reported and leaves nothing behind", func(t *testing.T) { testPortInUse(t, st, web) })
+			t.Run("0.0.0.0 and :: on one port coexist", func(t *testing.T) { testDualStack(t, st, web) })
 			t.Run("long-lived connection survives 100 other ports coming and going", func(t *testing.T) {
 				testLongLived(t, st, db, web)
 			})
@@ -164,6 +165,28 @@ func testPortInUse(t *testing.T, st *stack.Stack, web *testbed.Container) {
 	ready(t, first(st.Register(t, stack.TCP(port, web.IP.String(), 80))))
 	if status, _, err := testbed.HTTPGet(context.Background(), fmt.Sprintf("http://127.0.0.1:%d/", port)); err != nil || status != 200 {
 		t.Fatalf("after freeing the port: %d %v", status, err)
+	}
+}
+
+// testDualStack: dockerd publishes -p P:80 twice, on 0.0.0.0 and on :: (with an IPv4 container
+// address); the IPv6 listener is v6-only, so both bind and each family reaches the container.
+func testDualStack(t *testing.T, st *stack.Stack, web *testbed.Container) {
+	port := testbed.FreePort(t)
+	v4 := stack.TCP(port, web.IP.String(), 80)
+	v4.HostIp = "0.0.0.0"
+	v6 := stack.TCP(port, web.IP.String(), 80)
+	v6.HostIp = "::"
+	if r := ready(t, first(st.Register(t, v4))); r.GetListener() != fmt.Sprintf("tcp_0.0.0.0_%d", port) {
+		t.Fatalf("listener %q", r.GetListener())
+	}
+	if r := ready(t, first(st.Register(t, v6))); r.GetListener() != fmt.Sprintf("tcp_[::]_%d", port) {
+		t.Fatalf("listener %q", r.GetListener())
+	}
+	for _, host := range []string{"127.0.0.1", "[::1]"} {
+		status, body, err := testbed.HTTPGet(context.Background(), fmt.Sprintf("http://%s:%d/", host, port))
+		if err != nil || status != 200 || !strings.Contains(body, `"web-echo"`) {
+			t.Fatalf("via %s: %d %q %v", host, status, body, err)
+		}
 	}
 }
 
