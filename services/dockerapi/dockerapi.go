@@ -182,3 +182,25 @@ func (w *Watcher) follow(ctx context.Context) error {
 		}
 	}
 }
+
+// Unavailable is the Engine of a server configured without a Docker API (DOCKER_HOST empty): no
+// container is ever found, so every port is named after its container IP, and no event arrives.
+type Unavailable struct{}
+
+func (Unavailable) NetworkList(context.Context, network.ListOptions) ([]network.Summary, error) {
+	return nil, nil
+}
+
+func (Unavailable) NetworkInspect(context.Context, string, network.InspectOptions) (network.Inspect, error) {
+	return network.Inspect{}, ErrNotFound
+}
+
+func (Unavailable) ContainerList(context.Context, container.ListOptions) ([]container.Summary, error) {
+	return nil, nil
+}
+
+func (Unavailable) Events(ctx context.Context, _ events.ListOptions) (<-chan events.Message, <-chan error) {
+	errs := make(chan error, 1)
+	go func() { <-ctx.Done(); errs <- ctx.Err() }()
+	return nil, errs
+}

@@ -16,7 +16,7 @@ type Config struct {
 	Socket        string        `envconfig:"EDS_SOCKET" default:"/run/envoy-docker-shim/server.sock" desc:"Unix socket of the registration API (mode 0600, root only). The shim reads the same variable."`
 	XDSAddr       string        `envconfig:"EDS_XDS_ADDR" default:"127.0.0.1:18000" desc:"Address of the xDS (ADS) gRPC server that Envoy connects to. Keep it on loopback."`
 	HTTPAddr      string        `envconfig:"EDS_HTTP_ADDR" default:"127.0.0.1:18001" desc:"Address of /healthz (200 once Envoy is connected), /metrics (Prometheus) and /registrations."`
-	DockerHost    string        `envconfig:"DOCKER_HOST" default:"unix:///var/run/docker.sock" desc:"Docker Engine API, for container labels and events."`
+	DockerHost    string        `envconfig:"DOCKER_HOST" default:"unix:///var/run/docker.sock" desc:"Docker Engine API, for container labels and events. Set it empty to run without one: ports are then named after their container IPs."`
 	DockerTimeout time.Duration `envconfig:"EDS_DOCKER_TIMEOUT" default:"2s" desc:"Bound on finding a container's labels; past it the port is served under a name made from the container IP."`
 	ReadyTimeout  time.Duration `envconfig:"EDS_READY_TIMEOUT" default:"8s" desc:"Bound on waiting for Envoy to confirm a port; must stay below the shim's EDS_SHIM_TIMEOUT."`
 	RestartGrace  time.Duration `envconfig:"EDS_RESTART_GRACE" default:"5s" desc:"After a (re)start, how long the server waits for shims to re-register and resync to restore the rest before it answers Envoy, which keeps its last configuration meanwhile."`

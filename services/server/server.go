@@ -44,8 +44,12 @@ type Server struct {
 	finder   registrar.ContainerFinder
 }
 
-// New builds a server. engine is the Docker Engine API; nil connects to cfg.DockerHost.
+// New builds a server. engine is the Docker Engine API; nil connects to cfg.DockerHost, or to no
+// Docker API at all when that is empty.
 func New(cfg Config, log *slog.Logger, engine dockerapi.Engine) (*Server, error) {
+	if engine == nil && cfg.DockerHost == "" {
+		engine = dockerapi.Unavailable{}
+	}
 	if engine == nil {
 		c, err := dockerapi.NewClient(cfg.DockerHost)
 		if err != nil {

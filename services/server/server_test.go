@@ -12,28 +12,7 @@ import (
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/docker/docker/api/types/container"
-	"github.com/docker/docker/api/types/events"
-	"github.com/docker/docker/api/types/network"
 )
-
-type quietDocker struct{}
-
-func (quietDocker) NetworkList(context.Context, network.ListOptions) ([]network.Summary, error) {
-	return nil, nil
-}
-func (quietDocker) NetworkInspect(context.Context, string, network.InspectOptions) (network.Inspect, error) {
-	return network.Inspect{}, nil
-}
-func (quietDocker) ContainerList(context.Context, container.ListOptions) ([]container.Summary, error) {
-	return nil, nil
-}
-func (quietDocker) Events(ctx context.Context, _ events.ListOptions) (<-chan events.Message, <-chan error) {
-	errs := make(chan error, 1)
-	go func() { <-ctx.Done(); errs <- ctx.Err() }()
-	return nil, errs
-}
 
 func freeAddr(t *testing.T) string {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
@@ -51,7 +30,7 @@ func TestServerWithoutEnvoy(t *testing.T) {
 		Socket: filepath.Join(t.TempDir(), "run", "server.sock"), XDSAddr: freeAddr(t), HTTPAddr: freeAddr(t),
 		DockerTimeout: time.Second, ReadyTimeout: time.Second, LogLevel: "info",
 	}
-	s, err := New(cfg, slog.New(slog.DiscardHandler), quietDocker{})
+	s, err := New(cfg, slog.New(slog.DiscardHandler), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -101,7 +80,7 @@ func TestServerWithoutEnvoy(t *testing.T) {
 	// A second server on the same socket must refuse rather than steal it.
 	second := cfg
 	second.XDSAddr, second.HTTPAddr = freeAddr(t), freeAddr(t)
-	s2, _ := New(second, slog.New(slog.DiscardHandler), quietDocker{})
+	s2, _ := New(second, slog.New(slog.DiscardHandler), nil)
 	if err := s2.Run(context.Background()); err == nil || !strings.Contains(err.Error(), "already serving") {
 		t.Fatalf("second server: %v", err)
 	}

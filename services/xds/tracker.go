@@ -216,6 +216,9 @@ func (t *Tracker) Invalidate(typeURL, name, version string) {
 	for _, st := range t.streams {
 		r := st.resource(typeURL, name)
 		r.changing = r.sent != version
+		if !r.changing && !r.inFlight && r.sent == "" && r.held == "" {
+			delete(st.resources[typeURL], name)
+		}
 	}
 }
 
@@ -286,22 +289,43 @@ func (t *Tracker) answered(k streamKey, node *core.Node, nonce, detail string, n
 			}
 		}
 	}
-	for name, r := range st.resources[s.typeURL] {
-		if r.sentSeq != s.seq {
-			continue // carried again since: this answer is about an older state
+	byName := st.resources[s.typeURL]
+	for name, r := range byName {
+		if !s.fullState {
+			break // below: only the names the response carried, not every resource of the type
 		}
-		r.inFlight = false
-		reason, isBlamed := blamed[name]
-		switch {
-		case r.sent != "" && nack && len(blamed) == 0:
-			r.rejected = &rejection{version: r.sent, reason: strings.TrimSpace(detail)}
-		case r.sent != "" && isBlamed:
-			r.rejected = &rejection{version: r.sent, reason: reason}
-		default:
-			r.held = r.sent
+		t.settle(byName, name, r, s, nack, blamed, detail)
+	}
+	if !s.fullState {
+		for name := range s.resources {
+			t.settle(byName, name, byName[name], s, nack, blamed, detail)
+		}
+		for _, name := range s.removed {
+			t.settle(byName, name, byName[name], s, nack, blamed, detail)
 		}
 	}
 	t.broadcast()
+}
+
+// settle applies Envoy's answer to response s to one resource, and forgets a resource that is
+// gone and settled, so the state stays as large as the configuration.
+func (t *Tracker) settle(byName map[string]*resourceState, name string, r *resourceState, s sentResponse, nack bool, blamed map[string]string, detail string) {
+	if r == nil || r.sentSeq != s.seq {
+		return // carried again since: this answer is about an older state
+	}
+	r.inFlight = false
+	reason, isBlamed := blamed[name]
+	switch {
+	case r.sent != "" && nack && len(blamed) == 0:
+		r.rejected = &rejection{version: r.sent, reason: strings.TrimSpace(detail)}
+	case r.sent != "" && isBlamed:
+		r.rejected = &rejection{version: r.sent, reason: reason}
+	default:
+		r.held = r.sent
+	}
+	if r.sent == "" && r.held == "" && !r.changing {
+		delete(byName, name)
+	}
 }
 
 // reasonFor picks the part of Envoy's error detail about the named resource.

@@ -15,14 +15,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/docker/docker/api/types/container"
-	"github.com/docker/docker/api/types/events"
-	"github.com/docker/docker/api/types/network"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/envoy-docker-shim/envoy-docker-shim/envoy/bootstrap"
-	"github.com/envoy-docker-shim/envoy-docker-shim/services/dockerapi"
 	pb "github.com/envoy-docker-shim/envoy-docker-shim/services/registration/registrationpb"
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/server"
 	"github.com/envoy-docker-shim/envoy-docker-shim/testbed"
@@ -95,11 +91,7 @@ func (s *Stack) StartServer(t testing.TB) {
 		t.Fatal(err)
 	}
 	log := slog.New(slog.NewJSONHandler(logFile, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	var engine dockerapi.Engine
-	if s.Config.DockerHost == "" {
-		engine = noDocker{}
-	}
-	srv, err := server.New(s.Config, log, engine)
+	srv, err := server.New(s.Config, log, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -213,22 +205,4 @@ func tail(s string, n int) string {
 		return s[len(s)-n:]
 	}
 	return s
-}
-
-// noDocker is a Docker API with no networks and no containers, and an event stream that stays quiet.
-type noDocker struct{}
-
-func (noDocker) NetworkList(context.Context, network.ListOptions) ([]network.Summary, error) {
-	return nil, nil
-}
-func (noDocker) NetworkInspect(context.Context, string, network.InspectOptions) (network.Inspect, error) {
-	return network.Inspect{}, fmt.Errorf("no such network")
-}
-func (noDocker) ContainerList(context.Context, container.ListOptions) ([]container.Summary, error) {
-	return nil, nil
-}
-func (noDocker) Events(ctx context.Context, _ events.ListOptions) (<-chan events.Message, <-chan error) {
-	errs := make(chan error, 1)
-	go func() { <-ctx.Done(); errs <- ctx.Err() }()
-	return nil, errs
 }
