@@ -37,6 +37,9 @@ type Options struct {
 	Concurrency int
 	// RestartGrace is the server's EDS_RESTART_GRACE (default 0: answer Envoy at once).
 	RestartGrace time.Duration
+	// Socket is the registration socket (default: in a temp dir). Give it when a daemon started
+	// earlier must pass it to its shims (EDS_SOCKET in DaemonOptions.Env).
+	Socket string
 }
 
 // Stack is a running server and Envoy.
@@ -56,8 +59,11 @@ func Start(t testing.TB, opts Options) *Stack {
 	t.Helper()
 	testbed.RequireRoot(t)
 	dir := t.TempDir()
+	if opts.Socket == "" {
+		opts.Socket = filepath.Join(dir, "server.sock")
+	}
 	cfg := server.Config{
-		Socket:        filepath.Join(dir, "server.sock"),
+		Socket:        opts.Socket,
 		XDSAddr:       "127.0.0.1:" + strconv.Itoa(testbed.FreePort(t)),
 		HTTPAddr:      "127.0.0.1:" + strconv.Itoa(testbed.FreePort(t)),
 		DockerHost:    opts.DockerHost,

@@ -1,0 +1,205 @@
+// Command envoy-docker-shim replaces Docker's docker-proxy (dockerd --userland-proxy-path). dockerd
+// starts one per published port and address family; the shim registers the port with
+// envoy-docker-server, which has Envoy serve it, and holds the registration until dockerd stops it.
+//
+// This file is the whole contract with dockerd (../../../../shared/docs/docker-proxy-contract.md):
+//   - argv: -proto -host-ip -host-port -container-ip -container-port [-use-listen-fd], -version;
+//     unknown flags are logged and ignored (package proxyargs);
+//   - fd 3: "0\n" once traffic reaches the container, else "1\n<reason>", within EDS_SHIM_TIMEOUT
+//     (package handshake);
+//   - fd 4, only with -use-listen-fd: the host socket dockerd bound (packages handover, udpproxy);
+//   - SIGINT and SIGTERM: deregister and exit 0 within a second.
+//
+// TCP goes to Envoy. UDP the shim proxies itself, as docker-proxy does, and registers only to be
+// listed. SCTP is refused or handed to a stock docker-proxy (package sctp).
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/oklog/run"
+
+	"github.com/envoy-docker-shim/envoy-docker-shim/services/buildinfo"
+	"github.com/envoy-docker-shim/envoy-docker-shim/shim/config"
+	"github.com/envoy-docker-shim/envoy-docker-shim/shim/handover"
+	"github.com/envoy-docker-shim/envoy-docker-shim/shim/handshake"
+	"github.com/envoy-docker-shim/envoy-docker-shim/shim/logging"
+	"github.com/envoy-docker-shim/envoy-docker-shim/shim/proxyargs"
+	"github.com/envoy-docker-shim/envoy-docker-shim/shim/registrar"
+	"github.com/envoy-docker-shim/envoy-docker-shim/shim/sctp"
+	"github.com/envoy-docker-shim/envoy-docker-shim/shim/udpproxy"
+)
+
+// listenFD is where dockerd 28+ passes the host socket with -use-listen-fd.
+const listenFD = 4
+
+// stopWithin bounds the exit after SIGINT/SIGTERM: dockerd waits for its proxy without a timeout.
+const stopWithin = 900 * time.Millisecond
+
+func main() {
+	start := time.Now()
+	status, pipeErr := handshake.Inherited() // before anything can open a file as fd 3
+	// From the start, so that a stop signal at any moment means "exit 0" (and not death by signal).
+	signals := make(chan os.Signal, 1)
+	signal.Notify(signals, os.Interrupt, syscall.SIGTERM)
+	os.Exit(shim(start, status, pipeErr, signals))
+}
+
+func shim(start time.Time, status *handshake.Pipe, pipeErr error, signals <-chan os.Signal) int {
+	args, err := proxyargs.Parse(os.Args[1:])
+	switch {
+	case args.Help:
+		fmt.Print(proxyargs.Usage)
+		return 0
+	case args.Version:
+		fmt.Printf("envoy-docker-shim version %s\n", buildinfo.String())
+		return 0
+	case err != nil:
+		return fail(status, nil, 2, err)
+	}
+	m := args.Mapping
+	cfg, err := config.Load()
+	if err != nil {
+		return fail(status, nil, 1, err)
+	}
+	if m.Proto == proxyargs.SCTP {
+		if cfg.SCTPProxy == "" {
+			return fail(status, nil, 1, errors.New(sctp.Refusal))
+		}
+		fds := []int{handshake.FD}
+		if m.UseListenFD {
+			fds = append(fds, listenFD)
+		}
+		return fail(status, nil, 1, sctp.Delegate(cfg.SCTPProxy, os.Args[1:], fds...))
+	}
+
+	outbox := logging.NewOutbox(64)
+	log := logging.New(outbox, slog.String("mapping", m.String()), slog.Int("pid", os.Getpid()))
+	defer log.Close(100 * time.Millisecond)
+	if pipeErr != nil {
+		log.Warn("no status pipe on fd 3; was the shim started by dockerd?")
+	}
+	for _, a := range args.Ignored {
+		log.Warn("ignoring an argument this version does not know", "arg", a)
+	}
+	reg := registrar.New(registrar.Options{
+		Socket: cfg.Socket, Open: registrar.NewOpen(m, m.Proto == proxyargs.UDP), Log: log.Logger, Outbox: outbox,
+	})
+	deadline := start.Add(cfg.Timeout - 100*time.Millisecond) // leaves time to write the reason
+
+	var g run.Group
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	g.Add(func() error {
+		select {
+		case sig := <-signals:
+			time.AfterFunc(stopWithin, func() { os.Exit(0) }) // whatever else is stuck, exit 0 soon
+			return run.SignalError{Signal: sig}
+		case <-ctx.Done():
+			return nil
+		}
+	}, func(error) { cancel() })
+
+	switch m.Proto {
+	case proxyargs.TCP:
+		ready := make(chan struct{})
+		var lis *handover.Listener
+		if m.UseListenFD {
+			// Serve what dockerd's socket queues while Envoy gets ready, then hand the port over.
+			if lis, err = handover.Adopt(os.NewFile(listenFD, "listen-sock"), m.Host(), m.Container(), log.Logger); err != nil {
+				return fail(status, log, 1, err)
+			}
+			g.Add(func() error {
+				if err := lis.Serve(); err != nil {
+					return err
+				}
+				<-ctx.Done()
+				return nil
+			}, func(error) { cancel(); lis.Close() })
+			g.Add(func() error {
+				select {
+				case <-ready:
+					lis.HandOver(ctx)
+				case <-ctx.Done():
+				}
+				<-ctx.Done()
+				return nil
+			}, func(error) { cancel() })
+		}
+		g.Add(func() error {
+			rctx, rcancel := context.WithDeadline(ctx, deadline)
+			_, err := reg.Register(rctx)
+			rcancel()
+			if err != nil {
+				if ctx.Err() != nil {
+					status.Fail("envoy-docker-shim was stopped before the port was ready")
+					return nil
+				}
+				return registrationFailed{err}
+			}
+			status.Ready()
+			log.Info("port ready: Envoy serves it", "took", time.Since(start).Round(time.Millisecond))
+			close(ready)
+			return reg.Hold(ctx)
+		}, func(error) { cancel() })
+
+	case proxyargs.UDP:
+		// docker-proxy's semantics, with or without the server: bind (or take fd 4), then ready.
+		var conn *net.UDPConn
+		if m.UseListenFD {
+			conn, err = udpproxy.File(os.NewFile(listenFD, "listen-sock"), m.Host())
+		} else {
+			conn, err = udpproxy.Listen(m.Host())
+		}
+		if err != nil {
+			return fail(status, log, 1, err)
+		}
+		p, err := udpproxy.New(conn, m.Container(), log.Logger)
+		if err != nil {
+			conn.Close()
+			return fail(status, log, 1, err)
+		}
+		status.Ready()
+		log.Info("port ready: the shim proxies UDP", "took", time.Since(start).Round(time.Millisecond))
+		g.Add(p.Run, func(error) { p.Close() })
+		g.Add(func() error { return reg.Hold(ctx) }, func(error) { cancel() })
+	}
+
+	err = g.Run()
+	var rf registrationFailed
+	var sig run.SignalError
+	switch {
+	case errors.As(err, &rf):
+		return fail(status, log, 1, rf.err)
+	case err == nil || errors.As(err, &sig):
+		log.Info("stopped", "reason", err)
+		return 0
+	}
+	log.Error("stopped", "err", err)
+	return 1
+}
+
+type registrationFailed struct{ err error }
+
+func (e registrationFailed) Error() string { return e.err.Error() }
+
+// fail reports err to dockerd (if it still waits for a status) and to the logs, and returns code.
+func fail(status *handshake.Pipe, log *logging.Logger, code int, err error) int {
+	if status.Sent() == "" {
+		status.Fail(err.Error())
+	}
+	if log != nil {
+		log.Error("failed", "err", err)
+	} else {
+		fmt.Fprintln(os.Stderr, "envoy-docker-shim:", err)
+	}
+	return code
+}

@@ -1,0 +1,49 @@
+// Package config is the shim's one configuration struct, read from the environment. The shim
+// runs with dockerd's environment, so every default must work with an empty one; operators set
+// these in dockerd's environment (e.g. a systemd drop-in for docker.service).
+package config
+
+import (
+	"fmt"
+	"os"
+	"reflect"
+	"time"
+
+	"github.com/kelseyhightower/envconfig"
+
+	"github.com/envoy-docker-shim/envoy-docker-shim/shim/handshake"
+)
+
+// Prefix is the prefix of every variable the shim reads.
+const Prefix = "EDS"
+
+// DefaultSocket is where envoy-docker-server serves the registration API (it reads EDS_SOCKET too).
+const DefaultSocket = "/run/envoy-docker-shim/server.sock"
+
+// Config is everything the shim reads from its environment.
+type Config struct {
+	Socket    string        `envconfig:"SOCKET" default:"/run/envoy-docker-shim/server.sock" desc:"Unix socket of envoy-docker-server's registration API (shared with the server)."`
+	Timeout   time.Duration `envconfig:"SHIM_TIMEOUT" default:"10s" desc:"Longest time the shim takes to report to dockerd that a port is ready or why not (dockerd gives up at 16s; at most 15s)."`
+	SCTPProxy string        `envconfig:"SCTP_PROXY" desc:"Path of Docker's stock docker-proxy; when set, SCTP ports (which Envoy cannot carry) are handed to it. When empty, publishing an SCTP port fails with an explanation."`
+}
+
+// Load reads the environment. Errors name the variable and are fit for the user of docker run.
+func Load() (Config, error) {
+	var c Config
+	// A variable set to "" means the default, as if unset (envconfig would parse "").
+	t := reflect.TypeFor[Config]()
+	for i := range t.NumField() {
+		key := Prefix + "_" + t.Field(i).Tag.Get("envconfig")
+		if v, ok := os.LookupEnv(key); ok && v == "" {
+			os.Unsetenv(key)
+		}
+	}
+	if err := envconfig.Process(Prefix, &c); err != nil {
+		return c, fmt.Errorf("invalid envoy-docker-shim environment: %w", err)
+	}
+	if c.Timeout <= 0 || c.Timeout > handshake.MaxTimeout {
+		return c, fmt.Errorf("invalid envoy-docker-shim environment: %s_SHIM_TIMEOUT=%s: must be more than 0 and at most %s (dockerd gives up at 16s)",
+			Prefix, c.Timeout, handshake.MaxTimeout)
+	}
+	return c, nil
+}

@@ -1,0 +1,43 @@
+package config
+
+import (
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestLoad(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		env     map[string]string
+		want    Config
+		errText string
+	}{
+		{name: "empty environment: defaults", want: Config{Socket: DefaultSocket, Timeout: 10 * time.Second}},
+		{name: "everything set", env: map[string]string{"EDS_SOCKET": "/tmp/s.sock", "EDS_SHIM_TIMEOUT": "3s", "EDS_SCTP_PROXY": "/usr/bin/docker-proxy"},
+			want: Config{Socket: "/tmp/s.sock", Timeout: 3 * time.Second, SCTPProxy: "/usr/bin/docker-proxy"}},
+		{name: "empty socket means default", env: map[string]string{"EDS_SOCKET": ""}, want: Config{Socket: DefaultSocket, Timeout: 10 * time.Second}},
+		{name: "timeout beyond dockerd's patience", env: map[string]string{"EDS_SHIM_TIMEOUT": "16s"}, errText: "EDS_SHIM_TIMEOUT=16s: must be more than 0 and at most 15s"},
+		{name: "timeout zero", env: map[string]string{"EDS_SHIM_TIMEOUT": "0s"}, errText: "EDS_SHIM_TIMEOUT"},
+		{name: "timeout not a duration", env: map[string]string{"EDS_SHIM_TIMEOUT": "10"}, errText: "EDS_SHIM_TIMEOUT"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			for _, k := range []string{"EDS_SOCKET", "EDS_SHIM_TIMEOUT", "EDS_SCTP_PROXY"} {
+				t.Setenv(k, "")
+			}
+			for k, v := range tc.env {
+				t.Setenv(k, v)
+			}
+			got, err := Load()
+			if tc.errText != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.errText) {
+					t.Fatalf("err = %v, want %q", err, tc.errText)
+				}
+				return
+			}
+			if err != nil || got != tc.want {
+				t.Fatalf("Load() = %+v, %v; want %+v", got, err, tc.want)
+			}
+		})
+	}
+}

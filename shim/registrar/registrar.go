@@ -1,0 +1,365 @@
+// Package registrar is the shim's client of envoy-docker-server's registration API (a gRPC
+// service on a Unix socket). One registration is one Register stream: the shim sends Open with its
+// mapping, the server answers Ready once Envoy serves the port or Failed with a reason for the
+// user, and the stream stays open for the shim's whole life; its end is the deregistration.
+//
+// The registrar owns that stream: it registers (bounded by the caller's deadline), holds the
+// registration, and when the server goes away it re-registers with backoff until the server is
+// back, without touching the port (Envoy keeps serving it meanwhile). It forwards the shim's log
+// lines on the stream. It never writes to fd 3 and never decides what the shim tells dockerd:
+// its errors are messages the caller can show.
+package registrar
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"os"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+
+	"github.com/envoy-docker-shim/envoy-docker-shim/services/buildinfo"
+	"github.com/envoy-docker-shim/envoy-docker-shim/services/registration/registrationpb"
+	"github.com/envoy-docker-shim/envoy-docker-shim/shim/logging"
+	"github.com/envoy-docker-shim/envoy-docker-shim/shim/proxyargs"
+)
+
+// Timings. Each is a bound, not a delay: the happy path never waits for them.
+const (
+	// unavailableRetry is how long the first registration retries a server that is not there,
+	// to ride out a server restart. Beyond it the shim reports the server as not running.
+	unavailableRetry = time.Second
+	// deregisterWait bounds waiting for the server to confirm a deregistration on shutdown; the
+	// shim must exit within 1 s of SIGINT even when the server is gone.
+	deregisterWait = 400 * time.Millisecond
+	// reregisterTimeout bounds one re-registration attempt after the server went away.
+	reregisterTimeout = 10 * time.Second
+	backoffMin        = 100 * time.Millisecond
+	backoffMax        = 5 * time.Second
+)
+
+// Failed is the server's refusal; Reason is written for the user of `docker run`.
+type Failed struct{ Reason string }
+
+func (e *Failed) Error() string { return e.Reason }
+
+// Options configure a Client.
+type Options struct {
+	// Socket is the server's Unix socket.
+	Socket string
+	// Open is what the shim registers.
+	Open *registrationpb.Open
+	// Log receives the registrar's own records.
+	Log *slog.Logger
+	// Outbox, if not nil, holds log lines to forward to the server.
+	Outbox *logging.Outbox
+}
+
+// NewOpen is the Open message for m from this process. proxiesItself is set when the shim carries
+// the traffic (UDP) and Envoy must not be configured.
+func NewOpen(m proxyargs.Mapping, proxiesItself bool) *registrationpb.Open {
+	proto := map[proxyargs.Protocol]registrationpb.Protocol{
+		proxyargs.TCP:  registrationpb.Protocol_PROTOCOL_TCP,
+		proxyargs.UDP:  registrationpb.Protocol_PROTOCOL_UDP,
+		proxyargs.SCTP: registrationpb.Protocol_PROTOCOL_SCTP,
+	}[m.Proto]
+	return &registrationpb.Open{
+		Mapping: &registrationpb.Mapping{
+			Proto: proto, HostIp: m.HostIP.String(), HostPort: uint32(m.HostPort),
+			ContainerIp: m.ContainerIP.String(), ContainerPort: uint32(m.ContainerPort),
+		},
+		Shim: &registrationpb.Shim{Pid: int32(os.Getpid()), Version: buildinfo.String(), ProxiesItself: proxiesItself},
+	}
+}
+
+// Client holds one registration. Register, then Hold, from one goroutine.
+type Client struct {
+	opts Options
+	cur  *session
+}
+
+// New returns a client; it does not connect.
+func New(opts Options) *Client { return &Client{opts: opts} }
+
+// Register opens the registration and waits for the server's answer until ctx ends. On Ready it
+// returns the registration, which stays open for Hold. Errors are fit for the user: a *Failed
+// with the server's reason, or a message naming the socket when the server cannot be reached.
+func (c *Client) Register(ctx context.Context) (*registrationpb.Registration, error) {
+	start := time.Now()
+	for wait := backoffMin; ; wait = min(2*wait, 400*time.Millisecond) {
+		var s *session
+		var err error
+		if _, serr := os.Stat(c.opts.Socket); serr != nil {
+			err = serr // no socket (yet): no point in dialling
+		} else {
+			s, err = c.open(ctx, false)
+		}
+		if err == nil {
+			c.cur = s
+			return s.reg, nil
+		}
+		var failed *Failed
+		if errors.As(err, &failed) || ctx.Err() != nil || time.Since(start)+wait > unavailableRetry {
+			return nil, c.explain(ctx, err)
+		}
+		c.opts.Log.Debug("registration attempt failed; retrying", "err", err)
+		select {
+		case <-ctx.Done():
+			return nil, c.explain(ctx, err)
+		case <-time.After(wait):
+		}
+	}
+}
+
+// Hold keeps the registration until ctx ends, then deregisters (waiting a bounded time for the
+// server to confirm) and returns nil. Without a live registration (after a failed Register, or
+// never registered, as for UDP) it keeps trying. When the server goes away it re-registers with
+// backoff; Failed answers are logged and retried, since dockerd will not restart the shim.
+func (c *Client) Hold(ctx context.Context) error {
+	attempt := 0
+	for {
+		if c.cur == nil {
+			s, err := c.reopen(ctx, &attempt)
+			if err != nil {
+				return nil // ctx ended
+			}
+			c.cur = s
+		}
+		select {
+		case <-ctx.Done():
+			c.cur.deregister()
+			c.cur = nil
+			return nil
+		case <-c.cur.done:
+			c.opts.Log.Warn("registration lost; re-registering", "err", c.cur.err)
+			c.cur.close()
+			c.cur = nil
+		}
+	}
+}
+
+// reopen tries until a registration is Ready or ctx ends.
+func (c *Client) reopen(ctx context.Context, attempt *int) (*session, error) {
+	for {
+		if *attempt > 0 {
+			wait := min(backoffMin<<min(*attempt-1, 10), backoffMax)
+			wait = time.Duration(float64(wait) * (0.8 + 0.4*rand.Float64()))
+			select {
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			case <-time.After(wait):
+			}
+		}
+		*attempt++
+		actx, cancel := context.WithTimeout(ctx, reregisterTimeout)
+		s, err := c.open(actx, true)
+		cancel()
+		if err == nil {
+			c.opts.Log.Info("registered", "attempt", *attempt, "service", s.reg.GetService(), "listener", s.reg.GetListener())
+			*attempt = 0
+			return s, nil
+		}
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		// While the server is away this repeats every few seconds: warn now and then, not each time.
+		level := slog.LevelDebug
+		if *attempt == 1 || *attempt%12 == 0 {
+			level = slog.LevelWarn
+		}
+		c.opts.Log.Log(ctx, level, "registration attempt failed", "attempt", *attempt, "err", c.explain(actx, err))
+	}
+}
+
+// explain turns a connection error into a message for the user, naming the socket.
+func (c *Client) explain(ctx context.Context, err error) error {
+	var failed *Failed
+	if errors.As(err, &failed) {
+		return err
+	}
+	sock := c.opts.Socket
+	if _, serr := os.Stat(sock); errors.Is(serr, os.ErrNotExist) {
+		return fmt.Errorf("envoy-docker-server is not running: its socket %s does not exist (start the server, or set EDS_SOCKET in dockerd's environment if it listens elsewhere)", sock)
+	}
+	if errors.Is(err, context.DeadlineExceeded) || errors.Is(ctx.Err(), context.DeadlineExceeded) || status.Code(err) == codes.DeadlineExceeded {
+		return fmt.Errorf("envoy-docker-server (socket %s) did not answer within the shim's start-up time (EDS_SHIM_TIMEOUT)", sock)
+	}
+	if errors.Is(err, context.Canceled) {
+		return errors.New("registration cancelled: the shim is stopping")
+	}
+	msg := status.Convert(err).Message()
+	switch {
+	case errors.Is(err, syscall.ECONNREFUSED) || strings.Contains(msg, "connection refused"):
+		return fmt.Errorf("envoy-docker-server is not running: nothing accepts connections on its socket %s", sock)
+	case strings.Contains(msg, "permission denied"):
+		return fmt.Errorf("cannot connect to envoy-docker-server: permission denied on its socket %s", sock)
+	case errors.Is(err, io.EOF):
+		return fmt.Errorf("envoy-docker-server (socket %s) ended the registration without an answer", sock)
+	}
+	return fmt.Errorf("cannot register with envoy-docker-server (socket %s): %s", sock, msg)
+}
+
+// session is one Register stream and the connection under it.
+type session struct {
+	conn   *grpc.ClientConn
+	stream grpc.BidiStreamingClient[registrationpb.RegisterRequest, registrationpb.RegisterResponse]
+	cancel context.CancelFunc
+	reg    *registrationpb.Registration
+
+	done chan struct{} // closed when the stream has ended
+	err  error         // why, readable after done
+
+	stopLogs chan struct{}
+	logsDone chan struct{}
+	once     sync.Once
+}
+
+func (c *Client) open(ctx context.Context, waitForReady bool) (*session, error) {
+	conn, err := grpc.NewClient("unix://"+c.opts.Socket,
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithConnectParams(grpc.ConnectParams{
+			Backoff:           backoff.Config{BaseDelay: backoffMin, Multiplier: 1.6, Jitter: 0.2, MaxDelay: time.Second},
+			MinConnectTimeout: 2 * time.Second,
+		}),
+		grpc.WithDisableServiceConfig(),
+		grpc.WithDisableRetry(),
+		// One small stream for the process's life: small buffers keep the shim's memory low.
+		grpc.WithReadBufferSize(4096),
+		grpc.WithWriteBufferSize(4096),
+	)
+	if err != nil {
+		return nil, err
+	}
+	sctx, cancel := context.WithCancel(context.Background())
+	s := &session{conn: conn, cancel: cancel, done: make(chan struct{}), stopLogs: make(chan struct{}), logsDone: make(chan struct{})}
+	// Until Ready, the caller's ctx bounds everything; afterwards the stream lives on its own.
+	detach := context.AfterFunc(ctx, cancel)
+	reg, err := s.start(sctx, c.opts.Open, waitForReady)
+	if !detach() && err == nil {
+		err = ctx.Err() // ctx ended just as Ready arrived: the stream is cancelled
+	}
+	if err != nil {
+		cancel()
+		conn.Close()
+		if ctx.Err() != nil && status.Code(err) == codes.Canceled {
+			err = ctx.Err()
+		}
+		return nil, err
+	}
+	s.reg = reg
+	go s.receive(c.opts.Log)
+	go s.sendLogs(c.opts.Outbox)
+	return s, nil
+}
+
+// start opens the stream, sends Open and reads the answer.
+func (s *session) start(ctx context.Context, open *registrationpb.Open, waitForReady bool) (*registrationpb.Registration, error) {
+	var err error
+	s.stream, err = registrationpb.NewRegistrarClient(s.conn).Register(ctx, grpc.WaitForReady(waitForReady))
+	if err != nil {
+		return nil, err
+	}
+	if err := s.stream.Send(&registrationpb.RegisterRequest{Request: &registrationpb.RegisterRequest_Open{Open: open}}); err != nil {
+		_, rerr := s.stream.Recv() // the real reason
+		return nil, rerr
+	}
+	resp, err := s.stream.Recv()
+	if err != nil {
+		return nil, err
+	}
+	switch r := resp.GetResponse().(type) {
+	case *registrationpb.RegisterResponse_Ready:
+		return r.Ready.GetRegistration(), nil
+	case *registrationpb.RegisterResponse_Failed:
+		return nil, &Failed{Reason: r.Failed.GetReason()}
+	}
+	return nil, fmt.Errorf("envoy-docker-server answered with %T", resp.GetResponse())
+}
+
+// receive watches the stream after Ready until it ends.
+func (s *session) receive(log *slog.Logger) {
+	defer close(s.done)
+	for {
+		resp, err := s.stream.Recv()
+		if err != nil {
+			s.err = err
+			return
+		}
+		if f := resp.GetFailed(); f != nil {
+			s.err = &Failed{Reason: f.GetReason()}
+			return
+		}
+		log.Debug("server confirmed the registration again")
+	}
+}
+
+// sendLogs forwards log lines; it is the only sender on the stream after Open.
+func (s *session) sendLogs(out *logging.Outbox) {
+	defer close(s.logsDone)
+	if out == nil {
+		<-s.stopLogs
+		return
+	}
+	send := func(l logging.Line) error {
+		return s.stream.Send(&registrationpb.RegisterRequest{Request: &registrationpb.RegisterRequest_Log{
+			Log: &registrationpb.ShimLog{Level: l.Level.String(), Message: l.Message},
+		}})
+	}
+	for {
+		select {
+		case l := <-out.Lines():
+			if send(l) != nil {
+				<-s.stopLogs
+				return
+			}
+		case <-s.done:
+			<-s.stopLogs
+			return
+		case <-s.stopLogs:
+			for { // flush what is queued, without waiting for more
+				select {
+				case l := <-out.Lines():
+					if send(l) != nil {
+						return
+					}
+				default:
+					return
+				}
+			}
+		}
+	}
+}
+
+// deregister ends the registration: half-close, wait (bounded) for the server to end the stream,
+// then tear down.
+func (s *session) deregister() {
+	deadline := time.After(deregisterWait)
+	s.once.Do(func() { close(s.stopLogs) })
+	select {
+	case <-s.logsDone:
+		s.stream.CloseSend()
+		select {
+		case <-s.done:
+		case <-deadline:
+		}
+	case <-deadline:
+	}
+	s.close()
+}
+
+func (s *session) close() {
+	s.once.Do(func() { close(s.stopLogs) })
+	s.cancel()
+	s.conn.Close()
+}

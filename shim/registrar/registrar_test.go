@@ -1,0 +1,186 @@
+package registrar
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/envoy-docker-shim/envoy-docker-shim/services/registration/registrationpb"
+	"github.com/envoy-docker-shim/envoy-docker-shim/shim/logging"
+	"github.com/envoy-docker-shim/envoy-docker-shim/shim/shimtest"
+)
+
+func open() *registrationpb.Open {
+	return &registrationpb.Open{
+		Mapping: &registrationpb.Mapping{Proto: registrationpb.Protocol_PROTOCOL_TCP, HostIp: "127.0.0.1", HostPort: 8080, ContainerIp: "172.17.0.2", ContainerPort: 80},
+		Shim:    &registrationpb.Shim{Pid: 42, Version: "test"},
+	}
+}
+
+func newClient(socket string, out *logging.Outbox) *Client {
+	return New(Options{Socket: socket, Open: open(), Log: slog.New(slog.NewTextHandler(io.Discard, nil)), Outbox: out})
+}
+
+func socketPath(t *testing.T) string { return filepath.Join(t.TempDir(), "server.sock") }
+
+func TestRegisterReadyHoldAndDeregister(t *testing.T) {
+	sock := socketPath(t)
+	srv := shimtest.StartRegistrar(t, sock, nil)
+	out := logging.NewOutbox(8)
+	c := newClient(sock, out)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	reg, err := c.Register(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if reg.GetMapping().GetHostPort() != 8080 || reg.GetShim().GetPid() != 42 {
+		t.Errorf("registration = %v", reg)
+	}
+	holdCtx, stop := context.WithCancel(context.Background())
+	held := make(chan error)
+	go func() { held <- c.Hold(holdCtx) }()
+
+	logger := logging.NewWriter(io.Discard, out)
+	logger.Info("hello server")
+	if !srv.WaitFor(2*time.Second, func(r *shimtest.Registrar) bool { return len(r.Logs()) == 1 }) {
+		t.Fatal("log line did not reach the server")
+	}
+	if got := srv.Logs()[0]; got.GetLevel() != "INFO" || got.GetMessage() != "msg=\"hello server\"" {
+		t.Errorf("server got log %v", got)
+	}
+
+	start := time.Now()
+	stop()
+	<-held
+	if took := time.Since(start); took > 500*time.Millisecond {
+		t.Errorf("deregistration took %s", took)
+	}
+	if !srv.WaitFor(time.Second, func(r *shimtest.Registrar) bool { return len(r.Live()) == 0 }) {
+		t.Fatal("server still holds the registration after Hold returned")
+	}
+}
+
+func TestRegisterFailedCarriesTheServersReason(t *testing.T) {
+	sock := socketPath(t)
+	reason := "listen tcp4 127.0.0.1:8080: bind: address already in use (envoy: cannot bind)"
+	shimtest.StartRegistrar(t, sock, func(context.Context, *registrationpb.Open) *registrationpb.RegisterResponse {
+		return shimtest.Failed(reason)
+	})
+	_, err := newClient(sock, nil).Register(context.Background())
+	var f *Failed
+	if !errors.As(err, &f) || err.Error() != reason {
+		t.Fatalf("err = %v, want the server's reason", err)
+	}
+}
+
+func TestRegisterWithoutServerNamesTheSocketQuickly(t *testing.T) {
+	sock := socketPath(t)
+	start := time.Now()
+	_, err := newClient(sock, nil).Register(context.Background())
+	if err == nil || !strings.Contains(err.Error(), sock) || !strings.Contains(err.Error(), "not running") {
+		t.Fatalf("err = %v", err)
+	}
+	if took := time.Since(start); took > 2*time.Second {
+		t.Errorf("took %s to report a missing server", took)
+	}
+}
+
+func TestRegisterSocketWithoutListener(t *testing.T) {
+	sock := socketPath(t)
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.(*net.UnixListener).SetUnlinkOnClose(false)
+	l.Close() // the file stays, nobody listens: connection refused
+	_, err = newClient(sock, nil).Register(context.Background())
+	if err == nil || !strings.Contains(err.Error(), "nothing accepts connections") || !strings.Contains(err.Error(), sock) {
+		t.Fatalf("err = %v", err)
+	}
+}
+
+func TestRegisterBoundedByDeadlineWhenServerNeverAnswers(t *testing.T) {
+	sock := socketPath(t)
+	shimtest.StartRegistrar(t, sock, func(context.Context, *registrationpb.Open) *registrationpb.RegisterResponse { return nil })
+	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	_, err := newClient(sock, nil).Register(ctx)
+	if err == nil || !strings.Contains(err.Error(), "did not answer") {
+		t.Fatalf("err = %v", err)
+	}
+	if took := time.Since(start); took > time.Second {
+		t.Errorf("took %s", took)
+	}
+}
+
+func TestHoldReregistersAfterServerRestart(t *testing.T) {
+	sock := socketPath(t)
+	srv := shimtest.StartRegistrar(t, sock, nil)
+	c := newClient(sock, nil)
+	if _, err := c.Register(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	ctx, stop := context.WithCancel(context.Background())
+	held := make(chan error)
+	go func() { held <- c.Hold(ctx) }()
+	defer func() { stop(); <-held }()
+
+	srv.Stop()
+	time.Sleep(300 * time.Millisecond) // the server is away for a while
+	if err := srv.Start(); err != nil {
+		t.Fatal(err)
+	}
+	if !srv.WaitFor(5*time.Second, func(r *shimtest.Registrar) bool { return len(r.Opens()) == 2 && len(r.Live()) == 1 }) {
+		t.Fatalf("not re-registered: %d opens, %d live", len(srv.Opens()), len(srv.Live()))
+	}
+}
+
+// UDP registers in the background: Hold without Register keeps trying until the server comes.
+func TestHoldWithoutRegisterWaitsForServer(t *testing.T) {
+	sock := socketPath(t)
+	c := newClient(sock, nil)
+	ctx, stop := context.WithCancel(context.Background())
+	held := make(chan error)
+	go func() { held <- c.Hold(ctx) }()
+	time.Sleep(300 * time.Millisecond)
+	srv := shimtest.StartRegistrar(t, sock, nil)
+	if !srv.WaitFor(5*time.Second, func(r *shimtest.Registrar) bool { return len(r.Live()) == 1 }) {
+		t.Fatal("never registered")
+	}
+	stop()
+	select {
+	case <-held:
+	case <-time.After(time.Second):
+		t.Fatal("Hold did not return within 1s of cancellation")
+	}
+}
+
+func TestHoldReturnsPromptlyWhenServerIsGone(t *testing.T) {
+	sock := socketPath(t)
+	srv := shimtest.StartRegistrar(t, sock, nil)
+	c := newClient(sock, nil)
+	if _, err := c.Register(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	ctx, stop := context.WithCancel(context.Background())
+	held := make(chan error)
+	go func() { held <- c.Hold(ctx) }()
+	srv.Stop()
+	time.Sleep(100 * time.Millisecond)
+	start := time.Now()
+	stop()
+	select {
+	case <-held:
+	case <-time.After(time.Second):
+		t.Fatal("Hold did not return within 1s")
+	}
+	t.Logf("returned in %s", time.Since(start))
+}

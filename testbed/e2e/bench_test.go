@@ -1,0 +1,104 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/envoy-docker-shim/envoy-docker-shim/testbed"
+)
+
+// BenchmarkPublishVsDockerProxy compares, in one run, the shim with the stock docker-proxy it
+// replaces: the wall time of `docker run -d -p` (median of 10; target shim <= 1.3x) and the
+// memory of an idle userland proxy, RSS and PSS (target shim <= docker-proxy).
+func BenchmarkPublishVsDockerProxy(b *testing.B) {
+	stock := testbed.StartDaemon(b, testbed.DaemonOptions{})
+	s := startB(b)
+	// Ten published ports live at once, as on a real host: code pages of the same binary are
+	// shared between its processes, so PSS (proportional set size) is what each port really costs.
+	measure := func(d *testbed.Daemon, proxyName string) (run time.Duration, rss, pss int) {
+		d.EchoImage(b)
+		var runs []time.Duration
+		var ports []int
+		var containers []*testbed.Container
+		for range 10 {
+			port := testbed.FreePort(b)
+			start := time.Now()
+			c, err := d.RunErr(context.Background(), testbed.RunOptions{Publish: []string{fmt.Sprintf("127.0.0.1:%d:80", port)}})
+			if err != nil {
+				b.Fatal(err)
+			}
+			runs = append(runs, time.Since(start))
+			ports = append(ports, port)
+			containers = append(containers, c)
+		}
+		time.Sleep(time.Second) // idle
+		var rssAll, pssAll []int
+		for _, port := range ports {
+			for _, pid := range proxyPids(proxyName, port) {
+				rssAll = append(rssAll, memKiB(pid, "status", "VmRSS:"))
+				pssAll = append(pssAll, memKiB(pid, "smaps_rollup", "Pss:"))
+			}
+		}
+		for _, c := range containers {
+			d.Remove(b, c)
+		}
+		if len(rssAll) == 0 {
+			b.Fatalf("no %s process found", proxyName)
+		}
+		slices.Sort(runs)
+		slices.Sort(rssAll)
+		slices.Sort(pssAll)
+		return runs[len(runs)/2], rssAll[len(rssAll)/2], pssAll[len(pssAll)/2]
+	}
+	for b.Loop() {
+		stockRun, stockRSS, stockPSS := measure(stock, "docker-proxy")
+		shimRun, shimRSS, shimPSS := measure(s.daemon, "envoy-docker-shim")
+		b.ReportMetric(float64(stockRun.Microseconds())/1000, "docker-proxy-run-ms")
+		b.ReportMetric(float64(shimRun.Microseconds())/1000, "shim-run-ms")
+		b.ReportMetric(float64(shimRun)/float64(stockRun), "run-ratio")
+		b.ReportMetric(float64(stockRSS), "docker-proxy-rss-KiB")
+		b.ReportMetric(float64(shimRSS), "shim-rss-KiB")
+		b.ReportMetric(float64(shimRSS)/float64(stockRSS), "rss-ratio")
+		b.ReportMetric(float64(shimPSS)/float64(stockPSS), "pss-ratio")
+		b.Logf("docker run -p median: docker-proxy %v, shim %v (%.2fx); idle RSS: docker-proxy %d KiB, shim %d KiB (%.2fx); idle PSS: docker-proxy %d KiB, shim %d KiB (%.2fx)",
+			stockRun, shimRun, float64(shimRun)/float64(stockRun), stockRSS, shimRSS, float64(shimRSS)/float64(stockRSS),
+			stockPSS, shimPSS, float64(shimPSS)/float64(stockPSS))
+	}
+}
+
+func proxyPids(name string, port int) []int {
+	var pids []int
+	entries, _ := os.ReadDir("/proc")
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+		args := strings.Split(string(cmdline), "\x00")
+		if len(args) > 0 && strings.HasSuffix(args[0], name) && strings.Contains(string(cmdline), "\x00-host-port\x00"+strconv.Itoa(port)+"\x00") {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
+func memKiB(pid int, file, field string) int {
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/%s", pid, file))
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(status), "\n") {
+		if strings.HasPrefix(line, field) {
+			kib, _ := strconv.Atoi(strings.Fields(line)[1])
+			return kib
+		}
+	}
+	return 0
+}

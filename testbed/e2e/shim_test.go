@@ -1,0 +1,335 @@
+// Package e2e runs envoy-docker-shim the way users do: as the userland proxy of a real dockerd
+// (the private test daemon), with the real server and a real Envoy.
+package e2e
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	pb "github.com/envoy-docker-shim/envoy-docker-shim/services/registration/registrationpb"
+	"github.com/envoy-docker-shim/envoy-docker-shim/testbed"
+	"github.com/envoy-docker-shim/envoy-docker-shim/testbed/stack"
+)
+
+const shimPkg = "github.com/envoy-docker-shim/envoy-docker-shim/shim/cmd/envoy-docker-shim"
+
+// recorder wraps the shim to record its exit status for the test, forwarding dockerd's signals.
+// /bin/sh starts it in the background with SIGINT ignored; the shim's signal.Notify re-enables it.
+const recorder = `#!/bin/sh
+"$EDS_TEST_SHIM" "$@" &
+child=$!
+trap 'kill -INT $child 2>/dev/null' INT
+trap 'kill -TERM $child 2>/dev/null' TERM
+while :; do
+	wait $child
+	rc=$?
+	kill -0 $child 2>/dev/null || break
+done
+echo "$rc $*" >> "$EDS_TEST_SHIM_STATUS"
+exit $rc
+`
+
+type setup struct {
+	daemon *testbed.Daemon
+	stack  *stack.Stack
+	shim   string
+	status string
+}
+
+func start(t *testing.T) *setup { return startB(t) }
+
+func startB(t testing.TB) *setup {
+	testbed.RequireDocker(t)
+	dir := t.TempDir()
+	s := &setup{shim: testbed.BuildStatic(t, shimPkg, "envoy-docker-shim"), status: filepath.Join(dir, "exits")}
+	wrapper := filepath.Join(dir, "envoy-docker-shim-recorder")
+	if err := os.WriteFile(wrapper, []byte(recorder), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	socket := filepath.Join(dir, "eds.sock")
+	s.daemon = testbed.StartDaemon(t, testbed.DaemonOptions{
+		UserlandProxyPath: wrapper,
+		Env:               []string{"EDS_SOCKET=" + socket, "EDS_TEST_SHIM=" + s.shim, "EDS_TEST_SHIM_STATUS=" + s.status},
+	})
+	s.stack = stack.Start(t, stack.Options{DockerHost: s.daemon.Host, Socket: socket})
+	return s
+}
+
+// shims lists the running shim processes of this test that serve host port port (0: any).
+func (s *setup) shims(port int) []int {
+	var pids []int
+	entries, _ := os.ReadDir("/proc")
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
+		if err != nil || exe != s.shim {
+			continue
+		}
+		cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+		if port == 0 || strings.Contains(string(cmdline), "\x00-host-port\x00"+strconv.Itoa(port)+"\x00") {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
+
+// exits returns the recorded exit codes of the shims that served port.
+func (s *setup) exits(t *testing.T, port int) []int {
+	t.Helper()
+	f, err := os.Open(s.status)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	var codes []int
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		for i, field := range fields {
+			if field == "-host-port" && i+1 < len(fields) && fields[i+1] == strconv.Itoa(port) {
+				code, _ := strconv.Atoi(fields[0])
+				codes = append(codes, code)
+			}
+		}
+	}
+	return codes
+}
+
+func (s *setup) listed(t *testing.T, port int) []*pb.Registration {
+	t.Helper()
+	list, err := s.stack.Client.List(context.Background(), &pb.ListRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []*pb.Registration
+	for _, r := range list.GetRegistrations() {
+		if int(r.GetMapping().GetHostPort()) == port {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+func echoName(body string) string {
+	const key = `"name":"`
+	i := strings.Index(body, key)
+	if i < 0 {
+		return ""
+	}
+	rest := body[i+len(key):]
+	return rest[:strings.IndexByte(rest, '"')]
+}
+
+// freeRange finds n consecutive free loopback ports.
+func freeRange(t *testing.T, n int) int {
+	t.Helper()
+	for range 50 {
+		base := testbed.FreePort(t)
+		ok := true
+		for i := 1; i < n && ok; i++ {
+			l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", base+i))
+			if err != nil {
+				ok = false
+				break
+			}
+			l.Close()
+		}
+		if ok {
+			return base
+		}
+	}
+	t.Fatalf("no %d consecutive free ports", n)
+	return 0
+}
+
+func TestE2EShimUnderDockerd(t *testing.T) {
+	s := start(t)
+	d := s.daemon
+
+	t.Run("first request after docker run is answered and counted under the labels", func(t *testing.T) {
+		port := testbed.FreePort(t)
+		c := d.Run(t, testbed.RunOptions{
+			Publish: []string{fmt.Sprintf("127.0.0.1:%d:80", port)},
+			Labels:  map[string]string{"ServiceName": "web", "EnvironmentName": "test"},
+		})
+		// No retry: docker run returned, so the port must serve.
+		status, body, err := testbed.HTTPGet(context.Background(), fmt.Sprintf("http://127.0.0.1:%d/", port))
+		if err != nil || status != 200 || echoName(body) != c.Name {
+			t.Fatalf("first request: %d %q %v", status, body, err)
+		}
+		testbed.WaitFor(t, 5*time.Second, "stats named web-test", func() error {
+			if v, _ := s.stack.Envoy.Stat(t, "http.web-test.downstream_rq_total"); v < 1 {
+				return fmt.Errorf("http.web-test.downstream_rq_total = %d", v)
+			}
+			return nil
+		})
+
+		d.Stop(t, c)
+		testbed.WaitFor(t, 5*time.Second, "shim gone, port closed, registration gone", func() error {
+			if pids := s.shims(port); len(pids) != 0 {
+				return fmt.Errorf("shims still running: %v", pids)
+			}
+			if _, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", port), time.Second); !errors.Is(err, syscall.ECONNREFUSED) {
+				return fmt.Errorf("port not closed: %v", err)
+			}
+			if l := s.listed(t, port); len(l) != 0 {
+				return fmt.Errorf("server still lists %v", l)
+			}
+			return nil
+		})
+		codes := s.exits(t, port)
+		if len(codes) == 0 {
+			t.Fatal("no shim exit recorded")
+		}
+		for _, code := range codes {
+			if code != 0 {
+				t.Fatalf("shim exit codes %v, want all 0", codes)
+			}
+		}
+	})
+
+	t.Run("tcp mode", func(t *testing.T) {
+		port := testbed.FreePort(t)
+		d.Run(t, testbed.RunOptions{
+			Publish: []string{fmt.Sprintf("127.0.0.1:%d:7", port)},
+			Labels:  map[string]string{"ServiceName": "db", "EnvironmentName": "test", "ProxyMode": "tcp"},
+		})
+		payload := []byte(strings.Repeat("tcp-mode ", 500))
+		got, err := testbed.TCPEcho(context.Background(), fmt.Sprintf("127.0.0.1:%d", port), payload)
+		if err != nil || string(got) != string(payload) {
+			t.Fatalf("echo: %v", err)
+		}
+		testbed.WaitFor(t, 5*time.Second, "tcp stats named db-test", func() error {
+			if v, _ := s.stack.Envoy.Stat(t, "tcp.db-test.downstream_cx_total"); v < 1 {
+				return fmt.Errorf("tcp.db-test.downstream_cx_total = %d", v)
+			}
+			return nil
+		})
+	})
+
+	t.Run("port range", func(t *testing.T) {
+		base := freeRange(t, 3)
+		c := d.Run(t, testbed.RunOptions{
+			Publish: []string{fmt.Sprintf("127.0.0.1:%d-%d:8000-8002", base, base+2)},
+			Env:     map[string]string{"ECHO_HTTP_PORTS": "8000-8002"},
+		})
+		for p := base; p <= base+2; p++ {
+			status, body, err := testbed.HTTPGet(context.Background(), fmt.Sprintf("http://127.0.0.1:%d/", p))
+			if err != nil || status != 200 || echoName(body) != c.Name {
+				t.Fatalf("port %d: %d %q %v", p, status, body, err)
+			}
+		}
+	})
+
+	t.Run("0.0.0.0 and :: publications", func(t *testing.T) {
+		port := testbed.FreePort(t)
+		c := d.Run(t, testbed.RunOptions{Publish: []string{fmt.Sprintf("%d:80", port)}})
+		hosts := map[string]bool{}
+		for _, r := range s.listed(t, port) {
+			hosts[r.GetMapping().GetHostIp()] = true
+		}
+		if !hosts["0.0.0.0"] {
+			t.Fatalf("no 0.0.0.0 registration for -p %d:80: %v", port, hosts)
+		}
+		targets := []string{"127.0.0.1"}
+		if hosts["::"] {
+			targets = append(targets, "[::1]")
+		} else {
+			t.Logf("dockerd did not publish on :: (IPv6 off for this daemon); tested 0.0.0.0 only")
+		}
+		for _, h := range targets {
+			status, body, err := testbed.HTTPGet(context.Background(), fmt.Sprintf("http://%s:%d/", h, port))
+			if err != nil || status != 200 || echoName(body) != c.Name {
+				t.Fatalf("via %s: %d %q %v", h, status, body, err)
+			}
+		}
+	})
+
+	t.Run("port in use fails docker run like docker-proxy", func(t *testing.T) {
+		port := testbed.FreePort(t)
+		blocker, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", port))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer blocker.Close()
+		_, err = d.RunErr(context.Background(), testbed.RunOptions{Publish: []string{fmt.Sprintf("127.0.0.1:%d:80", port)}})
+		if err == nil || !strings.Contains(err.Error(), "address already in use") {
+			t.Fatalf("docker run: %v; want an error containing \"address already in use\"", err)
+		}
+		testbed.WaitFor(t, 5*time.Second, "no shim left for the port", func() error {
+			if pids := s.shims(port); len(pids) != 0 {
+				return fmt.Errorf("shims still running: %v", pids)
+			}
+			return nil
+		})
+	})
+
+	t.Run("kill -9 of a shim drops its mapping within 2s", func(t *testing.T) {
+		port := testbed.FreePort(t)
+		d.Run(t, testbed.RunOptions{Publish: []string{fmt.Sprintf("127.0.0.1:%d:80", port)}})
+		pids := s.shims(port)
+		if len(pids) != 1 || len(s.listed(t, port)) != 1 {
+			t.Fatalf("shims %v, listed %v", pids, s.listed(t, port))
+		}
+		killed := time.Now()
+		if err := syscall.Kill(pids[0], syscall.SIGKILL); err != nil {
+			t.Fatal(err)
+		}
+		for len(s.listed(t, port)) != 0 {
+			if time.Since(killed) > 2*time.Second {
+				t.Fatalf("mapping still listed %v after kill -9", time.Since(killed))
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		t.Logf("mapping dropped %v after kill -9", time.Since(killed).Round(time.Millisecond))
+	})
+
+	udpEcho := func(t *testing.T) {
+		port := testbed.FreePort(t)
+		d.Run(t, testbed.RunOptions{Publish: []string{fmt.Sprintf("127.0.0.1:%d:7/udp", port)}})
+		addr := fmt.Sprintf("127.0.0.1:%d", port)
+		for i := range 1000 {
+			msg := []byte(fmt.Sprintf("datagram %d", i))
+			got, err := testbed.UDPEcho(context.Background(), addr, msg)
+			if err != nil || string(got) != string(msg) {
+				t.Fatalf("datagram %d: %q %v", i, got, err)
+			}
+		}
+	}
+	t.Run("udp echoes 1000 datagrams", udpEcho)
+
+	s.stack.StopServer(t)
+	t.Run("server stopped: docker run -p fails within 10s naming the socket", func(t *testing.T) {
+		port := testbed.FreePort(t)
+		started := time.Now()
+		_, err := d.RunErr(context.Background(), testbed.RunOptions{Publish: []string{fmt.Sprintf("127.0.0.1:%d:80", port)}})
+		took := time.Since(started)
+		if err == nil || !strings.Contains(err.Error(), s.stack.Config.Socket) {
+			t.Fatalf("docker run: %v; want an error naming %s", err, s.stack.Config.Socket)
+		}
+		if took > 10*time.Second {
+			t.Fatalf("docker run took %v to fail", took)
+		}
+		t.Logf("docker run failed after %v: %v", took.Round(time.Millisecond), err)
+		if pids := s.shims(port); len(pids) != 0 {
+			t.Fatalf("shims left running: %v", pids)
+		}
+	})
+	t.Run("udp echoes 1000 datagrams with the server stopped", udpEcho)
+}
