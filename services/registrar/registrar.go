@@ -8,6 +8,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/netip"
 	"strings"
@@ -112,9 +113,17 @@ func (s *Server) Register(stream pb.Registrar_RegisterServer) error {
 	if err := s.Registry.Claim(entry); err != nil {
 		return s.fail(stream, err.Error())
 	}
+	closedByShim := false
 	defer func() {
-		if s.Registry.Release(mapping.Key, owner) {
-			log.Info("deregistered")
+		if !s.Registry.Release(mapping.Key, owner) {
+			return
+		}
+		log.Info("deregistered")
+		if closedByShim {
+			// The shim is waiting (briefly) for the stream to end: end it once Envoy has let go
+			// of the port, so that dockerd 28+, which binds the port itself, can bind it again
+			// at once when the container restarts.
+			s.confirmRemoved(stream.Context(), entry, log)
 		}
 	}()
 
@@ -137,6 +146,7 @@ func (s *Server) Register(stream pb.Registrar_RegisterServer) error {
 	for {
 		msg, err := stream.Recv()
 		if err != nil {
+			closedByShim = errors.Is(err, io.EOF)
 			return nil
 		}
 		if l := msg.GetLog(); l != nil {
@@ -174,6 +184,24 @@ func (s *Server) confirm(ctx context.Context, e registry.Entry) error {
 	ctx, cancel := context.WithTimeout(ctx, s.ReadyTimeout)
 	defer cancel()
 	return s.Confirmer.Wait(ctx, wants)
+}
+
+// removalWait bounds how long a deregistering shim is kept waiting for Envoy.
+const removalWait = 300 * time.Millisecond
+
+func (s *Server) confirmRemoved(ctx context.Context, e registry.Entry, log *slog.Logger) {
+	wants, err := s.Publisher.Wanted(e)
+	if err != nil || len(wants) == 0 {
+		return
+	}
+	for i := range wants {
+		wants[i].Version = "" // held by no one
+	}
+	ctx, cancel := context.WithTimeout(ctx, removalWait)
+	defer cancel()
+	if err := s.Confirmer.Wait(ctx, wants); err != nil {
+		log.Debug("envoy did not confirm the removal in time", "err", err)
+	}
 }
 
 func (s *Server) fail(stream pb.Registrar_RegisterServer, reason string) error {

@@ -42,6 +42,7 @@ func TestE2EServer(t *testing.T) {
 			})
 			t.Run("tcp mode echoes and counts bytes", func(t *testing.T) { testTCPMode(t, st, db) })
 			t.Run("closing the registration closes the port within 1s", func(t *testing.T) { testClose(t, st, web) })
+			t.Run("a clean deregistration ends once Envoy has let the port go", func(t *testing.T) { testCleanDeregistration(t, st, web) })
 			t.Run("port in use is reported and leaves nothing behind", func(t *testing.T) { testPortInUse(t, st, web) })
 			t.Run("0.0.0.0 and :: on one port coexist", func(t *testing.T) { testDualStack(t, st, web) })
 			t.Run("long-lived connection survives 100 other ports coming and going", func(t *testing.T) {
@@ -127,6 +128,35 @@ func testClose(t *testing.T, st *stack.Stack, web *testbed.Container) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	t.Logf("port refused %v after the registration closed", time.Since(closed).Round(time.Millisecond))
+}
+
+// testCleanDeregistration: a stopping shim closes its side and waits for the server to end the
+// stream; by then Envoy has acknowledged the listener's removal (its workers close the socket
+// moments later), so that dockerd 28+, which binds the port itself, can soon bind it again.
+func testCleanDeregistration(t *testing.T, st *stack.Stack, web *testbed.Container) {
+	port := testbed.FreePort(t)
+	stream, err := st.Client.Register(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := stream.Send(&pb.RegisterRequest{Request: &pb.RegisterRequest_Open{Open: &pb.Open{Mapping: stack.TCP(port, web.IP.String(), 80)}}}); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := stream.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ready(t, resp)
+	if err := stream.CloseSend(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := stream.Recv(); !errors.Is(err, io.EOF) {
+		t.Fatalf("stream end: %v", err)
+	}
+	name := fmt.Sprintf("tcp_127.0.0.1_%d", port)
+	if l := string(st.Envoy.Admin(t, "/listeners")); strings.Contains(l, name) {
+		t.Fatalf("listener %s still active in Envoy when the server ended the stream", name)
+	}
 }
 
 func testPortInUse(t *testing.T, st *stack.Stack, web *testbed.Container) {

@@ -367,7 +367,7 @@ func (t *Tracker) Connected() bool {
 }
 
 // Wait returns nil once one connected Envoy has acknowledged every wanted resource at its exact
-// version, a *RejectedError when Envoy refused one of them, and ErrEnvoyNotConnected or the
+// version (Version "" waits until it holds none), a *RejectedError when Envoy refused one of them, and ErrEnvoyNotConnected or the
 // context's error when ctx ends first.
 func (t *Tracker) Wait(ctx context.Context, wants []Want) error {
 	for {
@@ -392,6 +392,13 @@ func (t *Tracker) Wait(ctx context.Context, wants []Want) error {
 
 func (t *Tracker) check(wants []Want) (bool, error) {
 	settled := func(r *resourceState) bool { return r != nil && !r.changing && !r.inFlight }
+	// A resource the stream forgot (removed and settled) is held by no one.
+	held := func(r *resourceState) (string, bool) {
+		if r == nil {
+			return "", true
+		}
+		return r.held, settled(r)
+	}
 	for _, st := range t.streams {
 		for _, w := range wants {
 			if r := st.resources[w.TypeURL][w.Name]; settled(r) && r.rejected != nil && r.rejected.version == w.Version {
@@ -402,7 +409,7 @@ func (t *Tracker) check(wants []Want) (bool, error) {
 	for _, st := range t.streams {
 		all := true
 		for _, w := range wants {
-			if r := st.resources[w.TypeURL][w.Name]; !settled(r) || r.held != w.Version {
+			if v, ok := held(st.resources[w.TypeURL][w.Name]); !ok || v != w.Version {
 				all = false
 				break
 			}
