@@ -2,13 +2,12 @@
 GO            ?= go
 BIN           ?= bin
 ENVOY_VERSION ?= 1.40.0
-ENVOY_BIN     ?= /var/cache/envoy-docker-shim/envoy-$(ENVOY_VERSION)/envoy
 VERSION       ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS       := -s -w -X github.com/envoy-docker-shim/envoy-docker-shim/services/buildinfo.Version=$(VERSION)
 # Test timeouts are generous ceilings, not targets: a hung daemon must fail the run, not eat CI's 90 minutes.
 TEST_TIMEOUT  ?= 15m
 
-.PHONY: all build test unit e2e lint generate bench provision up clean
+.PHONY: all build test unit e2e lint generate bench provision images up clean
 
 all: build
 
@@ -48,11 +47,15 @@ generate:
 bench:
 	$(GO) test -run '^$$' -bench . -benchtime 1x -timeout 30m ./...
 
-# Runs envoy-docker-server and Envoy on this host in the foreground, as root; Ctrl-C stops both.
-up: build
-	@[ -x "$(ENVOY_BIN)" ] || { echo "no Envoy at $(ENVOY_BIN): run make provision or set ENVOY_BIN"; exit 1; }
-	ENVOY_BINARY=$(ENVOY_BIN) ENVOY_CONFIG_PATH=$(BIN)/envoy.yaml \
-	  bash -c 'trap "kill 0" EXIT; $(BIN)/envoy-docker-server & $(BIN)/envoy-entrypoint & wait -n'
+# The appliance. Compose v2 when the plugin is there, else Debian's docker-compose 1.29.
+COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
+
+images:
+	$(COMPOSE) build
+
+# The main job: installs the shim on the host, starts server and Envoy, runs resync.
+up:
+	$(COMPOSE) up -d
 
 # Installs what the tests need on a Debian host (also what a Vagrant VM runs).
 provision:

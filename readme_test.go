@@ -14,6 +14,8 @@ import (
 	"github.com/envoy-docker-shim/envoy-docker-shim/envoy/bootstrap"
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/resync"
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/server"
+	shimconfig "github.com/envoy-docker-shim/envoy-docker-shim/shim/config"
+	"github.com/envoy-docker-shim/envoy-docker-shim/shim/installer"
 )
 
 var update = flag.Bool("update", false, "rewrite the configuration table in README.md")
@@ -29,10 +31,14 @@ func table() string {
 	for _, c := range []struct {
 		name string
 		spec any
+		// prefix is the envconfig prefix the component reads its struct with.
+		prefix string
 	}{
-		{"envoy-docker-server", server.Config{}},
-		{"envoy (entrypoint)", bootstrap.Config{}},
-		{"resync", resync.Config{}},
+		{"envoy-docker-shim", shimconfig.Config{}, shimconfig.Prefix + "_"},
+		{"envoy-docker-server", server.Config{}, ""},
+		{"envoy (entrypoint)", bootstrap.Config{}, ""},
+		{"resync", resync.Config{}, ""},
+		{"installer", installer.Config{}, ""},
 	} {
 		t := reflect.TypeOf(c.spec)
 		for i := range t.NumField() {
@@ -41,7 +47,7 @@ func table() string {
 			if def == "" {
 				def = "(empty)"
 			}
-			fmt.Fprintf(&b, "| %s | `%s` | `%s` | %s |\n", c.name, f.Tag.Get("envconfig"), def, f.Tag.Get("desc"))
+			fmt.Fprintf(&b, "| %s | `%s%s` | `%s` | %s |\n", c.name, c.prefix, f.Tag.Get("envconfig"), def, f.Tag.Get("desc"))
 		}
 	}
 	return b.String()
