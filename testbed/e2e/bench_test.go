@@ -72,21 +72,9 @@ func BenchmarkPublishVsDockerProxy(b *testing.B) {
 	}
 }
 
+// proxyPids lists the processes whose program name ends in name and serve host port port.
 func proxyPids(name string, port int) []int {
-	var pids []int
-	entries, _ := os.ReadDir("/proc")
-	for _, e := range entries {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-		args := strings.Split(string(cmdline), "\x00")
-		if len(args) > 0 && strings.HasSuffix(args[0], name) && strings.Contains(string(cmdline), "\x00-host-port\x00"+strconv.Itoa(port)+"\x00") {
-			pids = append(pids, pid)
-		}
-	}
-	return pids
+	return procsServing(port, func(_ int, argv0 string) bool { return strings.HasSuffix(argv0, name) })
 }
 
 func memKiB(pid int, file, field string) int {

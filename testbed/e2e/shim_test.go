@@ -67,6 +67,15 @@ func startB(t testing.TB) *setup {
 
 // shims lists the running shim processes of this test that serve host port port (0: any).
 func (s *setup) shims(port int) []int {
+	return procsServing(port, func(pid int, _ string) bool {
+		exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
+		return err == nil && exe == s.shim
+	})
+}
+
+// procsServing lists the processes that is accepts and whose command line has -host-port port
+// (any port when port is 0).
+func procsServing(port int, is func(pid int, argv0 string) bool) []int {
 	var pids []int
 	entries, _ := os.ReadDir("/proc")
 	for _, e := range entries {
@@ -74,11 +83,14 @@ func (s *setup) shims(port int) []int {
 		if err != nil {
 			continue
 		}
-		exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
-		if err != nil || exe != s.shim {
+		cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+		if err != nil || len(cmdline) == 0 {
 			continue
 		}
-		cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+		argv0, _, _ := strings.Cut(string(cmdline), "\x00")
+		if !is(pid, argv0) {
+			continue
+		}
 		if port == 0 || strings.Contains(string(cmdline), "\x00-host-port\x00"+strconv.Itoa(port)+"\x00") {
 			pids = append(pids, pid)
 		}
