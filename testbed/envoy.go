@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"net/url"
 	"os"
 	"os/exec"
@@ -287,4 +288,33 @@ func (e *Envoy) teardown(t testing.TB) {
 	if err := e.inst.release(t.Logf); err != nil {
 		t.Errorf("testbed: removing envoy instance %s: %v", e.inst.dir, err)
 	}
+}
+
+// TCPProxyBootstrap is a static Envoy bootstrap with one listener, named name (also its stat
+// prefix), proxying TCP from listen to upstream through a cluster also named name. The listener
+// uses SO_REUSEPORT, one socket per worker, as envoy-docker-server configures every port.
+func TCPProxyBootstrap(name string, listen, upstream netip.AddrPort) string {
+	return fmt.Sprintf(`admin:
+  address: {socket_address: {address: 127.0.0.1, port_value: %s}}
+static_resources:
+  listeners:
+  - name: %[2]s
+    stat_prefix: %[2]s
+    enable_reuse_port: true
+    address: {socket_address: {address: "%[3]s", port_value: %[4]d}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: %[2]s
+          cluster: %[2]s
+  clusters:
+  - name: %[2]s
+    type: STATIC
+    connect_timeout: 2s
+    load_assignment:
+      cluster_name: %[2]s
+      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: "%[5]s", port_value: %[6]d}}}}]}]
+`, AdminPortPlaceholder, name, listen.Addr(), listen.Port(), upstream.Addr(), upstream.Port())
 }

@@ -5,42 +5,12 @@ import (
 	"crypto/rand"
 	"fmt"
 	"net"
+	"net/netip"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
 )
-
-// tcpProxyBootstrap is a static Envoy that forwards one loopback port to a container's echo port.
-func tcpProxyBootstrap(listenPort int, upstream string) string {
-	return fmt.Sprintf(`admin:
-  address:
-    socket_address: {address: 127.0.0.1, port_value: %s}
-static_resources:
-  listeners:
-  - name: echo_tcp
-    address:
-      socket_address: {address: 127.0.0.1, port_value: %d}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.tcp_proxy
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
-          stat_prefix: echo_tcp
-          cluster: echo
-  clusters:
-  - name: echo
-    type: STATIC
-    connect_timeout: 2s
-    load_assignment:
-      cluster_name: echo
-      endpoints:
-      - lb_endpoints:
-        - endpoint:
-            address:
-              socket_address: {address: %s, port_value: 7}
-`, AdminPortPlaceholder, listenPort, upstream)
-}
 
 // TestEnvoyToContainer proves the Envoy half of the harness: a real Envoy carries loopback
 // traffic to a container on the test bridge byte for byte, and its admin interface and stats can
@@ -52,12 +22,12 @@ func TestEnvoyToContainer(t *testing.T) {
 	d := StartDaemon(t, DaemonOptions{})
 	c := d.Run(t, RunOptions{})
 	listen := FreePort(t)
-	e := StartEnvoy(t, EnvoyOptions{Bootstrap: tcpProxyBootstrap(listen, c.IP.String())})
+	e := StartEnvoy(t, EnvoyOptions{Bootstrap: TCPProxyBootstrap("echo", netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(listen)), netip.AddrPortFrom(c.IP, 7))})
 	if e.Pid() == 0 || e.BaseID <= envoyBaseIDOffset {
 		t.Fatalf("envoy pid %d, base ID %d", e.Pid(), e.BaseID)
 	}
-	if !strings.Contains(string(e.Admin(t, "/listeners")), "echo_tcp") {
-		t.Fatalf("/listeners lacks echo_tcp: %s", e.Admin(t, "/listeners"))
+	if !strings.Contains(string(e.Admin(t, "/listeners")), "echo::") {
+		t.Fatalf("/listeners lacks echo: %s", e.Admin(t, "/listeners"))
 	}
 
 	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(listen))

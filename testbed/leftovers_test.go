@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -44,7 +45,7 @@ type instanceProbe struct {
 func startEverything(t *testing.T) instanceProbe {
 	d := StartDaemon(t, DaemonOptions{})
 	c := d.Run(t, RunOptions{Publish: []string{fmt.Sprintf("127.0.0.1:%d:7", FreePort(t))}})
-	e := StartEnvoy(t, EnvoyOptions{Bootstrap: tcpProxyBootstrap(FreePort(t), c.IP.String())})
+	e := StartEnvoy(t, EnvoyOptions{Bootstrap: TCPProxyBootstrap("echo", netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(FreePort(t))), netip.AddrPortFrom(c.IP, 7))})
 	netID := d.MustDocker(t, "network", "create", "eds-user-net")
 	onNet := d.Run(t, RunOptions{Flags: []string{"--network", "eds-user-net"}})
 	if !d.AddressPool.Contains(onNet.IP) {

@@ -21,32 +21,6 @@ import (
 	"github.com/envoy-docker-shim/envoy-docker-shim/testbed"
 )
 
-// handoverBootstrap is Envoy with a static listener on host (tcp_proxy to backend), the way
-// envoy-docker-server configures a TCP mapping: SO_REUSEPORT, one socket per worker.
-func handoverBootstrap(host, backend netip.AddrPort) string {
-	return fmt.Sprintf(`admin:
-  address: {socket_address: {address: 127.0.0.1, port_value: %s}}
-static_resources:
-  listeners:
-  - name: handover
-    stat_prefix: handover
-    address: {socket_address: {address: "%s", port_value: %d}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.tcp_proxy
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
-          stat_prefix: container
-          cluster: container
-  clusters:
-  - name: container
-    connect_timeout: 1s
-    load_assignment:
-      cluster_name: container
-      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: "%s", port_value: %d}}}}]}]
-`, testbed.AdminPortPlaceholder, host.Addr(), host.Port(), backend.Addr(), backend.Port())
-}
-
 var statLine = regexp.MustCompile(`(?m)^listener\.handover\.(\S+): (\d+)$`)
 
 // handoverStats returns the listener's counters, e.g. "downstream_cx_total", "worker_0.downstream_cx_total".
@@ -114,7 +88,7 @@ func TestListenFDHandoverToRealEnvoy(t *testing.T) {
 			func() {
 				started := false
 				defer func() { envoyStarted <- started }()
-				envoy = testbed.StartEnvoy(t, testbed.EnvoyOptions{Bootstrap: handoverBootstrap(host, echo), Concurrency: 2})
+				envoy = testbed.StartEnvoy(t, testbed.EnvoyOptions{Bootstrap: testbed.TCPProxyBootstrap("handover", host, echo), Concurrency: 2})
 				testbed.WaitFor(t, 10*time.Second, "Envoy lists the handover listener", func() error {
 					if !strings.Contains(string(envoy.Admin(t, "/listeners")), "handover::") {
 						return fmt.Errorf("listener not active")
