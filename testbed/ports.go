@@ -53,7 +53,7 @@ var ports struct {
 	given        map[int]bool
 }
 
-// FreePort returns a port that is free on 127.0.0.1 for both TCP and UDP and that no other caller
+// FreePort returns a port that is free on 127.0.0.1 and ::1 for both TCP and UDP and that no other caller
 // in any test process holds. The port stays reserved until the test ends; a process never hands
 // out the same port twice, so a port a finished test left in TIME_WAIT is not reused.
 func FreePort(t testing.TB) int {
@@ -138,18 +138,40 @@ func (l *portLease) release() {
 	l.f.Close()
 }
 
-// portFree checks by binding: TCP on 127.0.0.1 and UDP on 127.0.0.1 must both be available.
+// portFree checks by binding: TCP and UDP must both be available on 127.0.0.1 and, where the
+// host has IPv6 loopback, on ::1, since tests publish on either.
 func portFree(port int) error {
-	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
-	ln, err := net.Listen("tcp4", addr)
-	if err != nil {
-		return fmt.Errorf("tcp %s: %w", addr, err)
+	for _, host := range []string{"127.0.0.1", "::1"} {
+		addr := net.JoinHostPort(host, strconv.Itoa(port))
+		for _, network := range []string{"tcp", "udp"} {
+			err := bindBriefly(network, addr)
+			if err != nil && host == "::1" && noIPv6(err) {
+				break
+			}
+			if err != nil {
+				return fmt.Errorf("%s %s: %w", network, addr, err)
+			}
+		}
 	}
-	ln.Close()
-	pc, err := net.ListenPacket("udp4", addr)
-	if err != nil {
-		return fmt.Errorf("udp %s: %w", addr, err)
-	}
-	pc.Close()
 	return nil
+}
+
+func bindBriefly(network, addr string) error {
+	if network == "tcp" {
+		ln, err := net.Listen(network, addr)
+		if err != nil {
+			return err
+		}
+		return ln.Close()
+	}
+	pc, err := net.ListenPacket(network, addr)
+	if err != nil {
+		return err
+	}
+	return pc.Close()
+}
+
+// noIPv6 tells a host without IPv6 loopback from a port that is taken.
+func noIPv6(err error) bool {
+	return errors.Is(err, syscall.EADDRNOTAVAIL) || errors.Is(err, syscall.EAFNOSUPPORT)
 }

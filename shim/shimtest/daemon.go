@@ -202,34 +202,6 @@ func daemonSocket(addr netip.AddrPort, typ int) (*os.File, error) {
 	return os.NewFile(uintptr(fd), "listener"), nil
 }
 
-// FreePort returns a port on ip that was free a moment ago, for both TCP and UDP.
-func FreePort(ip netip.Addr) (uint16, error) {
-	for range 50 {
-		f, err := ListenTCP(netip.AddrPortFrom(ip, 0))
-		if err != nil {
-			return 0, err
-		}
-		sa, err := unix.Getsockname(int(f.Fd()))
-		f.Close()
-		if err != nil {
-			return 0, err
-		}
-		var port int
-		switch a := sa.(type) {
-		case *unix.SockaddrInet4:
-			port = a.Port
-		case *unix.SockaddrInet6:
-			port = a.Port
-		}
-		u, err := BindUDP(netip.AddrPortFrom(ip, uint16(port)))
-		if err == nil {
-			u.Close()
-			return uint16(port), nil
-		}
-	}
-	return 0, errors.New("no free port")
-}
-
 // Args is dockerd's argv for a mapping (without the program name).
 func Args(proto string, host, container netip.AddrPort, useListenFD bool) []string {
 	a := []string{

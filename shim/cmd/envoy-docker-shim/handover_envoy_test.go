@@ -46,11 +46,7 @@ func TestListenFDHandoverToRealEnvoy(t *testing.T) {
 			h := newHarness(t)
 			echo := tcpEcho(t)
 			addr := netip.MustParseAddr(ip)
-			port, err := shimtest.FreePort(addr)
-			if err != nil {
-				t.Fatal(err)
-			}
-			host := netip.AddrPortFrom(addr, port)
+			host := netip.AddrPortFrom(addr, freePort(t))
 
 			// The fake server asks the test goroutine (where the harness may fail the test) to start
 			// Envoy once the shim has registered, that is once fd 4 has SO_REUSEPORT; Envoy binds

@@ -21,6 +21,7 @@ import (
 
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/registration/registrationpb"
 	"github.com/envoy-docker-shim/envoy-docker-shim/shim/shimtest"
+	"github.com/envoy-docker-shim/envoy-docker-shim/testbed"
 )
 
 var shimBin string
@@ -142,11 +143,7 @@ func (h *harness) stop(p *shimtest.Proxy, sig os.Signal) {
 
 func freePort(t *testing.T) uint16 {
 	t.Helper()
-	p, err := shimtest.FreePort(loopback)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return p
+	return uint16(testbed.FreePort(t))
 }
 
 func tcpArgs(t *testing.T, useListenFD bool) ([]string, netip.AddrPort) {
@@ -507,12 +504,9 @@ func TestUDPEchoesThousandDatagrams(t *testing.T) {
 			}
 			echo := udpEcho(t)
 			ip := netip.MustParseAddr(tc.host)
-			port, err := shimtest.FreePort(ip)
-			if err != nil {
-				t.Fatal(err)
-			}
-			host := netip.AddrPortFrom(ip, port)
+			host := netip.AddrPortFrom(ip, freePort(t))
 			var sock *os.File
+			var err error
 			if tc.useListenFD {
 				if sock, err = shimtest.BindUDP(host); err != nil {
 					t.Fatal(err)
