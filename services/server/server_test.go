@@ -9,18 +9,16 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/envoy-docker-shim/envoy-docker-shim/testbed"
 )
 
 func freeAddr(t *testing.T) string {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
+	return net.JoinHostPort("127.0.0.1", strconv.Itoa(testbed.FreePort(t)))
 }
 
 // TestServerWithoutEnvoy: the socket is root-only, /healthz says Envoy is missing, /metrics

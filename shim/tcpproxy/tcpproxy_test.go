@@ -7,6 +7,8 @@ import (
 	"net/netip"
 	"testing"
 	"time"
+
+	"github.com/envoy-docker-shim/envoy-docker-shim/testbed"
 )
 
 // Contract (docker-proxy's data plane): "TCP: accept, dial the container, copy both ways with
@@ -58,9 +60,7 @@ func TestForwardsWithHalfClose(t *testing.T) {
 }
 
 func TestUnreachableBackendClosesClient(t *testing.T) {
-	dead, _ := net.Listen("tcp4", "127.0.0.1:0")
-	addr := netip.MustParseAddrPort(dead.Addr().String())
-	dead.Close()
+	addr := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(testbed.FreePort(t))) // nothing listens there
 	front, _ := net.Listen("tcp4", "127.0.0.1:0")
 	defer front.Close()
 	p := New(addr, slog.New(slog.NewTextHandler(io.Discard, nil)))
