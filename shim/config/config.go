@@ -1,6 +1,11 @@
 // Package config is the shim's one configuration struct, read from the environment. The shim
 // runs with dockerd's environment, so every default must work with an empty one; operators set
 // these in dockerd's environment (e.g. a systemd drop-in for docker.service).
+//
+// The struct carries envconfig's tags (the README's table is generated from them) but the shim
+// reads it without the envconfig package: its package initialisation compiles regular expressions
+// and templates, which costs every shim process (one per published port) most of a mebibyte.
+// config_test.go checks that Load reads the environment as envconfig.Process would.
 package config
 
 import (
@@ -8,8 +13,6 @@ import (
 	"os"
 	"reflect"
 	"time"
-
-	"github.com/kelseyhightower/envconfig"
 
 	"github.com/envoy-docker-shim/envoy-docker-shim/shim/handshake"
 )
@@ -30,16 +33,30 @@ type Config struct {
 // Load reads the environment. Errors name the variable and are fit for the user of docker run.
 func Load() (Config, error) {
 	var c Config
-	// A variable set to "" means the default, as if unset (envconfig would parse "").
-	t := reflect.TypeFor[Config]()
-	for i := range t.NumField() {
-		key := Prefix + "_" + t.Field(i).Tag.Get("envconfig")
-		if v, ok := os.LookupEnv(key); ok && v == "" {
-			os.Unsetenv(key)
+	v := reflect.ValueOf(&c).Elem()
+	for i := range v.NumField() {
+		f := v.Type().Field(i)
+		key := Prefix + "_" + f.Tag.Get("envconfig")
+		// A variable set to "" means the default, as if unset.
+		raw := os.Getenv(key)
+		if raw == "" {
+			raw = f.Tag.Get("default")
 		}
-	}
-	if err := envconfig.Process(Prefix, &c); err != nil {
-		return c, fmt.Errorf("invalid envoy-docker-shim environment: %w", err)
+		switch dst := v.Field(i).Addr().Interface().(type) {
+		case *string:
+			*dst = raw
+		case *time.Duration:
+			if raw == "" {
+				continue
+			}
+			d, err := time.ParseDuration(raw)
+			if err != nil {
+				return c, fmt.Errorf("invalid envoy-docker-shim environment: %s=%q: not a duration such as 10s or 500ms", key, raw)
+			}
+			*dst = d
+		default:
+			panic(fmt.Sprintf("config: field %s has a type Load does not read", f.Name))
+		}
 	}
 	if c.Timeout <= 0 || c.Timeout > handshake.MaxTimeout {
 		return c, fmt.Errorf("invalid envoy-docker-shim environment: %s_SHIM_TIMEOUT=%s: must be more than 0 and at most %s (dockerd gives up at 16s)",

@@ -1,9 +1,13 @@
 package config
 
 import (
+	"os"
+
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/kelseyhightower/envconfig"
 )
 
 func TestLoad(t *testing.T) {
@@ -39,5 +43,36 @@ func TestLoad(t *testing.T) {
 				t.Fatalf("Load() = %+v, %v; want %+v", got, err, tc.want)
 			}
 		})
+	}
+}
+
+// Load reads the environment exactly as envconfig.Process would (the server and the README use
+// envconfig), for every setting that envconfig accepts.
+func TestLoadAgreesWithEnvconfig(t *testing.T) {
+	for _, env := range []map[string]string{
+		{},
+		{"EDS_SOCKET": "/x/y.sock"},
+		{"EDS_SHIM_TIMEOUT": "1500ms", "EDS_SCTP_PROXY": "/usr/sbin/docker-proxy"},
+		{"EDS_SHIM_TIMEOUT": "1m0s"},
+		{"EDS_SOCKET": " spaced path ", "EDS_SHIM_TIMEOUT": "0.5s"},
+	} {
+		for _, k := range []string{"EDS_SOCKET", "EDS_SHIM_TIMEOUT", "EDS_SCTP_PROXY"} {
+			os.Unsetenv(k)
+			t.Setenv(k, env[k])
+			if _, set := env[k]; !set {
+				os.Unsetenv(k)
+			}
+		}
+		var want Config
+		if err := envconfig.Process(Prefix, &want); err != nil {
+			t.Fatal(err)
+		}
+		got, err := Load()
+		if err != nil && !strings.Contains(err.Error(), "at most") {
+			t.Fatalf("%v: %v", env, err)
+		}
+		if got != want {
+			t.Errorf("%v: Load() = %+v, envconfig = %+v", env, got, want)
+		}
 	}
 }

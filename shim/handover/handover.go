@@ -63,13 +63,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"log/slog"
 	"net"
 	"net/netip"
 	"os"
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/envoy-docker-shim/envoy-docker-shim/shim/logging"
 
 	"golang.org/x/net/bpf"
 	"golang.org/x/sys/unix"
@@ -101,7 +102,7 @@ type Listener struct {
 	addr  netip.AddrPort
 	inode uint64
 	proxy *tcpproxy.Proxy
-	log   *slog.Logger
+	log   *logging.Logger
 
 	handedOver atomic.Bool
 	closing    atomic.Bool
@@ -110,7 +111,7 @@ type Listener struct {
 // Adopt takes f (fd 4) as host's listening TCP socket, forwarding to container. It checks that f
 // is what dockerd promised, makes it non-blocking and sets SO_REUSEPORT on it so Envoy can bind
 // beside it. f is closed; the Listener holds a duplicate.
-func Adopt(f *os.File, host, container netip.AddrPort, log *slog.Logger) (*Listener, error) {
+func Adopt(f *os.File, host, container netip.AddrPort, log *logging.Logger) (*Listener, error) {
 	defer f.Close()
 	fd := int(f.Fd())
 	if typ, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_TYPE); err != nil || typ != unix.SOCK_STREAM {

@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"context"
 	"fmt"
-	"log/slog"
 	"net"
 	"net/netip"
 	"os"
@@ -15,12 +14,14 @@ import (
 	"testing"
 	"time"
 
+	"github.com/envoy-docker-shim/envoy-docker-shim/shim/logging"
+
 	"golang.org/x/sys/unix"
 
 	"github.com/envoy-docker-shim/envoy-docker-shim/shim/shimtest"
 )
 
-var quiet = slog.New(slog.DiscardHandler)
+var quiet = logging.Discard()
 
 // server answers each line with its name and the line: "name:line".
 func serveLines(l net.Listener, name string, count *atomic.Int64) {

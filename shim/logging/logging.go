@@ -1,8 +1,13 @@
-// Package logging is the shim's one logger setup. Under dockerd the shim's stdout and stderr are
-// /dev/null, so records go where an operator will find them: as JSON to the local syslog
-// (/dev/log, i.e. journald or rsyslog) when there is one, and to envoy-docker-server over the
-// registration stream (through an Outbox the registrar drains). Stderr gets them too when it is
-// not /dev/null (someone running the shim by hand).
+// Package logging is the shim's logger. Under dockerd the shim's stdout and stderr are /dev/null,
+// so records go where an operator will find them: as JSON to the local syslog (/dev/log, i.e.
+// journald or rsyslog) when there is one, and to envoy-docker-server over the registration stream
+// (through an Outbox the registrar drains). Stderr gets them too when it is not /dev/null (someone
+// running the shim by hand).
+//
+// Why not log/slog, as the server uses: the shim is one process per published port and must idle
+// in no more memory than docker-proxy. slog's package links encoding/json and reflection-driven
+// formatting, and a Go binary's resident memory grows with its size; this logger writes the same
+// JSON records (time, level, msg, then key-value pairs) with a small encoder of its own.
 //
 // Logging must never block the shim or make it fail: every sink is asynchronous with a bounded
 // queue, and a line that does not fit is dropped.
@@ -10,10 +15,7 @@ package logging
 
 import (
 	"bytes"
-	"context"
 	"io"
-	"log/slog"
-	"log/syslog"
 	"os"
 	"sync"
 	"time"
@@ -21,9 +23,31 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// Level is a record's severity; the values are log/slog's.
+type Level int
+
+const (
+	LevelDebug Level = -4
+	LevelInfo  Level = 0
+	LevelWarn  Level = 4
+	LevelError Level = 8
+)
+
+func (l Level) String() string {
+	switch {
+	case l >= LevelError:
+		return "ERROR"
+	case l >= LevelWarn:
+		return "WARN"
+	case l >= LevelInfo:
+		return "INFO"
+	}
+	return "DEBUG"
+}
+
 // Line is one record for the server.
 type Line struct {
-	Level   slog.Level
+	Level   Level
 	Message string
 }
 
@@ -44,67 +68,83 @@ func (o *Outbox) put(l Line) {
 	}
 }
 
-// Logger is the shim's logger and the sinks behind it.
+// Logger writes records to its sinks. Methods take a message and alternating keys and values,
+// as slog's do. A Logger is safe for concurrent use.
 type Logger struct {
-	*slog.Logger
-	sinks []*asyncSink
+	out   *output
+	attrs []any // from New and With, before each record's own
+}
+
+// output is what every Logger derived with With shares.
+type output struct {
+	sinks  []*asyncSink
+	outbox *Outbox
 }
 
 // New returns a logger writing to syslog (if reachable), to stderr (unless it is /dev/null) and to
-// outbox (if not nil). attrs are on every record.
-func New(outbox *Outbox, attrs ...slog.Attr) *Logger {
+// outbox (if not nil). kv are on every record.
+func New(outbox *Outbox, kv ...any) *Logger {
 	var sinks []*asyncSink
-	if w, err := syslog.New(syslog.LOG_DAEMON|syslog.LOG_INFO, "envoy-docker-shim"); err == nil {
-		sinks = append(sinks, newAsyncSink(func(level slog.Level, line []byte) {
-			msg := string(bytes.TrimRight(line, "\n"))
-			switch {
-			case level >= slog.LevelError:
-				w.Err(msg)
-			case level >= slog.LevelWarn:
-				w.Warning(msg)
-			case level >= slog.LevelInfo:
-				w.Info(msg)
-			default:
-				w.Debug(msg)
-			}
-		}, func() { w.Close() }))
+	if w, err := dialSyslog("envoy-docker-shim"); err == nil {
+		sinks = append(sinks, newAsyncSink(w.write, w.close))
 	}
 	if !isDevNull(2) {
-		sinks = append(sinks, newAsyncSink(func(_ slog.Level, line []byte) { os.Stderr.Write(line) }, nil))
+		sinks = append(sinks, newAsyncSink(func(_ Level, line []byte) { os.Stderr.Write(line) }, nil))
 	}
-	return newLogger(outbox, sinks, attrs)
+	return newLogger(outbox, sinks, kv)
 }
 
-// NewWriter returns a logger writing JSON lines to w (for tests) and to outbox.
-func NewWriter(w io.Writer, outbox *Outbox, attrs ...slog.Attr) *Logger {
-	return newLogger(outbox, []*asyncSink{newAsyncSink(func(_ slog.Level, line []byte) { w.Write(line) }, nil)}, attrs)
+// NewWriter returns a logger writing JSON lines to w and to outbox (if not nil).
+func NewWriter(w io.Writer, outbox *Outbox, kv ...any) *Logger {
+	return newLogger(outbox, []*asyncSink{newAsyncSink(func(_ Level, line []byte) { w.Write(line) }, nil)}, kv)
 }
 
-func newLogger(outbox *Outbox, sinks []*asyncSink, attrs []slog.Attr) *Logger {
-	h := &handler{shared: &shared{sinks: sinks, outbox: outbox}}
-	opts := &slog.HandlerOptions{Level: slog.LevelDebug}
-	h.json = slog.NewJSONHandler(&h.shared.jsonBuf, opts)
-	// The server stamps time and level itself; it gets the message and attributes as text.
-	h.text = slog.NewTextHandler(&h.shared.textBuf, &slog.HandlerOptions{
-		Level: slog.LevelDebug,
-		ReplaceAttr: func(groups []string, a slog.Attr) slog.Attr {
-			if len(groups) == 0 && (a.Key == slog.TimeKey || a.Key == slog.LevelKey) {
-				return slog.Attr{}
-			}
-			return a
-		},
-	})
-	var hh slog.Handler = h
-	if len(attrs) > 0 {
-		hh = h.WithAttrs(attrs)
+// Discard returns a logger that writes nowhere.
+func Discard() *Logger { return newLogger(nil, nil, nil) }
+
+func newLogger(outbox *Outbox, sinks []*asyncSink, kv []any) *Logger {
+	return &Logger{out: &output{sinks: sinks, outbox: outbox}, attrs: kv}
+}
+
+// With returns a logger that adds kv to every record.
+func (l *Logger) With(kv ...any) *Logger {
+	return &Logger{out: l.out, attrs: append(l.attrs[:len(l.attrs):len(l.attrs)], kv...)}
+}
+
+func (l *Logger) Debug(msg string, kv ...any) { l.Log(LevelDebug, msg, kv...) }
+func (l *Logger) Info(msg string, kv ...any)  { l.Log(LevelInfo, msg, kv...) }
+func (l *Logger) Warn(msg string, kv ...any)  { l.Log(LevelWarn, msg, kv...) }
+func (l *Logger) Error(msg string, kv ...any) { l.Log(LevelError, msg, kv...) }
+
+// Log formats the record once as JSON for the local sinks and once as text for the server (which
+// stamps time and level itself), and hands both on without waiting.
+func (l *Logger) Log(level Level, msg string, kv ...any) {
+	if len(l.out.sinks) > 0 {
+		b := make([]byte, 0, 256)
+		b = append(b, `{"time":`...)
+		b = appendJSONString(b, time.Now().Format(time.RFC3339Nano))
+		b = append(b, `,"level":"`...)
+		b = append(b, level.String()...)
+		b = append(b, `","msg":`...)
+		b = appendJSONString(b, msg)
+		b = appendPairs(b, l.attrs, kv, appendJSONPair)
+		b = append(b, "}\n"...)
+		for _, s := range l.out.sinks {
+			s.put(level, b)
+		}
 	}
-	return &Logger{Logger: slog.New(hh), sinks: sinks}
+	if l.out.outbox != nil {
+		b := append(make([]byte, 0, 128), "msg="...)
+		b = appendTextValue(b, msg)
+		b = appendPairs(b, l.attrs, kv, appendTextPair)
+		l.out.outbox.put(Line{Level: level, Message: string(b)})
+	}
 }
 
 // Close flushes what is queued for the local sinks, waiting at most timeout.
 func (l *Logger) Close(timeout time.Duration) {
 	deadline := time.Now().Add(timeout)
-	for _, s := range l.sinks {
+	for _, s := range l.out.sinks {
 		s.close(time.Until(deadline))
 	}
 }
@@ -120,56 +160,8 @@ func isDevNull(fd int) bool {
 	return st.Rdev == null.Rdev && st.Mode&unix.S_IFMT == unix.S_IFCHR
 }
 
-// shared is the state all handlers derived with WithAttrs/WithGroup write through.
-type shared struct {
-	mu      sync.Mutex
-	jsonBuf bytes.Buffer
-	textBuf bytes.Buffer
-	sinks   []*asyncSink
-	outbox  *Outbox
-}
-
-// handler formats each record twice (JSON for local sinks, text for the server) and hands the
-// results to the sinks without waiting for them.
-type handler struct {
-	shared *shared
-	json   slog.Handler
-	text   slog.Handler
-}
-
-func (h *handler) Enabled(context.Context, slog.Level) bool { return true }
-
-func (h *handler) Handle(ctx context.Context, r slog.Record) error {
-	s := h.shared
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if len(s.sinks) > 0 {
-		s.jsonBuf.Reset()
-		if err := h.json.Handle(ctx, r); err == nil {
-			for _, sink := range s.sinks {
-				sink.put(r.Level, bytes.Clone(s.jsonBuf.Bytes()))
-			}
-		}
-	}
-	if s.outbox != nil {
-		s.textBuf.Reset()
-		if err := h.text.Handle(ctx, r); err == nil {
-			s.outbox.put(Line{Level: r.Level, Message: string(bytes.TrimRight(s.textBuf.Bytes(), "\n"))})
-		}
-	}
-	return nil
-}
-
-func (h *handler) WithAttrs(attrs []slog.Attr) slog.Handler {
-	return &handler{shared: h.shared, json: h.json.WithAttrs(attrs), text: h.text.WithAttrs(attrs)}
-}
-
-func (h *handler) WithGroup(name string) slog.Handler {
-	return &handler{shared: h.shared, json: h.json.WithGroup(name), text: h.text.WithGroup(name)}
-}
-
 type record struct {
-	level slog.Level
+	level Level
 	line  []byte
 }
 
@@ -182,7 +174,7 @@ type asyncSink struct {
 	closeFn func()
 }
 
-func newAsyncSink(write func(slog.Level, []byte), closeFn func()) *asyncSink {
+func newAsyncSink(write func(Level, []byte), closeFn func()) *asyncSink {
 	s := &asyncSink{c: make(chan record, 256), done: make(chan struct{}), closeFn: closeFn}
 	go func() {
 		defer close(s.done)
@@ -193,7 +185,8 @@ func newAsyncSink(write func(slog.Level, []byte), closeFn func()) *asyncSink {
 	return s
 }
 
-func (s *asyncSink) put(level slog.Level, line []byte) {
+// put queues line, which the caller must not change afterwards.
+func (s *asyncSink) put(level Level, line []byte) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed {
@@ -220,3 +213,6 @@ func (s *asyncSink) close(timeout time.Duration) {
 	case <-time.After(timeout):
 	}
 }
+
+// trimNewline drops the record's line end, for sinks that frame records themselves.
+func trimNewline(b []byte) []byte { return bytes.TrimRight(b, "\n") }

@@ -1,5 +1,5 @@
 // Package registrar is the shim's client of envoy-docker-server's registration API (a gRPC
-// service on a Unix socket). One registration is one Register stream: the shim sends Open with its
+// service on a Unix socket, spoken through package grpcstream). One registration is one Register stream: the shim sends Open with its
 // mapping, the server answers Ready once Envoy serves the port or Failed with a reason for the
 // user, and the stream stays open for the shim's whole life; its end is the deregistration.
 //
@@ -15,7 +15,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"math/rand/v2"
 	"os"
 	"strings"
@@ -23,16 +22,10 @@ import (
 	"syscall"
 	"time"
 
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/backoff"
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
-	"google.golang.org/grpc/status"
+	"github.com/envoy-docker-shim/envoy-docker-shim/shim/logging"
 
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/buildinfo"
-	"github.com/envoy-docker-shim/envoy-docker-shim/services/registration/registrationpb"
-	"github.com/envoy-docker-shim/envoy-docker-shim/shim/logging"
-	"github.com/envoy-docker-shim/envoy-docker-shim/shim/proxyargs"
+	"github.com/envoy-docker-shim/envoy-docker-shim/shim/grpcstream"
 )
 
 // Timings. Each is a bound, not a delay: the happy path never waits for them.
@@ -59,28 +52,11 @@ type Options struct {
 	// Socket is the server's Unix socket.
 	Socket string
 	// Open is what the shim registers.
-	Open *registrationpb.Open
+	Open Open
 	// Log receives the registrar's own records.
-	Log *slog.Logger
+	Log *logging.Logger
 	// Outbox, if not nil, holds log lines to forward to the server.
 	Outbox *logging.Outbox
-}
-
-// NewOpen is the Open message for m from this process. proxiesItself is set when the shim carries
-// the traffic (UDP) and Envoy must not be configured.
-func NewOpen(m proxyargs.Mapping, proxiesItself bool) *registrationpb.Open {
-	proto := map[proxyargs.Protocol]registrationpb.Protocol{
-		proxyargs.TCP:  registrationpb.Protocol_PROTOCOL_TCP,
-		proxyargs.UDP:  registrationpb.Protocol_PROTOCOL_UDP,
-		proxyargs.SCTP: registrationpb.Protocol_PROTOCOL_SCTP,
-	}[m.Proto]
-	return &registrationpb.Open{
-		Mapping: &registrationpb.Mapping{
-			Proto: proto, HostIp: m.HostIP.String(), HostPort: uint32(m.HostPort),
-			ContainerIp: m.ContainerIP.String(), ContainerPort: uint32(m.ContainerPort),
-		},
-		Shim: &registrationpb.Shim{Pid: int32(os.Getpid()), Version: buildinfo.String(), ProxiesItself: proxiesItself},
-	}
 }
 
 // Client holds one registration. Register, then Hold, from one goroutine.
@@ -95,7 +71,7 @@ func New(opts Options) *Client { return &Client{opts: opts} }
 // Register opens the registration and waits for the server's answer until ctx ends. On Ready it
 // returns the registration, which stays open for Hold. Errors are fit for the user: a *Failed
 // with the server's reason, or a message naming the socket when the server cannot be reached.
-func (c *Client) Register(ctx context.Context) (*registrationpb.Registration, error) {
+func (c *Client) Register(ctx context.Context) (*Registration, error) {
 	start := time.Now()
 	for wait := backoffMin; ; wait = min(2*wait, 400*time.Millisecond) {
 		var s *session
@@ -103,7 +79,7 @@ func (c *Client) Register(ctx context.Context) (*registrationpb.Registration, er
 		if _, serr := os.Stat(c.opts.Socket); serr != nil {
 			err = serr // no socket (yet): no point in dialling
 		} else {
-			s, err = c.open(ctx, false)
+			s, err = c.open(ctx)
 		}
 		if err == nil {
 			c.cur = s
@@ -141,8 +117,8 @@ func (c *Client) Hold(ctx context.Context) error {
 			c.cur.deregister()
 			c.cur = nil
 			return nil
-		case <-c.cur.done:
-			c.opts.Log.Warn("registration lost; re-registering", "err", c.cur.err)
+		case <-c.cur.stream.Done():
+			c.opts.Log.Warn("registration lost; re-registering", "err", c.cur.endReason())
 			c.cur.close()
 			c.cur = nil
 		}
@@ -163,10 +139,10 @@ func (c *Client) reopen(ctx context.Context, attempt *int) (*session, error) {
 		}
 		*attempt++
 		actx, cancel := context.WithTimeout(ctx, reregisterTimeout)
-		s, err := c.open(actx, true)
+		s, err := c.open(actx)
 		cancel()
 		if err == nil {
-			c.opts.Log.Info("registered", "attempt", *attempt, "service", s.reg.GetService(), "listener", s.reg.GetListener())
+			c.opts.Log.Info("registered", "attempt", *attempt, "service", s.reg.Service, "listener", s.reg.Listener)
 			*attempt = 0
 			return s, nil
 		}
@@ -174,11 +150,11 @@ func (c *Client) reopen(ctx context.Context, attempt *int) (*session, error) {
 			return nil, ctx.Err()
 		}
 		// While the server is away this repeats every few seconds: warn now and then, not each time.
-		level := slog.LevelDebug
+		level := logging.LevelDebug
 		if *attempt == 1 || *attempt%12 == 0 {
-			level = slog.LevelWarn
+			level = logging.LevelWarn
 		}
-		c.opts.Log.Log(ctx, level, "registration attempt failed", "attempt", *attempt, "err", c.explain(actx, err))
+		c.opts.Log.Log(level, "registration attempt failed", "attempt", *attempt, "err", c.explain(actx, err))
 	}
 }
 
@@ -192,115 +168,94 @@ func (c *Client) explain(ctx context.Context, err error) error {
 	if _, serr := os.Stat(sock); errors.Is(serr, os.ErrNotExist) {
 		return fmt.Errorf("envoy-docker-server is not running: its socket %s does not exist (start the server, or set EDS_SOCKET in dockerd's environment if it listens elsewhere)", sock)
 	}
-	if errors.Is(err, context.DeadlineExceeded) || errors.Is(ctx.Err(), context.DeadlineExceeded) || status.Code(err) == codes.DeadlineExceeded {
+	var st *grpcstream.Status
+	if !errors.As(err, &st) {
+		st = &grpcstream.Status{Code: grpcstream.Unknown, Message: err.Error()}
+	}
+	if errors.Is(err, context.DeadlineExceeded) || errors.Is(ctx.Err(), context.DeadlineExceeded) || st.Code == grpcstream.DeadlineExceeded {
 		return fmt.Errorf("envoy-docker-server (socket %s) did not answer within the shim's start-up time (EDS_SHIM_TIMEOUT)", sock)
 	}
 	if errors.Is(err, context.Canceled) {
 		return errors.New("registration cancelled: the shim is stopping")
 	}
-	msg := status.Convert(err).Message()
+	msg := st.Message
 	switch {
 	case errors.Is(err, syscall.ECONNREFUSED) || strings.Contains(msg, "connection refused"):
 		return fmt.Errorf("envoy-docker-server is not running: nothing accepts connections on its socket %s", sock)
-	case strings.Contains(msg, "permission denied"):
+	case errors.Is(err, syscall.EACCES) || strings.Contains(msg, "permission denied"):
 		return fmt.Errorf("cannot connect to envoy-docker-server: permission denied on its socket %s", sock)
-	case errors.Is(err, io.EOF):
+	case errors.Is(err, io.EOF) || st.Code == grpcstream.Unavailable:
 		return fmt.Errorf("envoy-docker-server (socket %s) ended the registration without an answer", sock)
 	}
 	return fmt.Errorf("cannot register with envoy-docker-server (socket %s): %s", sock, msg)
 }
 
-// session is one Register stream and the connection under it.
+// session is one Register stream.
 type session struct {
-	conn   *grpc.ClientConn
-	stream grpc.BidiStreamingClient[registrationpb.RegisterRequest, registrationpb.RegisterResponse]
-	cancel context.CancelFunc
-	reg    *registrationpb.Registration
-
-	done chan struct{} // closed when the stream has ended
-	err  error         // why, readable after done
+	stream *grpcstream.Stream
+	reg    *Registration
 
 	stopLogs chan struct{}
 	logsDone chan struct{}
 	once     sync.Once
 }
 
-func (c *Client) open(ctx context.Context, waitForReady bool) (*session, error) {
-	conn, err := grpc.NewClient("unix://"+c.opts.Socket,
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithConnectParams(grpc.ConnectParams{
-			Backoff:           backoff.Config{BaseDelay: backoffMin, Multiplier: 1.6, Jitter: 0.2, MaxDelay: time.Second},
-			MinConnectTimeout: 2 * time.Second,
-		}),
-		grpc.WithDisableServiceConfig(),
-		grpc.WithDisableRetry(),
-		// One small stream for the process's life: small buffers keep the shim's memory low.
-		grpc.WithReadBufferSize(4096),
-		grpc.WithWriteBufferSize(4096),
-	)
+func (c *Client) open(ctx context.Context) (*session, error) {
+	stream, err := grpcstream.Open(ctx, c.opts.Socket, registerMethod, map[string]string{"user-agent": "envoy-docker-shim/" + buildinfo.String()})
 	if err != nil {
 		return nil, err
 	}
-	sctx, cancel := context.WithCancel(context.Background())
-	s := &session{conn: conn, cancel: cancel, done: make(chan struct{}), stopLogs: make(chan struct{}), logsDone: make(chan struct{})}
+	s := &session{stream: stream, stopLogs: make(chan struct{}), logsDone: make(chan struct{})}
 	// Until Ready, the caller's ctx bounds everything; afterwards the stream lives on its own.
-	detach := context.AfterFunc(ctx, cancel)
-	reg, err := s.start(sctx, c.opts.Open, waitForReady)
-	if !detach() && err == nil {
-		err = ctx.Err() // ctx ended just as Ready arrived: the stream is cancelled
+	detach := context.AfterFunc(ctx, func() { stream.Close() })
+	reg, err := s.start(c.opts.Open)
+	if !detach() {
+		err = ctx.Err() // ctx ended while waiting, or just as Ready arrived: the stream is closed
 	}
 	if err != nil {
-		cancel()
-		conn.Close()
-		if ctx.Err() != nil && status.Code(err) == codes.Canceled {
-			err = ctx.Err()
-		}
+		stream.Close()
 		return nil, err
 	}
 	s.reg = reg
-	go s.receive(c.opts.Log)
 	go s.sendLogs(c.opts.Outbox)
 	return s, nil
 }
 
-// start opens the stream, sends Open and reads the answer.
-func (s *session) start(ctx context.Context, open *registrationpb.Open, waitForReady bool) (*registrationpb.Registration, error) {
-	var err error
-	s.stream, err = registrationpb.NewRegistrarClient(s.conn).Register(ctx, grpc.WaitForReady(waitForReady))
-	if err != nil {
-		return nil, err
-	}
-	if err := s.stream.Send(&registrationpb.RegisterRequest{Request: &registrationpb.RegisterRequest_Open{Open: open}}); err != nil {
+// start sends Open and reads the answer.
+func (s *session) start(open Open) (*Registration, error) {
+	if err := s.stream.Send(marshalOpenRequest(open)); err != nil {
 		_, rerr := s.stream.Recv() // the real reason
 		return nil, rerr
 	}
-	resp, err := s.stream.Recv()
+	msg, err := s.stream.Recv()
 	if err != nil {
 		return nil, err
 	}
-	switch r := resp.GetResponse().(type) {
-	case *registrationpb.RegisterResponse_Ready:
-		return r.Ready.GetRegistration(), nil
-	case *registrationpb.RegisterResponse_Failed:
-		return nil, &Failed{Reason: r.Failed.GetReason()}
+	resp, err := unmarshalResponse(msg)
+	if err != nil {
+		return nil, err
 	}
-	return nil, fmt.Errorf("envoy-docker-server answered with %T", resp.GetResponse())
+	if resp.failed != nil {
+		return nil, resp.failed
+	}
+	return resp.ready, nil
 }
 
-// receive watches the stream after Ready until it ends.
-func (s *session) receive(log *slog.Logger) {
-	defer close(s.done)
+// endReason says why the stream ended, once it has: after Ready the server sends nothing until
+// it ends the stream, perhaps with a Failed message first.
+func (s *session) endReason() error {
 	for {
-		resp, err := s.stream.Recv()
+		msg, err := s.stream.Recv()
 		if err != nil {
-			s.err = err
-			return
+			return err
 		}
-		if f := resp.GetFailed(); f != nil {
-			s.err = &Failed{Reason: f.GetReason()}
-			return
+		resp, err := unmarshalResponse(msg)
+		if err != nil {
+			return err
 		}
-		log.Debug("server confirmed the registration again")
+		if resp.failed != nil {
+			return resp.failed
+		}
 	}
 }
 
@@ -312,9 +267,7 @@ func (s *session) sendLogs(out *logging.Outbox) {
 		return
 	}
 	send := func(l logging.Line) error {
-		return s.stream.Send(&registrationpb.RegisterRequest{Request: &registrationpb.RegisterRequest_Log{
-			Log: &registrationpb.ShimLog{Level: l.Level.String(), Message: l.Message},
-		}})
+		return s.stream.Send(marshalLogRequest(l.Level.String(), l.Message))
 	}
 	for {
 		select {
@@ -323,7 +276,7 @@ func (s *session) sendLogs(out *logging.Outbox) {
 				<-s.stopLogs
 				return
 			}
-		case <-s.done:
+		case <-s.stream.Done():
 			<-s.stopLogs
 			return
 		case <-s.stopLogs:
@@ -350,7 +303,7 @@ func (s *session) deregister() {
 	case <-s.logsDone:
 		s.stream.CloseSend()
 		select {
-		case <-s.done:
+		case <-s.stream.Done():
 		case <-deadline:
 		}
 	case <-deadline:
@@ -360,6 +313,5 @@ func (s *session) deregister() {
 
 func (s *session) close() {
 	s.once.Do(func() { close(s.stopLogs) })
-	s.cancel()
-	s.conn.Close()
+	s.stream.Close()
 }

@@ -4,27 +4,29 @@ import (
 	"context"
 	"errors"
 	"io"
-	"log/slog"
 	"net"
+	"net/netip"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/envoy-docker-shim/envoy-docker-shim/services/registration/registrationpb"
 	"github.com/envoy-docker-shim/envoy-docker-shim/shim/logging"
+
+	"github.com/envoy-docker-shim/envoy-docker-shim/services/registration/registrationpb"
+	"github.com/envoy-docker-shim/envoy-docker-shim/shim/proxyargs"
 	"github.com/envoy-docker-shim/envoy-docker-shim/shim/shimtest"
 )
 
-func open() *registrationpb.Open {
-	return &registrationpb.Open{
-		Mapping: &registrationpb.Mapping{Proto: registrationpb.Protocol_PROTOCOL_TCP, HostIp: "127.0.0.1", HostPort: 8080, ContainerIp: "172.17.0.2", ContainerPort: 80},
-		Shim:    &registrationpb.Shim{Pid: 42, Version: "test"},
+func open() Open {
+	return Open{
+		Mapping: proxyargs.Mapping{Proto: proxyargs.TCP, HostIP: netip.MustParseAddr("127.0.0.1"), HostPort: 8080, ContainerIP: netip.MustParseAddr("172.17.0.2"), ContainerPort: 80},
+		PID:     42, Version: "test",
 	}
 }
 
 func newClient(socket string, out *logging.Outbox) *Client {
-	return New(Options{Socket: socket, Open: open(), Log: slog.New(slog.NewTextHandler(io.Discard, nil)), Outbox: out})
+	return New(Options{Socket: socket, Open: open(), Log: logging.Discard(), Outbox: out})
 }
 
 func socketPath(t *testing.T) string { return filepath.Join(t.TempDir(), "server.sock") }
@@ -40,7 +42,7 @@ func TestRegisterReadyHoldAndDeregister(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if reg.GetMapping().GetHostPort() != 8080 || reg.GetShim().GetPid() != 42 {
+	if reg.HostPort != 8080 || reg.PID != 42 {
 		t.Errorf("registration = %v", reg)
 	}
 	holdCtx, stop := context.WithCancel(context.Background())

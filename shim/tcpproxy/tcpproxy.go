@@ -9,18 +9,19 @@ package tcpproxy
 import (
 	"errors"
 	"io"
-	"log/slog"
 	"net"
 	"net/netip"
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/envoy-docker-shim/envoy-docker-shim/shim/logging"
 )
 
 // Proxy forwards accepted connections to one backend (the container).
 type Proxy struct {
 	backend netip.AddrPort
-	log     *slog.Logger
+	log     *logging.Logger
 
 	mu     sync.Mutex
 	conns  map[net.Conn]struct{}
@@ -29,7 +30,7 @@ type Proxy struct {
 }
 
 // New returns a proxy to backend.
-func New(backend netip.AddrPort, log *slog.Logger) *Proxy {
+func New(backend netip.AddrPort, log *logging.Logger) *Proxy {
 	return &Proxy{backend: backend, log: log, conns: map[net.Conn]struct{}{}}
 }
 

@@ -2,11 +2,12 @@ package tcpproxy
 
 import (
 	"io"
-	"log/slog"
 	"net"
 	"net/netip"
 	"testing"
 	"time"
+
+	"github.com/envoy-docker-shim/envoy-docker-shim/shim/logging"
 
 	"github.com/envoy-docker-shim/envoy-docker-shim/testbed"
 )
@@ -32,7 +33,7 @@ func TestForwardsWithHalfClose(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := New(netip.MustParseAddrPort(backend.Addr().String()), slog.New(slog.NewTextHandler(io.Discard, nil)))
+	p := New(netip.MustParseAddrPort(backend.Addr().String()), logging.Discard())
 	served := make(chan error)
 	go func() { served <- p.Serve(front) }()
 
@@ -63,7 +64,7 @@ func TestUnreachableBackendClosesClient(t *testing.T) {
 	addr := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(testbed.FreePort(t))) // nothing listens there
 	front, _ := net.Listen("tcp4", "127.0.0.1:0")
 	defer front.Close()
-	p := New(addr, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	p := New(addr, logging.Discard())
 	defer p.Close()
 	go p.Serve(front)
 	c, err := net.Dial("tcp4", front.Addr().String())

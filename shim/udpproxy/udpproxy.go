@@ -12,7 +12,6 @@ package udpproxy
 import (
 	"errors"
 	"fmt"
-	"log/slog"
 	"net"
 	"net/netip"
 	"os"
@@ -20,8 +19,9 @@ import (
 	"syscall"
 	"time"
 
-	"golang.org/x/net/ipv4"
-	"golang.org/x/net/ipv6"
+	"github.com/envoy-docker-shim/envoy-docker-shim/shim/logging"
+
+	"golang.org/x/sys/unix"
 )
 
 const (
@@ -70,7 +70,7 @@ type Proxy struct {
 	front   *net.UDPConn
 	v6      bool // the host socket's family (decides the packet-info format)
 	backend netip.AddrPort
-	log     *slog.Logger
+	log     *logging.Logger
 	idle    time.Duration
 
 	mu     sync.Mutex
@@ -88,14 +88,17 @@ type flow struct {
 }
 
 // New returns a proxy on front (from Listen or File) to backend, and turns on packet info.
-func New(front *net.UDPConn, backend netip.AddrPort, log *slog.Logger) (*Proxy, error) {
+func New(front *net.UDPConn, backend netip.AddrPort, log *logging.Logger) (*Proxy, error) {
 	local, _ := netip.ParseAddrPort(front.LocalAddr().String())
 	p := &Proxy{front: front, v6: local.Addr().Is6() && !local.Addr().Is4In6(), backend: backend, log: log, idle: IdleTimeout, flows: map[netip.AddrPort]*flow{}}
-	var err error
+	level, opt := unix.IPPROTO_IP, unix.IP_PKTINFO
 	if p.v6 {
-		err = ipv6.NewPacketConn(front).SetControlMessage(ipv6.FlagDst, true)
-	} else {
-		err = ipv4.NewPacketConn(front).SetControlMessage(ipv4.FlagDst, true)
+		level, opt = unix.IPPROTO_IPV6, unix.IPV6_RECVPKTINFO
+	}
+	raw, err := front.SyscallConn()
+	if err == nil {
+		cerr := raw.Control(func(fd uintptr) { err = unix.SetsockoptInt(int(fd), level, opt, 1) })
+		err = errors.Join(cerr, err)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("failed to enable packet info on %s: %w", local, err)
@@ -106,12 +109,7 @@ func New(front *net.UDPConn, backend netip.AddrPort, log *slog.Logger) (*Proxy, 
 // Run forwards datagrams until Close; then it returns nil.
 func (p *Proxy) Run() error {
 	buf := make([]byte, BufSize)
-	var oob []byte
-	if p.v6 {
-		oob = ipv6.NewControlMessage(ipv6.FlagDst)
-	} else {
-		oob = ipv4.NewControlMessage(ipv4.FlagDst)
-	}
+	oob := make([]byte, unix.CmsgSpace(unix.SizeofInet6Pktinfo)) // room for either family's
 	for {
 		n, oobn, _, from, err := p.front.ReadMsgUDPAddrPort(buf, oob)
 		if err != nil {
@@ -164,18 +162,26 @@ func (p *Proxy) flowFor(client netip.AddrPort, oob []byte) (*flow, error) {
 // replySource turns the packet info of a client's datagram into the control message that sends
 // replies from the address the client sent to. Without packet info the kernel picks the source.
 func (p *Proxy) replySource(oob []byte) []byte {
-	if p.v6 {
-		var cm ipv6.ControlMessage
-		if cm.Parse(oob) != nil || cm.Dst == nil {
-			return nil
-		}
-		return (&ipv6.ControlMessage{Src: cm.Dst}).Marshal()
-	}
-	var cm ipv4.ControlMessage
-	if cm.Parse(oob) != nil || cm.Dst == nil {
+	msgs, err := unix.ParseSocketControlMessage(oob)
+	if err != nil {
 		return nil
 	}
-	return (&ipv4.ControlMessage{Src: cm.Dst}).Marshal()
+	for _, m := range msgs {
+		switch {
+		case !p.v6 && m.Header.Level == unix.IPPROTO_IP && m.Header.Type == unix.IP_PKTINFO && len(m.Data) >= unix.SizeofInet4Pktinfo:
+			// struct in_pktinfo { int ipi_ifindex; struct in_addr ipi_spec_dst, ipi_addr; }:
+			// the datagram's destination (ipi_addr) becomes the reply's source (ipi_spec_dst).
+			var info unix.Inet4Pktinfo
+			copy(info.Spec_dst[:], m.Data[8:12])
+			return unix.PktInfo4(&info)
+		case p.v6 && m.Header.Level == unix.IPPROTO_IPV6 && m.Header.Type == unix.IPV6_PKTINFO && len(m.Data) >= unix.SizeofInet6Pktinfo:
+			// struct in6_pktinfo { struct in6_addr ipi6_addr; int ipi6_ifindex; }
+			var info unix.Inet6Pktinfo
+			copy(info.Addr[:], m.Data[:16])
+			return unix.PktInfo6(&info)
+		}
+	}
+	return nil
 }
 
 // replies copies the container's datagrams back to the client until the flow is idle.

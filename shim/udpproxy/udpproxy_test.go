@@ -2,16 +2,16 @@ package udpproxy
 
 import (
 	"fmt"
-	"io"
-	"log/slog"
 	"net"
 	"net/netip"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/envoy-docker-shim/envoy-docker-shim/shim/logging"
 )
 
-var quiet = slog.New(slog.NewTextHandler(io.Discard, nil))
+var quiet = logging.Discard()
 
 // echo is a UDP echo server standing in for the container; it records the sources it saw.
 type echo struct {

@@ -18,12 +18,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"log/slog"
 	"net"
 	"os"
 	"os/signal"
+
 	"syscall"
 	"time"
+
+	"github.com/envoy-docker-shim/envoy-docker-shim/shim/logging"
 
 	"github.com/oklog/run"
 
@@ -31,7 +33,6 @@ import (
 	"github.com/envoy-docker-shim/envoy-docker-shim/shim/config"
 	"github.com/envoy-docker-shim/envoy-docker-shim/shim/handover"
 	"github.com/envoy-docker-shim/envoy-docker-shim/shim/handshake"
-	"github.com/envoy-docker-shim/envoy-docker-shim/shim/logging"
 	"github.com/envoy-docker-shim/envoy-docker-shim/shim/proxyargs"
 	"github.com/envoy-docker-shim/envoy-docker-shim/shim/registrar"
 	"github.com/envoy-docker-shim/envoy-docker-shim/shim/sctp"
@@ -45,16 +46,34 @@ const listenFD = 4
 const stopWithin = 900 * time.Millisecond
 
 func main() {
+	args, argsErr := proxyargs.Parse(os.Args[1:])
+	if args.Mapping.Proto == proxyargs.TCP {
+		oneProcessor()
+	}
 	start := time.Now()
 	status, pipeErr := handshake.Inherited() // before anything can open a file as fd 3
 	// From the start, so that a stop signal at any moment means "exit 0" (and not death by signal).
 	signals := make(chan os.Signal, 1)
 	signal.Notify(signals, os.Interrupt, syscall.SIGTERM)
-	os.Exit(shim(start, status, pipeErr, signals))
+	os.Exit(shim(start, status, pipeErr, args, argsErr, signals))
 }
 
-func shim(start time.Time, status *handshake.Pipe, pipeErr error, signals <-chan os.Signal) int {
-	args, err := proxyargs.Parse(os.Args[1:])
+// oneProcessor restarts the shim, in the same process, with GOMAXPROCS=1 unless the environment
+// already sets it. Envoy carries a TCP port's traffic: the shim only holds the registration (and
+// proxies for some milliseconds during an fd-4 handover), so one P is plenty, and it spares every
+// idle shim the second P's threads and caches: about 200 KiB, what puts the shim's memory at
+// docker-proxy's. The runtime fixes its P count at start-up; runtime.GOMAXPROCS called later
+// leaves the second P's memory behind about half the time (measured), hence the exec. It runs
+// before the shim touches fd 3 or fd 4, keeps the PID dockerd waits for, and if it fails the
+// shim simply goes on with every P. UDP, which the shim carries itself, keeps every core.
+func oneProcessor() {
+	if _, set := os.LookupEnv("GOMAXPROCS"); set {
+		return
+	}
+	_ = syscall.Exec("/proc/self/exe", os.Args, append(os.Environ(), "GOMAXPROCS=1"))
+}
+
+func shim(start time.Time, status *handshake.Pipe, pipeErr error, args proxyargs.Result, err error, signals <-chan os.Signal) int {
 	switch {
 	case args.Help:
 		fmt.Print(proxyargs.Usage)
@@ -82,7 +101,7 @@ func shim(start time.Time, status *handshake.Pipe, pipeErr error, signals <-chan
 	}
 
 	outbox := logging.NewOutbox(64)
-	log := logging.New(outbox, slog.String("mapping", m.String()), slog.Int("pid", os.Getpid()))
+	log := logging.New(outbox, "mapping", m.String(), "pid", os.Getpid())
 	defer log.Close(100 * time.Millisecond)
 	if pipeErr != nil {
 		log.Warn("no status pipe on fd 3; was the shim started by dockerd?")
@@ -91,7 +110,7 @@ func shim(start time.Time, status *handshake.Pipe, pipeErr error, signals <-chan
 		log.Warn("ignoring an argument this version does not know", "arg", a)
 	}
 	reg := registrar.New(registrar.Options{
-		Socket: cfg.Socket, Open: registrar.NewOpen(m, m.Proto == proxyargs.UDP), Log: log.Logger, Outbox: outbox,
+		Socket: cfg.Socket, Open: registrar.NewOpen(m, m.Proto == proxyargs.UDP), Log: log, Outbox: outbox,
 	})
 	deadline := start.Add(cfg.Timeout - 100*time.Millisecond) // leaves time to write the reason
 
@@ -114,7 +133,7 @@ func shim(start time.Time, status *handshake.Pipe, pipeErr error, signals <-chan
 		var lis *handover.Listener
 		if m.UseListenFD {
 			// Serve what dockerd's socket queues while Envoy gets ready, then hand the port over.
-			if lis, err = handover.Adopt(os.NewFile(listenFD, "listen-sock"), m.Host(), m.Container(), log.Logger); err != nil {
+			if lis, err = handover.Adopt(os.NewFile(listenFD, "listen-sock"), m.Host(), m.Container(), log); err != nil {
 				return fail(status, log, 1, err)
 			}
 			g.Add(func() error {
@@ -162,7 +181,7 @@ func shim(start time.Time, status *handshake.Pipe, pipeErr error, signals <-chan
 		if err != nil {
 			return fail(status, log, 1, err)
 		}
-		p, err := udpproxy.New(conn, m.Container(), log.Logger)
+		p, err := udpproxy.New(conn, m.Container(), log)
 		if err != nil {
 			conn.Close()
 			return fail(status, log, 1, err)

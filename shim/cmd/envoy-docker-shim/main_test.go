@@ -723,3 +723,44 @@ func udpRoundTrips(t *testing.T, host netip.AddrPort, n int) {
 		}
 	}
 }
+
+// Issue 4 (idle memory at docker-proxy's level): a TCP shim runs with one P, set through
+// GOMAXPROCS by re-executing itself in the same process (dockerd keeps waiting on the PID it
+// started); a UDP shim, which carries traffic, keeps every P; an operator's GOMAXPROCS wins.
+func TestOneProcessorForTCP(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		proto string
+		env   []string
+		want  string // GOMAXPROCS in the running shim's environment
+	}{
+		{"tcp", "tcp", nil, "1"},
+		{"udp", "udp", nil, ""},
+		{"tcp, operator's setting", "tcp", []string{"GOMAXPROCS=2"}, "2"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := newHarness(t)
+			h.server(nil)
+			echo := tcpEcho(t)
+			if tc.proto == "udp" {
+				echo = udpEcho(t)
+			}
+			p := h.start(shimtest.Args(tc.proto, netip.AddrPortFrom(loopback, freePort(t)), echo, false), tc.env, nil)
+			h.expectReady(p) // from the PID dockerd started: the exec kept it and fd 3
+			environ, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", p.Cmd.Process.Pid))
+			if err != nil {
+				t.Fatal(err)
+			}
+			var got string
+			for _, kv := range strings.Split(string(environ), "\x00") {
+				if v, ok := strings.CutPrefix(kv, "GOMAXPROCS="); ok {
+					got = v
+				}
+			}
+			if got != tc.want {
+				t.Errorf("GOMAXPROCS = %q, want %q", got, tc.want)
+			}
+			h.stop(p, os.Interrupt)
+		})
+	}
+}
