@@ -17,10 +17,9 @@ ENVOY_BIN_PATH="$ENVOY_CACHE/envoy-$ENVOY_VERSION/envoy"
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 # docker.io brings dockerd, containerd, runc and docker-proxy; the rest serve later suites
-# (compose for the appliance, protoc for `make generate`, wrk and iperf3 for benchmarks).
-PACKAGES=(docker.io docker-compose busybox-static protobuf-compiler wrk iperf3 iproute2 unzip)
-# Wanted by the UI tests; installed only where the archive has it.
-OPTIONAL_PACKAGES=(chromium)
+# (compose for the appliance, protoc for `make generate`, wrk and iperf3 for benchmarks, chromium
+# for the UI test).
+PACKAGES=(docker.io docker-compose busybox-static protobuf-compiler wrk iperf3 iproute2 unzip chromium)
 
 log() { printf 'provision: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -29,7 +28,7 @@ installed() { [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok
 
 missing_packages() {
 	local p
-	for p in "${PACKAGES[@]}" "${OPTIONAL_PACKAGES[@]}"; do
+	for p in "${PACKAGES[@]}"; do
 		installed "$p" || echo "$p"
 	done
 }
@@ -57,24 +56,12 @@ command -v go >/dev/null || die "the go command is not on PATH; install Go first
 install_packages() {
 	local want=() p
 	for p in "${PACKAGES[@]}"; do installed "$p" || want+=("$p"); done
-	local optional=()
-	for p in "${OPTIONAL_PACKAGES[@]}"; do installed "$p" || optional+=("$p"); done
-	if [ "${#want[@]}" -eq 0 ] && [ "${#optional[@]}" -eq 0 ]; then
+	if [ "${#want[@]}" -eq 0 ]; then
 		log "Debian packages: all present"
 		return
 	fi
 	export DEBIAN_FRONTEND=noninteractive
 	apt-get update -q
-	for p in "${optional[@]}"; do
-		# Captured first: with pipefail, grep -q closing the pipe early would fail the test.
-		local policy
-		policy="$(apt-cache policy "$p" 2>/dev/null)"
-		if grep -q 'Candidate: [0-9]' <<<"$policy"; then
-			want+=("$p")
-		else
-			log "warning: $p is not in the configured archives; skipping it"
-		fi
-	done
 	[ -n "$(pip_cmd)" ] || want+=(python3-pip)
 	[ "${#want[@]}" -gt 0 ] || return 0
 	# Package scripts must not start a system dockerd (or iperf3 server) on the host: the tests run

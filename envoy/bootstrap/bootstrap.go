@@ -1,11 +1,19 @@
 // Package bootstrap renders the Envoy bootstrap of the appliance from environment variables and
 // turns the same settings into Envoy's command line. Envoy learns every listener and cluster from
-// envoy-docker-server over ADS; the bootstrap only says where the server is and keeps the admin
-// interface on loopback.
+// envoy-docker-server over ADS; the bootstrap only says where the server is, keeps the admin
+// interface on loopback, and adds the UI.
+//
+// The UI is a listener of Envoy's own (ENVOY_UI_LISTEN_PORT, 8081 by default): one page showing
+// every published port with its service, container and traffic, and the three read-only admin
+// endpoints that page reads (GET /stats, /clusters and /config_dump, plus /stats/prometheus).
+// Everything else on that port is a 404, so exposing the UI never exposes the admin interface,
+// whose POST endpoints stop Envoy or change its state.
 package bootstrap
 
 import (
 	"bytes"
+	_ "embed"
+	"encoding/json"
 	"fmt"
 	"net"
 	"strconv"
@@ -14,12 +22,14 @@ import (
 	"github.com/kelseyhightower/envconfig"
 )
 
-// Config is every setting of the Envoy container. ENVOY_BASE_ID and ENVOY_PORT keep the meaning
-// they had in the seed project.
+// Config is every setting of the Envoy container. ENVOY_BASE_ID, ENVOY_PORT and
+// ENVOY_UI_LISTEN_PORT keep the meaning they had in the seed project.
 type Config struct {
 	BaseID         int    `envconfig:"ENVOY_BASE_ID" default:"0" desc:"Envoy --base-id: shared-memory namespace, distinct per Envoy on one host."`
 	AdminPort      int    `envconfig:"ENVOY_PORT" default:"9901" desc:"Port of Envoy's admin interface, always bound to ENVOY_ADMIN_ADDRESS."`
 	AdminAddress   string `envconfig:"ENVOY_ADMIN_ADDRESS" default:"127.0.0.1" desc:"Address of Envoy's admin interface; loopback unless you mean to expose it."`
+	UIPort         int    `envconfig:"ENVOY_UI_LISTEN_PORT" default:"8081" desc:"Port of the UI: every published port with its service, container and traffic, and Envoy's metrics (read-only; the admin interface is not reachable through it). 0 turns the UI off."`
+	UIAddress      string `envconfig:"ENVOY_UI_ADDRESS" default:"127.0.0.1" desc:"Address the UI listens on; loopback by default, 0.0.0.0 to reach it from other machines."`
 	XDSAddr        string `envconfig:"EDS_XDS_ADDR" default:"127.0.0.1:18000" desc:"Where envoy-docker-server serves xDS (same variable as the server's)."`
 	XDSAPI         string `envconfig:"ENVOY_XDS_API" default:"delta" desc:"xDS variant: delta (only changes are sent) or sotw (state of the world)."`
 	NodeID         string `envconfig:"ENVOY_NODE_ID" default:"envoy-docker-shim" desc:"Envoy node id reported to the server."`
@@ -57,6 +67,15 @@ func (c Config) Validate() error {
 	if net.ParseIP(c.AdminAddress) == nil {
 		return fmt.Errorf("ENVOY_ADMIN_ADDRESS=%q: want an IP address", c.AdminAddress)
 	}
+	if c.UIPort < 0 || c.UIPort > 65535 {
+		return fmt.Errorf("ENVOY_UI_LISTEN_PORT=%d: want a port 1-65535, or 0 for no UI", c.UIPort)
+	}
+	if c.UIPort > 0 && net.ParseIP(c.UIAddress) == nil {
+		return fmt.Errorf("ENVOY_UI_ADDRESS=%q: want an IP address", c.UIAddress)
+	}
+	if c.UIPort > 0 && c.UIPort == c.AdminPort {
+		return fmt.Errorf("ENVOY_UI_LISTEN_PORT=%d is also ENVOY_PORT (the admin interface): give them different ports", c.UIPort)
+	}
 	if c.MaxConnections < 1 {
 		return fmt.Errorf("ENVOY_MAX_CONNECTIONS=%d: must be positive", c.MaxConnections)
 	}
@@ -84,7 +103,53 @@ dynamic_resources:
   lds_config: { ads: {}, resource_api_version: V3 }
   cds_config: { ads: {}, resource_api_version: V3 }
 static_resources:
+{{- if .UIPort }}
+  listeners:
+  - name: ui
+    address:
+      socket_address: { address: {{ .UIAddress }}, port_value: {{ .UIPort }} }
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: ui
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+          route_config:
+            name: ui
+            max_direct_response_body_size_bytes: 65536
+            virtual_hosts:
+            - name: ui
+              domains: ["*"]
+              routes:
+              - match: { path: "/", headers: [ { name: ":method", string_match: { exact: GET } } ] }
+                direct_response: { status: 200, body: { inline_string: {{ .UIPage }} } }
+                response_headers_to_add:
+                - header: { key: content-type, value: "text/html; charset=utf-8" }
+                  append_action: OVERWRITE_IF_EXISTS_OR_ADD
+{{- range .UIAdminPaths }}
+              - match: { path: "{{ . }}", headers: [ { name: ":method", string_match: { exact: GET } } ] }
+                route: { cluster: envoy_admin, timeout: 10s }
+{{- end }}
+              - match: { prefix: "/" }
+                direct_response: { status: 404, body: { inline_string: "not part of the envoy-docker-shim UI\n" } }
+{{- end }}
   clusters:
+{{- if .UIPort }}
+  - name: envoy_admin
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: envoy_admin
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: { address: {{ .UIAdminHost }}, port_value: {{ .AdminPort }} }
+{{- end }}
   - name: envoy_docker_server
     type: STATIC
     connect_timeout: 1s
@@ -107,17 +172,45 @@ overload_manager:
       max_active_downstream_connections: {{ .MaxConnections }}
 `))
 
+//go:embed ui.html
+var uiPage string
+
+// uiAdminPaths are the admin endpoints the UI serves: read-only, and what its page reads.
+var uiAdminPaths = []string{"/stats", "/stats/prometheus", "/clusters", "/config_dump"}
+
+// adminHostFor is where the UI reaches the admin interface: a wildcard admin address is reached
+// on loopback.
+func adminHostFor(addr string) string {
+	switch ip := net.ParseIP(addr); {
+	case ip.Equal(net.IPv4zero):
+		return "127.0.0.1"
+	case ip.Equal(net.IPv6unspecified):
+		return "::1"
+	}
+	return addr
+}
+
 // Render returns the bootstrap YAML for c.
 func Render(c Config) ([]byte, error) {
 	if err := c.Validate(); err != nil {
 		return nil, err
 	}
 	host, port, _ := net.SplitHostPort(c.XDSAddr)
+	// The page goes into the YAML as a JSON string, which YAML reads as a double-quoted scalar.
+	var page bytes.Buffer
+	enc := json.NewEncoder(&page)
+	enc.SetEscapeHTML(false)
+	if err := enc.Encode(uiPage); err != nil {
+		return nil, fmt.Errorf("render bootstrap: %w", err)
+	}
 	var b bytes.Buffer
 	err := tmpl.Execute(&b, struct {
 		Config
 		XDSHost, XDSPort string
-	}{c, host, port})
+		UIPage           string
+		UIAdminPaths     []string
+		UIAdminHost      string
+	}{c, host, port, string(bytes.TrimSpace(page.Bytes())), uiAdminPaths, adminHostFor(c.AdminAddress)})
 	if err != nil {
 		return nil, fmt.Errorf("render bootstrap: %w", err)
 	}

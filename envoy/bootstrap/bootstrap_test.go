@@ -13,7 +13,7 @@ import (
 
 func defaults(t *testing.T) Config {
 	t.Helper()
-	for _, k := range []string{"ENVOY_BASE_ID", "ENVOY_PORT", "ENVOY_ADMIN_ADDRESS", "EDS_XDS_ADDR", "ENVOY_XDS_API", "ENVOY_NODE_ID", "ENVOY_CONCURRENCY", "ENVOY_LOG_LEVEL", "ENVOY_MAX_CONNECTIONS", "ENVOY_BINARY", "ENVOY_CONFIG_PATH"} {
+	for _, k := range []string{"ENVOY_BASE_ID", "ENVOY_PORT", "ENVOY_ADMIN_ADDRESS", "EDS_XDS_ADDR", "ENVOY_XDS_API", "ENVOY_NODE_ID", "ENVOY_CONCURRENCY", "ENVOY_LOG_LEVEL", "ENVOY_MAX_CONNECTIONS", "ENVOY_BINARY", "ENVOY_CONFIG_PATH", "ENVOY_UI_LISTEN_PORT", "ENVOY_UI_ADDRESS"} {
 		t.Setenv(k, "")
 		os.Unsetenv(k)
 	}
@@ -33,7 +33,8 @@ func TestDefaultsWorkWithEmptyEnvironment(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"address: 127.0.0.1, port_value: 9901", "api_type: DELTA_GRPC", "port_value: 18000", "max_active_downstream_connections: 100000"} {
+	for _, want := range []string{"address: 127.0.0.1, port_value: 9901", "api_type: DELTA_GRPC", "port_value: 18000", "max_active_downstream_connections: 100000",
+		"name: ui", "address: 127.0.0.1, port_value: 8081"} {
 		if !strings.Contains(string(y), want) {
 			t.Errorf("bootstrap lacks %q:\n%s", want, y)
 		}
@@ -63,6 +64,43 @@ func TestSeedVariablesKeepTheirMeaning(t *testing.T) {
 	}
 }
 
+// ENVOY_UI_LISTEN_PORT is the UI's port, as in the seed; 0 leaves the UI out; a wildcard admin
+// address is reached on loopback.
+func TestUISettings(t *testing.T) {
+	for _, tc := range []struct {
+		env        map[string]string
+		want, lack []string
+	}{
+		{map[string]string{"ENVOY_UI_LISTEN_PORT": "9090", "ENVOY_UI_ADDRESS": "0.0.0.0"},
+			[]string{"address: 0.0.0.0, port_value: 9090", "name: envoy_admin", "address: 127.0.0.1, port_value: 9901 }"}, nil},
+		{map[string]string{"ENVOY_UI_LISTEN_PORT": "0"}, nil, []string{"name: ui", "envoy_admin"}},
+		{map[string]string{"ENVOY_ADMIN_ADDRESS": "::"}, []string{"address: ::, port_value: 9901", "address: ::1, port_value: 9901"}, nil},
+	} {
+		defaults(t)
+		for k, v := range tc.env {
+			t.Setenv(k, v)
+		}
+		c, err := FromEnv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		y, err := Render(c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, w := range tc.want {
+			if !strings.Contains(string(y), w) {
+				t.Errorf("%v: bootstrap lacks %q", tc.env, w)
+			}
+		}
+		for _, l := range tc.lack {
+			if strings.Contains(string(y), l) {
+				t.Errorf("%v: bootstrap has %q", tc.env, l)
+			}
+		}
+	}
+}
+
 func TestInvalidSettingsAreClearErrors(t *testing.T) {
 	tests := []struct {
 		env, value, want string
@@ -74,6 +112,9 @@ func TestInvalidSettingsAreClearErrors(t *testing.T) {
 		{"ENVOY_PORT", "abc", "ENVOY_PORT"},
 		{"ENVOY_ADMIN_ADDRESS", "my host", "want an IP address"},
 		{"ENVOY_MAX_CONNECTIONS", "0", "must be positive"},
+		{"ENVOY_UI_LISTEN_PORT", "70000", "ENVOY_UI_LISTEN_PORT=70000: want a port 1-65535, or 0 for no UI"},
+		{"ENVOY_UI_LISTEN_PORT", "9901", "is also ENVOY_PORT"},
+		{"ENVOY_UI_ADDRESS", "localhost", "ENVOY_UI_ADDRESS=\"localhost\": want an IP address"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.env+"="+tt.value, func(t *testing.T) {

@@ -296,7 +296,7 @@ func first(resp *pb.RegisterResponse, _ func()) *pb.RegisterResponse { return re
 // TestE2EThousandRegistrations: 1,000 registrations in a row all become ready and all are served.
 func TestE2EThousandRegistrations(t *testing.T) {
 	st := stack.Start(t, stack.Options{})
-	upstream := loopbackHTTP(t)
+	upstream := stack.LoopbackHTTP(t)
 	ports := make([]int, 1000)
 	for i := range ports {
 		ports[i] = testbed.FreePort(t)
@@ -312,20 +312,6 @@ func TestE2EThousandRegistrations(t *testing.T) {
 	}
 }
 
-// loopbackHTTP stands in for a container when only the control plane is under test.
-func loopbackHTTP(t testing.TB) int {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
-		_, _ = w.Write([]byte("ok"))
-	})}
-	go func() { _ = srv.Serve(l) }()
-	t.Cleanup(func() { srv.Close() })
-	return l.Addr().(*net.TCPAddr).Port
-}
-
 // BenchmarkRegisterToReady reports register-to-ready latency (p50, p99) with 10, 100 and 1,000
 // ports live: at each level, 200 extra registrations each become ready and are then closed, so the
 // live count stays at the level. Targets: p99 <= 100 ms at 1,000; p50 at 1,000 <= 2x p50 at 10.
@@ -333,7 +319,7 @@ func BenchmarkRegisterToReady(b *testing.B) {
 	for _, api := range []string{"delta", "sotw"} {
 		b.Run(api, func(b *testing.B) {
 			st := stack.Start(b, stack.Options{XDSAPI: api})
-			upstream := loopbackHTTP(b)
+			upstream := stack.LoopbackHTTP(b)
 			// One measured pass: the levels build on each other, so the body must not repeat with b.N.
 			live := 0
 			var p50At10 time.Duration
@@ -374,7 +360,7 @@ func BenchmarkRegisterToReady(b *testing.B) {
 func TestE2EServerRestartLosesNothing(t *testing.T) {
 	// A grace period far longer than the test: only resync may open it.
 	st := stack.Start(t, stack.Options{RestartGrace: 5 * time.Minute})
-	upstream := loopbackHTTP(t)
+	upstream := stack.LoopbackHTTP(t)
 	kept, gone := testbed.FreePort(t), testbed.FreePort(t)
 	respKept, endKept := st.Register(t, stack.TCP(kept, "127.0.0.1", upstream))
 	respGone, endGone := st.Register(t, stack.TCP(gone, "127.0.0.1", upstream))

@@ -68,8 +68,8 @@ type Appliance struct {
 	// Socket is the registration socket as the host's shims reach it.
 	Socket string
 	// Loopback addresses of the server's xDS and HTTP endpoints and Envoy's admin interface.
-	XDSAddr, HTTPAddr, AdminAddr string
-	Project                      string
+	XDSAddr, HTTPAddr, AdminAddr, UIAddr string
+	Project                              string
 	// HasShim is false while the shim's package does not exist yet: then the installer is neither
 	// built nor run, and the daemon's userland proxy stays a placeholder that fails every port.
 	HasShim bool
@@ -104,6 +104,7 @@ func Start(t testing.TB, opts Options) *Appliance {
 		XDSAddr:         loopback(testbed.FreePort(t)),
 		HTTPAddr:        loopback(testbed.FreePort(t)),
 		AdminAddr:       loopback(testbed.FreePort(t)),
+		UIAddr:          loopback(testbed.FreePort(t)),
 		Project:         "edse2e" + randomHex(4),
 		compose:         composeCmd,
 	}
@@ -191,6 +192,7 @@ func (a *Appliance) composeEnv(opts Options, goImage, envoyImage string) []strin
 		"EDS_HTTP_ADDR="+a.HTTPAddr,
 		"EDS_LOG_LEVEL=debug",
 		"ENVOY_PORT="+portOf(a.AdminAddr),
+		"ENVOY_UI_LISTEN_PORT="+portOf(a.UIAddr),
 		"ENVOY_BASE_ID="+strconv.Itoa(envoyBaseIDOffset+slot),
 		"ENVOY_CONCURRENCY=2",
 	)

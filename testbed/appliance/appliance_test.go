@@ -31,7 +31,7 @@ const userDaemonJSON = `{
 // this repository with stand-in base images; `compose up -d` installs the shim the daemon uses,
 // configures the fake host's daemon.json, and brings server and Envoy up healthy; a labelled
 // container published with -p answers through Envoy under its labels' name; a second installer
-// run changes nothing; `compose down` and `up` come back to the same state.
+// run changes nothing; `compose down` and `up` come back to the same state. The UI serves.
 func TestE2EAppliance(t *testing.T) {
 	start := time.Now()
 	a := Start(t, Options{DaemonJSON: userDaemonJSON, ConfigureDockerd: true})
@@ -72,6 +72,13 @@ func TestE2EAppliance(t *testing.T) {
 	listeners := a.Listeners(t)
 	if !slices.Contains(listeners, regs[0].Listener) {
 		t.Fatalf("Envoy's listeners %q lack %s", listeners, regs[0].Listener)
+	}
+	// The Envoy container's UI (ENVOY_UI_LISTEN_PORT) serves its page and the port's traffic.
+	if page := a.get(t, "http://"+a.UIAddr+"/"); !strings.Contains(page, "<title>envoy-docker-shim</title>") {
+		t.Errorf("the UI page on %s is not the appliance's:\n%.300s", a.UIAddr, page)
+	}
+	if stats := a.get(t, "http://"+a.UIAddr+"/stats?filter=%5Ehttp%5C.web-e2e%5C.downstream_rq_total"); !strings.Contains(stats, "http.web-e2e.downstream_rq_total") {
+		t.Errorf("the UI's metrics lack web-e2e: %q", stats)
 	}
 
 	// The installer a second time: same result, nothing rewritten, no new backup.

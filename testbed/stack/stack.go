@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -40,6 +41,8 @@ type Options struct {
 	// Socket is the registration socket (default: in a temp dir). Give it when a daemon started
 	// earlier must pass it to its shims (EDS_SOCKET in DaemonOptions.Env).
 	Socket string
+	// UIPort turns on Envoy's UI on 127.0.0.1:UIPort (default 0: off).
+	UIPort int
 }
 
 // Stack is a running server and Envoy.
@@ -166,15 +169,21 @@ func StartEnvoy(t testing.TB, xdsAddr string, opts Options) *testbed.Envoy {
 	yaml, err := bootstrap.Render(bootstrap.Config{
 		AdminAddress: "127.0.0.1", AdminPort: 0, XDSAddr: xdsAddr, XDSAPI: api,
 		NodeID: "test", LogLevel: "info", MaxConnections: 100000,
+		UIPort: opts.UIPort, UIAddress: "127.0.0.1",
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The admin interface, and the UI's route to it when there is a UI.
 	const admin = "port_value: 0 }"
-	if strings.Count(string(yaml), admin) != 1 {
-		t.Fatalf("bootstrap admin port not found in:\n%s", yaml)
+	want := 1
+	if opts.UIPort > 0 {
+		want = 2
 	}
-	text := strings.Replace(string(yaml), admin, "port_value: "+testbed.AdminPortPlaceholder+" }", 1)
+	if n := strings.Count(string(yaml), admin); n != want {
+		t.Fatalf("bootstrap has %d admin ports, want %d:\n%s", n, want, yaml)
+	}
+	text := strings.ReplaceAll(string(yaml), admin, "port_value: "+testbed.AdminPortPlaceholder+" }")
 	return testbed.StartEnvoy(t, testbed.EnvoyOptions{Bootstrap: text, Concurrency: opts.Concurrency})
 }
 
@@ -211,4 +220,20 @@ func tail(s string, n int) string {
 		return s[len(s)-n:]
 	}
 	return s
+}
+
+// LoopbackHTTP stands in for a container when only the control plane and Envoy are under test:
+// an HTTP server on 127.0.0.1 answering "ok", for the test's life. It returns its port.
+func LoopbackHTTP(t testing.TB) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		_, _ = w.Write([]byte("ok"))
+	})}
+	go func() { _ = srv.Serve(l) }()
+	t.Cleanup(func() { srv.Close() })
+	return l.Addr().(*net.TCPAddr).Port
 }

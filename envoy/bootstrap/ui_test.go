@@ -1,0 +1,116 @@
+package bootstrap_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/envoy-docker-shim/envoy-docker-shim/testbed"
+	"github.com/envoy-docker-shim/envoy-docker-shim/testbed/stack"
+)
+
+// TestUI runs the appliance's own bootstrap in a real Envoy with the UI on, serving one published
+// port that has carried three requests: the page lists the port with its service, container and
+// counts (rendered in a real browser); the endpoints the page reads answer; nothing else of the
+// admin interface is reachable through the UI port, not even by GET.
+func TestUI(t *testing.T) {
+	uiPort := testbed.FreePort(t)
+	st := stack.Start(t, stack.Options{UIPort: uiPort})
+	upstream := stack.LoopbackHTTP(t)
+	hostPort := testbed.FreePort(t)
+	resp, _ := st.Register(t, stack.TCP(hostPort, "127.0.0.1", upstream))
+	reg := resp.GetReady().GetRegistration()
+	if reg == nil {
+		t.Fatalf("not ready: %v", resp)
+	}
+	for range 3 {
+		if status, _, err := testbed.HTTPGet(context.Background(), fmt.Sprintf("http://127.0.0.1:%d/", hostPort)); err != nil || status != 200 {
+			t.Fatalf("through the published port: %d %v", status, err)
+		}
+	}
+	ui := fmt.Sprintf("http://127.0.0.1:%d", uiPort)
+
+	t.Run("read-only endpoints", func(t *testing.T) {
+		for _, tc := range []struct {
+			path, contentType, want string
+		}{
+			{"/", "text/html", "<title>envoy-docker-shim</title>"},
+			{"/stats?format=json&filter=%5Ehttp%5C.", "application/json", fmt.Sprintf(`"http.%s.downstream_rq_total"`, reg.GetService())},
+			{"/stats/prometheus", "text/plain", "envoy_http_downstream_rq_total"},
+			{"/clusters?format=json", "application/json", reg.GetCluster()},
+			{"/config_dump?resource=dynamic_listeners", "application/json", reg.GetListener()},
+		} {
+			status, ct, body := get(t, http.MethodGet, ui+tc.path)
+			if status != 200 || !strings.HasPrefix(ct, tc.contentType) || !strings.Contains(body, tc.want) {
+				t.Errorf("GET %s: %d %q, body lacks %q:\n%.300s", tc.path, status, ct, tc.want, body)
+			}
+		}
+	})
+
+	t.Run("the rest of the admin interface is not there", func(t *testing.T) {
+		for _, tc := range []struct{ method, path string }{
+			{http.MethodPost, "/quitquitquit"}, {http.MethodGet, "/quitquitquit"},
+			{http.MethodPost, "/healthcheck/fail"}, {http.MethodPost, "/logging?level=trace"},
+			{http.MethodPost, "/runtime_modify?x=1"}, {http.MethodPost, "/drain_listeners"},
+			{http.MethodPost, "/reset_counters"}, {http.MethodPost, "/stats"}, {http.MethodGet, "/certs"},
+			{http.MethodGet, "/stats/../quitquitquit"},
+		} {
+			if status, _, body := get(t, tc.method, ui+tc.path); status != 404 {
+				t.Errorf("%s %s through the UI: %d %.200s", tc.method, tc.path, status, body)
+			}
+		}
+		if v, ok := st.Envoy.Stat(t, fmt.Sprintf("http.%s.downstream_rq_total", reg.GetService())); !ok || v != 3 {
+			t.Errorf("after the attempts Envoy counts %d requests (%v): were counters reset?", v, ok)
+		}
+		if status, _, _ := get(t, http.MethodGet, "http://"+st.Envoy.AdminAddr+"/ready"); status != 200 {
+			t.Error("Envoy is not ready any more")
+		}
+	})
+
+	t.Run("the page in a browser", func(t *testing.T) {
+		dom := testbed.RenderPage(t, ui+"/", 5*time.Second)
+		row := regexp.MustCompile(`(?s)<tr data-service="` + regexp.QuoteMeta(reg.GetService()) + `" data-listener="` +
+			regexp.QuoteMeta(reg.GetListener()) + `">(.*?)</tr>`).FindStringSubmatch(dom)
+		if row == nil {
+			t.Fatalf("no row for %s / %s in the rendered page:\n%s", reg.GetService(), reg.GetListener(), dom)
+		}
+		cells := regexp.MustCompile(`<td[^>]*>([^<]*)</td>`).FindAllStringSubmatch(row[1], -1)
+		var got []string
+		for _, c := range cells {
+			got = append(got, c[1])
+		}
+		want := []string{reg.GetService(), "http", fmt.Sprintf("127.0.0.1:%d", hostPort), fmt.Sprintf("127.0.0.1:%d", upstream), "3", "3", "0", "0"}
+		if len(got) < len(want) || strings.Join(got[:len(want)], "|") != strings.Join(want, "|") {
+			t.Errorf("row cells = %q, want them to start with %q", got, want)
+		}
+		if !strings.Contains(dom, "1 published port") {
+			t.Errorf("status line missing:\n%s", dom)
+		}
+	})
+}
+
+func get(t *testing.T, method, url string) (int, string, string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, method, url, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, url, err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	if strings.HasPrefix(resp.Header.Get("Content-Type"), "application/json") && resp.StatusCode == 200 && !json.Valid(b) {
+		t.Errorf("%s %s: invalid JSON", method, url)
+	}
+	return resp.StatusCode, resp.Header.Get("Content-Type"), string(b)
+}
