@@ -5,9 +5,11 @@ import (
 	"fmt"
 	"maps"
 	"net/netip"
+	"os/exec"
 	"slices"
 	"strings"
 	"testing"
+	"time"
 )
 
 // RunOptions describe one `docker run -d`.
@@ -30,7 +32,10 @@ type Container struct {
 	IP netip.Addr
 }
 
-// Run starts a container and fails the test if docker refuses.
+// Run starts a container and fails the test if docker refuses. With the echo image (the default)
+// it returns once the echo server has bound every port: `docker run -d` returns when the
+// container's process has started, and a datagram sent before its UDP socket exists is lost for
+// good, which a test would blame on the proxy.
 //
 // With the default image and no ECHO_NAME in Env, the echo server is told the container's name,
 // so every answer through a published port names the container that gave it.
@@ -42,7 +47,37 @@ func (d *Daemon) Run(t testing.TB, opts RunOptions) *Container {
 	if err != nil {
 		t.Fatal(err)
 	}
+	d.imageMu.Lock()
+	isEcho := opts.Image == "" || opts.Image == d.echoTag
+	d.imageMu.Unlock()
+	if isEcho && len(opts.Args) == 0 && !slices.ContainsFunc(opts.Flags, func(f string) bool { return strings.HasPrefix(f, "--entrypoint") }) {
+		if err := d.waitEchoServing(ctx, c); err != nil {
+			t.Fatal(err)
+		}
+	}
 	return c
+}
+
+// waitEchoServing waits for the echo server's "serving" line, which it logs once every listener
+// is bound.
+func (d *Daemon) waitEchoServing(ctx context.Context, c *Container) error {
+	ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
+	for {
+		// The echo server logs to stderr, which `docker logs` replays on its own stderr.
+		cmd := exec.CommandContext(ctx, d.docker, "-H", d.Host, "logs", c.ID)
+		cmd.Env = d.cliEnv
+		b, err := cmd.CombinedOutput()
+		out := string(b)
+		if err == nil && strings.Contains(out, " serving http ") {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("echo server in %s did not report serving: %v; its log: %q", c.Name, ctx.Err(), out)
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
 }
 
 // RunErr is Run returning docker's error (the daemon's message, e.g. "address already in use")

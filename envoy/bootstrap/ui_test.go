@@ -11,27 +11,38 @@ import (
 	"testing"
 	"time"
 
+	pb "github.com/envoy-docker-shim/envoy-docker-shim/services/registration/registrationpb"
 	"github.com/envoy-docker-shim/envoy-docker-shim/testbed"
 	"github.com/envoy-docker-shim/envoy-docker-shim/testbed/stack"
 )
 
-// TestUI runs the appliance's own bootstrap in a real Envoy with the UI on, serving one published
-// port that has carried three requests: the page lists the port with its service, container and
-// counts (rendered in a real browser); the endpoints the page reads answer; nothing else of the
-// admin interface is reachable through the UI port, not even by GET.
+// TestUI runs the appliance's own bootstrap in a real Envoy with the UI on, serving two published
+// ports of one service that have carried three requests and one: the page lists each port with
+// its service, container and its own counts (rendered in a real browser); the endpoints the page
+// reads answer; nothing else of the admin interface is reachable through the UI port, not even
+// by GET.
 func TestUI(t *testing.T) {
 	uiPort := testbed.FreePort(t)
 	st := stack.Start(t, stack.Options{UIPort: uiPort})
 	upstream := stack.LoopbackHTTP(t)
-	hostPort := testbed.FreePort(t)
-	resp, _ := st.Register(t, stack.TCP(hostPort, "127.0.0.1", upstream))
-	reg := resp.GetReady().GetRegistration()
-	if reg == nil {
-		t.Fatalf("not ready: %v", resp)
+	hostPort, otherPort := testbed.FreePort(t), testbed.FreePort(t)
+	if hostPort > otherPort { // rows are sorted by address
+		hostPort, otherPort = otherPort, hostPort
 	}
-	for range 3 {
-		if status, _, err := testbed.HTTPGet(context.Background(), fmt.Sprintf("http://127.0.0.1:%d/", hostPort)); err != nil || status != 200 {
-			t.Fatalf("through the published port: %d %v", status, err)
+	var reg, other *pb.Registration
+	for _, r := range []struct {
+		port     int
+		reg      **pb.Registration
+		requests int
+	}{{hostPort, &reg, 3}, {otherPort, &other, 1}} {
+		resp, _ := st.Register(t, stack.TCP(r.port, "127.0.0.1", upstream))
+		if *r.reg = resp.GetReady().GetRegistration(); *r.reg == nil {
+			t.Fatalf("not ready: %v", resp)
+		}
+		for range r.requests {
+			if status, _, err := testbed.HTTPGet(context.Background(), fmt.Sprintf("http://127.0.0.1:%d/", r.port)); err != nil || status != 200 {
+				t.Fatalf("through the published port: %d %v", status, err)
+			}
 		}
 	}
 	ui := fmt.Sprintf("http://127.0.0.1:%d", uiPort)
@@ -65,7 +76,7 @@ func TestUI(t *testing.T) {
 				t.Errorf("%s %s through the UI: %d %.200s", tc.method, tc.path, status, body)
 			}
 		}
-		if v, ok := st.Envoy.Stat(t, fmt.Sprintf("http.%s.downstream_rq_total", reg.GetService())); !ok || v != 3 {
+		if v, ok := st.Envoy.Stat(t, fmt.Sprintf("http.%s.downstream_rq_total", reg.GetService())); !ok || v != 4 {
 			t.Errorf("after the attempts Envoy counts %d requests (%v): were counters reset?", v, ok)
 		}
 		if status, _, _ := get(t, http.MethodGet, "http://"+st.Envoy.AdminAddr+"/ready"); status != 200 {
@@ -75,21 +86,29 @@ func TestUI(t *testing.T) {
 
 	t.Run("the page in a browser", func(t *testing.T) {
 		dom := testbed.RenderPage(t, ui+"/", 5*time.Second)
-		row := regexp.MustCompile(`(?s)<tr data-service="` + regexp.QuoteMeta(reg.GetService()) + `" data-listener="` +
-			regexp.QuoteMeta(reg.GetListener()) + `">(.*?)</tr>`).FindStringSubmatch(dom)
-		if row == nil {
-			t.Fatalf("no row for %s / %s in the rendered page:\n%s", reg.GetService(), reg.GetListener(), dom)
+		rowCells := func(r *pb.Registration) []string {
+			row := regexp.MustCompile(`(?s)<tr data-service="` + regexp.QuoteMeta(r.GetService()) + `" data-listener="` +
+				regexp.QuoteMeta(r.GetListener()) + `">(.*?)</tr>`).FindStringSubmatch(dom)
+			if row == nil {
+				t.Fatalf("no row for %s / %s in the rendered page:\n%s", r.GetService(), r.GetListener(), dom)
+			}
+			var cells []string
+			for _, c := range regexp.MustCompile(`<td[^>]*>([^<]*)</td>`).FindAllStringSubmatch(row[1], -1) {
+				cells = append(cells, c[1])
+			}
+			return cells
 		}
-		cells := regexp.MustCompile(`<td[^>]*>([^<]*)</td>`).FindAllStringSubmatch(row[1], -1)
-		var got []string
-		for _, c := range cells {
-			got = append(got, c[1])
+		// The service's first port carries the service-wide cells (name, bytes); each port its own counts.
+		first, second := rowCells(reg), rowCells(other)
+		wantFirst := []string{reg.GetService(), "http", fmt.Sprintf("127.0.0.1:%d", hostPort), fmt.Sprintf("127.0.0.1:%d", upstream), "3", "3", "0", "0", "0"}
+		wantSecond := []string{"http", fmt.Sprintf("127.0.0.1:%d", otherPort), fmt.Sprintf("127.0.0.1:%d", upstream), "1", "1", "0", "0", "0"}
+		if len(first) != len(wantFirst)+2 || strings.Join(first[:len(wantFirst)], "|") != strings.Join(wantFirst, "|") || first[len(wantFirst)] == "0" {
+			t.Errorf("first row = %q, want %q and the service's bytes", first, wantFirst)
 		}
-		want := []string{reg.GetService(), "http", fmt.Sprintf("127.0.0.1:%d", hostPort), fmt.Sprintf("127.0.0.1:%d", upstream), "3", "3", "0", "0"}
-		if len(got) < len(want) || strings.Join(got[:len(want)], "|") != strings.Join(want, "|") {
-			t.Errorf("row cells = %q, want them to start with %q", got, want)
+		if strings.Join(second, "|") != strings.Join(wantSecond, "|") {
+			t.Errorf("second row = %q, want %q", second, wantSecond)
 		}
-		if !strings.Contains(dom, "1 published port") {
+		if !strings.Contains(dom, "2 published ports") {
 			t.Errorf("status line missing:\n%s", dom)
 		}
 	})
