@@ -47,7 +47,7 @@ const stopWithin = 900 * time.Millisecond
 
 func main() {
 	args, argsErr := proxyargs.Parse(os.Args[1:])
-	if args.Mapping.Proto == proxyargs.TCP {
+	if args.Mapping.Proto != proxyargs.SCTP { // SCTP may exec docker-proxy, which keeps its own default
 		oneProcessor()
 	}
 	start := time.Now()
@@ -59,13 +59,14 @@ func main() {
 }
 
 // oneProcessor restarts the shim, in the same process, with GOMAXPROCS=1 unless the environment
-// already sets it. Envoy carries a TCP port's traffic: the shim only holds the registration (and
-// proxies for some milliseconds during an fd-4 handover), so one P is plenty, and it spares every
-// idle shim the second P's threads and caches: about 200 KiB, what puts the shim's memory at
-// docker-proxy's. The runtime fixes its P count at start-up; runtime.GOMAXPROCS called later
-// leaves the second P's memory behind about half the time (measured), hence the exec. It runs
-// before the shim touches fd 3 or fd 4, keeps the PID dockerd waits for, and if it fails the
-// shim simply goes on with every P. UDP, which the shim carries itself, keeps every core.
+// already sets it. A TCP shim only holds its registration (Envoy carries the traffic; the shim
+// proxies for some milliseconds during an fd-4 handover) and a UDP shim's proxy is one reading
+// goroutine plus one per flow, I/O-bound: one P serves both (BenchmarkUDPVsDockerProxy measures
+// UDP round trips at least as fast as docker-proxy's), and spares every idle shim the second P's
+// threads and caches, about 200 KiB, what puts its memory at docker-proxy's. The runtime fixes its
+// P count at start-up; runtime.GOMAXPROCS called later leaves the second P's memory behind about
+// half the time (measured), hence the exec. It runs before the shim touches fd 3 or fd 4, keeps
+// the PID dockerd waits for, and if it fails the shim simply goes on with every P.
 func oneProcessor() {
 	if _, set := os.LookupEnv("GOMAXPROCS"); set {
 		return
