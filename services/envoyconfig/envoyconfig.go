@@ -6,7 +6,9 @@ package envoyconfig
 
 import (
 	"fmt"
+	"net"
 	"net/netip"
+	"strconv"
 	"time"
 
 	accesslog "github.com/envoyproxy/go-control-plane/envoy/config/accesslog/v3"
@@ -15,10 +17,13 @@ import (
 	endpoint "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	route "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	tracev3 "github.com/envoyproxy/go-control-plane/envoy/config/trace/v3"
 	stream "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/stream/v3"
 	router "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
 	hcm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	tcpproxy "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
+	tracingtype "github.com/envoyproxy/go-control-plane/envoy/type/tracing/v3"
+	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/durationpb"
@@ -52,7 +57,20 @@ const (
 type Options struct {
 	// AccessLog writes one line per request (HTTP) or connection (TCP) to Envoy's stdout.
 	AccessLog bool
+	// Zipkin, when set (host:port), turns on distributed tracing of HTTP-mode ports: Envoy sends
+	// spans in Zipkin's v2 JSON format (which Zipkin, Jaeger and the OpenTelemetry Collector all
+	// accept) to that collector, through the TracingCluster.
+	Zipkin string
+	// TraceSampling is the percentage of requests without a sampling decision that are traced.
+	TraceSampling float64
 }
+
+// TracingClusterName names the cluster of the trace collector.
+const TracingClusterName = "envoy_docker_tracing"
+
+// ZipkinPath is where Envoy posts spans: Zipkin's v2 API (Jaeger and the OpenTelemetry
+// Collector's zipkin receiver serve it too).
+const ZipkinPath = "/api/v2/spans"
 
 // Resources is what Envoy needs for one mapping.
 type Resources struct {
@@ -126,6 +144,73 @@ func Cluster(e registry.Entry) *cluster.Cluster {
 	}
 }
 
+// TracingCluster reaches the Zipkin collector of opts; ok is false when tracing is off. The
+// collector may be named by host name (resolved by Envoy, again when its address changes).
+func TracingCluster(opts Options) (*cluster.Cluster, bool, error) {
+	if opts.Zipkin == "" {
+		return nil, false, nil
+	}
+	host, portText, err := net.SplitHostPort(opts.Zipkin)
+	port, perr := strconv.ParseUint(portText, 10, 16)
+	if err != nil || perr != nil || host == "" || port == 0 {
+		return nil, false, fmt.Errorf("trace collector %q: want host:port, e.g. 127.0.0.1:9411", opts.Zipkin)
+	}
+	discovery := cluster.Cluster_STRICT_DNS
+	if _, err := netip.ParseAddr(host); err == nil {
+		discovery = cluster.Cluster_STATIC
+	}
+	return &cluster.Cluster{
+		Name:                 TracingClusterName,
+		ClusterDiscoveryType: &cluster.Cluster_Type{Type: discovery},
+		ConnectTimeout:       durationpb.New(ConnectTimeout),
+		DnsLookupFamily:      cluster.Cluster_V4_PREFERRED,
+		LoadAssignment: &endpoint.ClusterLoadAssignment{
+			ClusterName: TracingClusterName,
+			Endpoints: []*endpoint.LocalityLbEndpoints{{
+				LbEndpoints: []*endpoint.LbEndpoint{{
+					HostIdentifier: &endpoint.LbEndpoint_Endpoint{Endpoint: &endpoint.Endpoint{
+						Address: &core.Address{Address: &core.Address_SocketAddress{SocketAddress: &core.SocketAddress{
+							Address:       host,
+							PortSpecifier: &core.SocketAddress_PortValue{PortValue: uint32(port)},
+						}}},
+					}},
+				}},
+			}},
+		},
+	}, true, nil
+}
+
+// tracing is the HTTP connection manager's tracing for e, or nil when tracing is off. Spans are
+// named after the route's decorator (ServiceName) and tagged with the service and container.
+func tracing(e registry.Entry, opts Options) (*hcm.HttpConnectionManager_Tracing, error) {
+	if opts.Zipkin == "" {
+		return nil, nil
+	}
+	zipkin, err := typed(&tracev3.ZipkinConfig{
+		CollectorCluster:         TracingClusterName,
+		CollectorEndpoint:        ZipkinPath,
+		CollectorEndpointVersion: tracev3.ZipkinConfig_HTTP_JSON,
+		TraceId_128Bit:           true,
+		SharedSpanContext:        wrapperspb.Bool(false),
+	})
+	if err != nil {
+		return nil, err
+	}
+	var tags []*tracingtype.CustomTag
+	for _, kv := range [][2]string{
+		{"docker.service", e.Service.Name}, {"docker.container", e.Service.ContainerName}, {"docker.published", ListenerName(e.Key)},
+	} {
+		if kv[1] != "" { // Envoy refuses an empty literal; a container found by IP only has no name
+			tags = append(tags, &tracingtype.CustomTag{Tag: kv[0], Type: &tracingtype.CustomTag_Literal_{Literal: &tracingtype.CustomTag_Literal{Value: kv[1]}}})
+		}
+	}
+	return &hcm.HttpConnectionManager_Tracing{
+		RandomSampling: &typev3.Percent{Value: opts.TraceSampling},
+		Provider:       &tracev3.Tracing_Http{Name: "envoy.tracers.zipkin", ConfigType: &tracev3.Tracing_Http_TypedConfig{TypedConfig: zipkin}},
+		CustomTags:     tags,
+	}, nil
+}
+
 // HTTPListener terminates HTTP on the host socket and routes every request to the container,
 // changing as little as docker-proxy would: upstream Server headers pass through, Envoy adds none
 // of its own, HTTP/1.0 and WebSocket upgrades keep working.
@@ -135,6 +220,10 @@ func HTTPListener(e registry.Entry, opts Options) (*listener.Listener, error) {
 		return nil, err
 	}
 	logs, err := accessLogs(opts, httpLogFormat)
+	if err != nil {
+		return nil, err
+	}
+	trace, err := tracing(e, opts)
 	if err != nil {
 		return nil, err
 	}
@@ -170,6 +259,7 @@ func HTTPListener(e registry.Entry, opts Options) (*listener.Listener, error) {
 		UpgradeConfigs:             []*hcm.HttpConnectionManager_UpgradeConfig{{UpgradeType: "websocket"}},
 		UseRemoteAddress:           wrapperspb.Bool(true),
 		AccessLog:                  logs,
+		Tracing:                    trace,
 	}
 	return listenerWith(e, "envoy.filters.network.http_connection_manager", manager)
 }

@@ -6,14 +6,17 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
+	cluster "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 	"sigs.k8s.io/yaml"
 
 	// Registers the typed configs so golden files show them decoded.
+	_ "github.com/envoyproxy/go-control-plane/envoy/config/trace/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/stream/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
@@ -62,6 +65,8 @@ func TestGolden(t *testing.T) {
 		{"http_ipv4", entry(registry.TCP, "127.0.0.1", registry.ModeHTTP), Options{AccessLog: true}},
 		{"tcp_ipv6", entry(registry.TCP, "::", registry.ModeTCP), Options{AccessLog: true}},
 		{"http_no_access_log", entry(registry.TCP, "0.0.0.0", registry.ModeHTTP), Options{}},
+		{"http_tracing", entry(registry.TCP, "127.0.0.1", registry.ModeHTTP), Options{Zipkin: "127.0.0.1:9411", TraceSampling: 25}},
+		{"tcp_tracing", entry(registry.TCP, "127.0.0.1", registry.ModeTCP), Options{Zipkin: "127.0.0.1:9411", TraceSampling: 25}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -149,6 +154,41 @@ func TestResourcesValidate(t *testing.T) {
 		}
 		if err := res.Cluster.ValidateAll(); err != nil {
 			t.Errorf("%s cluster: %v", mode, err)
+		}
+	}
+}
+
+// The trace collector's cluster: by IP a static endpoint, by name resolved by Envoy; none when
+// tracing is off; a clear error for an address that is not host:port.
+func TestTracingCluster(t *testing.T) {
+	for _, tc := range []struct {
+		zipkin  string
+		ok      bool
+		dns     bool
+		errText string
+	}{
+		{"", false, false, ""},
+		{"127.0.0.1:9411", true, false, ""},
+		{"[::1]:9411", true, false, ""},
+		{"jaeger.internal:9411", true, true, ""},
+		{"127.0.0.1", false, false, "want host:port"},
+		{":9411", false, false, "want host:port"},
+		{"127.0.0.1:0", false, false, "want host:port"},
+		{"127.0.0.1:70000", false, false, "want host:port"},
+	} {
+		c, ok, err := TracingCluster(Options{Zipkin: tc.zipkin})
+		if tc.errText != "" {
+			if err == nil || !strings.Contains(err.Error(), tc.errText) {
+				t.Errorf("%q: err = %v, want %q", tc.zipkin, err, tc.errText)
+			}
+			continue
+		}
+		if err != nil || ok != tc.ok {
+			t.Errorf("%q: ok = %v, err = %v", tc.zipkin, ok, err)
+			continue
+		}
+		if ok && (c.GetName() != TracingClusterName || (c.GetType() == cluster.Cluster_STRICT_DNS) != tc.dns) {
+			t.Errorf("%q: cluster %v", tc.zipkin, c)
 		}
 	}
 }

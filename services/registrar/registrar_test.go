@@ -72,7 +72,10 @@ func newFixture(t *testing.T) *fixture {
 		confirmer: &fakeConfirmer{},
 	}
 	metrics := xds.NewMetrics(nil)
-	c := xds.NewCache("test", envoyconfig.Options{}, metrics, xds.NewTracker(metrics))
+	c, err := xds.NewCache("test", envoyconfig.Options{}, metrics, xds.NewTracker(metrics))
+	if err != nil {
+		t.Fatal(err)
+	}
 	f.registry = registry.New(c)
 	srv := grpc.NewServer()
 	f.server = &Server{

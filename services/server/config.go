@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"github.com/kelseyhightower/envconfig"
+
+	"github.com/envoy-docker-shim/envoy-docker-shim/services/envoyconfig"
 )
 
 // Config is every setting of envoy-docker-server, read from the environment.
@@ -21,6 +23,8 @@ type Config struct {
 	ReadyTimeout  time.Duration `envconfig:"EDS_READY_TIMEOUT" default:"8s" desc:"Bound on waiting for Envoy to confirm a port; must stay below the shim's EDS_SHIM_TIMEOUT."`
 	RestartGrace  time.Duration `envconfig:"EDS_RESTART_GRACE" default:"5s" desc:"After a (re)start, how long the server waits for shims to re-register and resync to restore the rest before it answers Envoy, which keeps its last configuration meanwhile."`
 	AccessLog     bool          `envconfig:"EDS_ACCESS_LOG" default:"true" desc:"Envoy writes one access-log line per request (http) or connection (tcp) to its stdout."`
+	Zipkin        string        `envconfig:"EDS_ZIPKIN_ADDR" desc:"host:port of a trace collector speaking Zipkin's v2 API (Zipkin, Jaeger, or the OpenTelemetry Collector's zipkin receiver), e.g. 127.0.0.1:9411. When set, Envoy traces http-mode ports: one span per request, named after ServiceName, tagged with the service and container. Empty: no tracing."`
+	TraceSampling float64       `envconfig:"EDS_TRACE_SAMPLING" default:"100" desc:"Percentage of requests traced when EDS_ZIPKIN_ADDR is set (requests arriving with a sampling decision keep it). Lower it for busy services."`
 	LogLevel      string        `envconfig:"EDS_LOG_LEVEL" default:"info" desc:"debug, info, warn or error. Logs are JSON on stderr."`
 }
 
@@ -32,6 +36,12 @@ func ConfigFromEnv() (Config, error) {
 	}
 	if _, err := c.level(); err != nil {
 		return Config{}, err
+	}
+	if c.TraceSampling < 0 || c.TraceSampling > 100 {
+		return Config{}, fmt.Errorf("configuration: EDS_TRACE_SAMPLING=%v: want a percentage from 0 to 100", c.TraceSampling)
+	}
+	if _, _, err := envoyconfig.TracingCluster(envoyconfig.Options{Zipkin: c.Zipkin}); err != nil {
+		return Config{}, fmt.Errorf("configuration: EDS_ZIPKIN_ADDR: %w", err)
 	}
 	if c.ReadyTimeout <= 0 || c.DockerTimeout <= 0 || c.RestartGrace < 0 {
 		return Config{}, fmt.Errorf("configuration: EDS_READY_TIMEOUT and EDS_DOCKER_TIMEOUT must be positive, EDS_RESTART_GRACE not negative")

@@ -61,7 +61,10 @@ func New(cfg Config, log *slog.Logger, engine dockerapi.Engine) (*Server, error)
 	metrics.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	xdsMetrics := xds.NewMetrics(metrics)
 	tracker := xds.NewTracker(xdsMetrics)
-	c := xds.NewCache(bootID(), envoyconfig.Options{AccessLog: cfg.AccessLog}, xdsMetrics, tracker)
+	c, err := xds.NewCache(bootID(), envoyconfig.Options{AccessLog: cfg.AccessLog, Zipkin: cfg.Zipkin, TraceSampling: cfg.TraceSampling}, xdsMetrics, tracker)
+	if err != nil {
+		return nil, fmt.Errorf("configuration: EDS_ZIPKIN_ADDR: %w", err)
+	}
 	return &Server{
 		cfg:      cfg,
 		log:      log,

@@ -125,8 +125,22 @@ func TestConfigFromEnv(t *testing.T) {
 	t.Setenv("EDS_READY_TIMEOUT", "")
 	os.Unsetenv("EDS_READY_TIMEOUT")
 	c, err := ConfigFromEnv()
-	if err != nil || c.ReadyTimeout != 8*time.Second || c.Socket != "/run/envoy-docker-shim/server.sock" {
+	if err != nil || c.ReadyTimeout != 8*time.Second || c.Socket != "/run/envoy-docker-shim/server.sock" || c.Zipkin != "" || c.TraceSampling != 100 {
 		t.Fatalf("defaults: %+v, %v", c, err)
+	}
+	for _, tc := range []struct{ env, value, want string }{
+		{"EDS_ZIPKIN_ADDR", "zipkin", "EDS_ZIPKIN_ADDR: trace collector \"zipkin\": want host:port"},
+		{"EDS_TRACE_SAMPLING", "150", "EDS_TRACE_SAMPLING=150: want a percentage from 0 to 100"},
+	} {
+		t.Setenv(tc.env, tc.value)
+		if _, err := ConfigFromEnv(); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s=%s: %v, want %q", tc.env, tc.value, err, tc.want)
+		}
+		os.Unsetenv(tc.env)
+	}
+	t.Setenv("EDS_ZIPKIN_ADDR", "jaeger:9411")
+	if c, err := ConfigFromEnv(); err != nil || c.Zipkin != "jaeger:9411" {
+		t.Errorf("a collector by name: %+v, %v", c, err)
 	}
 }
 

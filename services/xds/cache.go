@@ -36,10 +36,11 @@ type Cache struct {
 	metrics   *Metrics
 }
 
-// NewCache makes empty caches. bootID prefixes every state-of-the-world version, so a restarted
-// server never reuses a version Envoy saw from the previous one.
-// Every change is reported to tracker before it can reach Envoy.
-func NewCache(bootID string, options envoyconfig.Options, metrics *Metrics, tracker *Tracker) *Cache {
+// NewCache makes the caches, empty but for the clusters every port's configuration may refer to
+// (the trace collector's, when tracing is on), so that they reach Envoy before any listener.
+// bootID prefixes every state-of-the-world version, so a restarted server never reuses a version
+// Envoy saw from the previous one. Every change is reported to tracker before it can reach Envoy.
+func NewCache(bootID string, options envoyconfig.Options, metrics *Metrics, tracker *Tracker) (*Cache, error) {
 	c := &Cache{
 		tracker:   tracker,
 		options:   options,
@@ -56,7 +57,17 @@ func NewCache(bootID string, options envoyconfig.Options, metrics *Metrics, trac
 		},
 	}
 	c.gate = newGate(c.mux)
-	return c
+	tracing, ok, err := envoyconfig.TracingCluster(options)
+	if err != nil {
+		return nil, err
+	}
+	if ok {
+		if err := c.clusters.UpdateResource(tracing.GetName(), tracing); err != nil {
+			return nil, fmt.Errorf("publish cluster %s: %w", tracing.GetName(), err)
+		}
+	}
+	c.metrics.resources.WithLabelValues("cluster").Set(float64(c.clusters.NumResources()))
+	return c, nil
 }
 
 // Upsert publishes the resources of e. The cluster goes first so that the listener's route finds it.

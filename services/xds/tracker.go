@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"regexp"
 	"strings"
 	"sync"
 	"time"
@@ -317,7 +318,7 @@ func (t *Tracker) settle(byName map[string]*resourceState, name string, r *resou
 	reason, isBlamed := blamed[name]
 	switch {
 	case r.sent != "" && nack && len(blamed) == 0:
-		r.rejected = &rejection{version: r.sent, reason: strings.TrimSpace(detail)}
+		r.rejected = &rejection{version: r.sent, reason: cleanReason(detail)}
 	case r.sent != "" && isBlamed:
 		r.rejected = &rejection{version: r.sent, reason: reason}
 	default:
@@ -328,14 +329,39 @@ func (t *Tracker) settle(byName map[string]*resourceState, name string, r *resou
 	}
 }
 
-// reasonFor picks the part of Envoy's error detail about the named resource.
+// reasonFor picks the part of Envoy's error detail about the named resource: the rest of the line
+// naming it, and the lines after it that name no other resource (a proto validation error spans
+// several).
 func reasonFor(detail, name string) (string, bool) {
-	for _, line := range strings.Split(detail, "\n") {
-		if i := strings.Index(line, name+": "); i >= 0 {
-			return strings.TrimSpace(line[i+len(name)+2:]), true
+	lines := strings.Split(detail, "\n")
+	for i, line := range lines {
+		j := strings.Index(line, name+": ")
+		if j < 0 {
+			continue
 		}
+		parts := []string{line[j+len(name)+2:]}
+		for _, next := range lines[i+1:] {
+			if resourceLine.MatchString(next) {
+				break
+			}
+			parts = append(parts, next)
+		}
+		return cleanReason(strings.Join(parts, " ")), true
 	}
 	return "", false
+}
+
+// resourceLine matches a line of Envoy's error detail that starts with one of our resource names.
+var resourceLine = regexp.MustCompile(`^(tcp|udp)_\S+: `)
+
+// debugMarker is what protobuf's debug printing puts in messages (Envoy quotes them in NACKs)
+// so that nobody parses them; it means nothing to a user of docker run.
+var debugMarker = regexp.MustCompile(`goo\.gle/debug\w*`)
+
+// cleanReason makes Envoy's error detail one readable line.
+func cleanReason(s string) string {
+	s = strings.Join(strings.Fields(debugMarker.ReplaceAllString(s, "")), " ")
+	return strings.TrimSpace(strings.TrimLeft(s, ": "))
 }
 
 func shortType(typeURL string) string {

@@ -242,3 +242,21 @@ func TestTrackerInitialVersions(t *testing.T) {
 		t.Fatal("another version counted as held")
 	}
 }
+
+// Envoy's detail for a listener that fails proto validation spans lines and carries protobuf's
+// debug marker: the reason is the whole message, on one line, without the marker.
+func TestReasonFor(t *testing.T) {
+	detail := "Error adding/updating listener(s) tcp_127.0.0.1_80: goo.gle/debugonly \n: Proto constraint validation failed (Literal: value length must be at least 1 characters)\n" +
+		"tcp_127.0.0.1_81: cannot bind '127.0.0.1:81': Address already in use\n"
+	for _, tc := range []struct{ name, want string }{
+		{"tcp_127.0.0.1_80", "Proto constraint validation failed (Literal: value length must be at least 1 characters)"},
+		{"tcp_127.0.0.1_81", "cannot bind '127.0.0.1:81': Address already in use"},
+	} {
+		if got, ok := reasonFor(detail, tc.name); !ok || got != tc.want {
+			t.Errorf("reasonFor(%s) = %q, %v; want %q", tc.name, got, ok, tc.want)
+		}
+	}
+	if _, ok := reasonFor(detail, "tcp_127.0.0.1_82"); ok {
+		t.Error("a resource the detail does not name was blamed")
+	}
+}

@@ -43,6 +43,9 @@ type Options struct {
 	Socket string
 	// UIPort turns on Envoy's UI on 127.0.0.1:UIPort (default 0: off).
 	UIPort int
+	// Zipkin is the server's EDS_ZIPKIN_ADDR (default empty: no tracing), with EDS_TRACE_SAMPLING
+	// at 100%.
+	Zipkin string
 }
 
 // Stack is a running server and Envoy.
@@ -75,6 +78,8 @@ func Start(t testing.TB, opts Options) *Stack {
 		AccessLog:     opts.AccessLog,
 		RestartGrace:  opts.RestartGrace,
 		LogLevel:      "debug",
+		Zipkin:        opts.Zipkin,
+		TraceSampling: 100,
 	}
 	s := &Stack{Config: cfg, LogPath: filepath.Join(dir, "server.log"), done: make(chan error, 1)}
 	s.StartServer(t)
