@@ -333,25 +333,12 @@ func (s *Stream) finish(err error) {
 
 func (s *Stream) readLoop() {
 	defer close(s.readerExited)
-	var hdr [frameHeaderLen]byte
 	for {
-		if _, err := io.ReadFull(s.r, hdr[:]); err != nil {
-			s.finish(connectionLost(err))
-			return
+		typ, flags, stream, payload, err := s.readFrame()
+		if err == nil {
+			err = s.handle(typ, flags, stream, payload)
 		}
-		length := int(hdr[0])<<16 | int(hdr[1])<<8 | int(hdr[2])
-		typ, flags := hdr[3], hdr[4]
-		stream := binary.BigEndian.Uint32(hdr[5:]) & maxWindow
-		if length > defaultFrameSize { // we never allow larger frames in our SETTINGS
-			s.fail(fmt.Sprintf("frame of %d bytes exceeds the maximum frame size", length))
-			return
-		}
-		payload := make([]byte, length)
-		if _, err := io.ReadFull(s.r, payload); err != nil {
-			s.finish(connectionLost(err))
-			return
-		}
-		if err := s.handle(typ, flags, stream, payload); err != nil {
+		if err != nil {
 			var violation protocolError
 			if errors.As(err, &violation) {
 				s.fail(string(violation))
@@ -362,6 +349,24 @@ func (s *Stream) readLoop() {
 			return
 		}
 	}
+}
+
+// readFrame reads one frame. Errors are the connection's, or a protocolError for a frame larger
+// than our SETTINGS allow.
+func (s *Stream) readFrame() (typ, flags byte, stream uint32, payload []byte, err error) {
+	var hdr [frameHeaderLen]byte
+	if _, err := io.ReadFull(s.r, hdr[:]); err != nil {
+		return 0, 0, 0, nil, err
+	}
+	length := int(hdr[0])<<16 | int(hdr[1])<<8 | int(hdr[2])
+	if length > defaultFrameSize { // we never allow larger frames in our SETTINGS
+		return 0, 0, 0, nil, protocolError(fmt.Sprintf("frame of %d bytes exceeds the maximum frame size", length))
+	}
+	payload = make([]byte, length)
+	if _, err := io.ReadFull(s.r, payload); err != nil {
+		return 0, 0, 0, nil, err
+	}
+	return hdr[3], hdr[4], binary.BigEndian.Uint32(hdr[5:]) & maxWindow, payload, nil
 }
 
 // protocolError is the server breaking HTTP/2 or gRPC rules, as opposed to the connection failing.
@@ -562,23 +567,18 @@ func (s *Stream) headers(flags byte, stream uint32, p []byte) error {
 	}
 	block := p
 	for f := flags; f&flagEndHeaders == 0; {
-		var hdr [frameHeaderLen]byte
-		if _, err := io.ReadFull(s.r, hdr[:]); err != nil {
+		typ, next, stream, more, err := s.readFrame()
+		if err != nil {
 			return err
 		}
-		length := int(hdr[0])<<16 | int(hdr[1])<<8 | int(hdr[2])
-		if hdr[3] != frameContinuation || binary.BigEndian.Uint32(hdr[5:])&maxWindow != streamID {
+		if typ != frameContinuation || stream != streamID {
 			return protocolError("header block interrupted by another frame")
 		}
-		if length > defaultFrameSize || len(block)+length > maxHeaderBlock {
+		if len(block)+len(more) > maxHeaderBlock {
 			return protocolError("header block too large")
 		}
-		more := make([]byte, length)
-		if _, err := io.ReadFull(s.r, more); err != nil {
-			return err
-		}
 		block = append(block[:len(block):len(block)], more...)
-		f = hdr[4]
+		f = next
 	}
 	s.fields = s.fields[:0]
 	if _, err := s.dec.Write(block); err != nil {
