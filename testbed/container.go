@@ -58,17 +58,26 @@ func (d *Daemon) Run(t testing.TB, opts RunOptions) *Container {
 	return c
 }
 
+// Logs returns a container's output, stdout and stderr together (`docker logs` replays the
+// container's stderr on its own).
+func (d *Daemon) Logs(ctx context.Context, id string) (string, error) {
+	cmd := exec.CommandContext(ctx, d.docker, "-H", d.Host, "logs", id)
+	cmd.Env = d.cliEnv
+	cmd.WaitDelay = 5 * time.Second
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return string(out), fmt.Errorf("docker logs %s: %w", id, err)
+	}
+	return string(out), nil
+}
+
 // waitEchoServing waits for the echo server's "serving" line, which it logs once every listener
 // is bound.
 func (d *Daemon) waitEchoServing(ctx context.Context, c *Container) error {
 	ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
 	defer cancel()
 	for {
-		// The echo server logs to stderr, which `docker logs` replays on its own stderr.
-		cmd := exec.CommandContext(ctx, d.docker, "-H", d.Host, "logs", c.ID)
-		cmd.Env = d.cliEnv
-		b, err := cmd.CombinedOutput()
-		out := string(b)
+		out, err := d.Logs(ctx, c.ID)
 		if err == nil && strings.Contains(out, " serving http ") {
 			return nil
 		}

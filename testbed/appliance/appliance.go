@@ -344,13 +344,11 @@ func (a *Appliance) Logs(t testing.TB, id string) string {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, "docker", "-H", a.Daemon.Host, "logs", id)
-	cmd.Env = a.env
-	out, err := cmd.CombinedOutput()
+	out, err := a.Daemon.Logs(ctx, id)
 	if err != nil {
-		return fmt.Sprintf("(docker logs %s: %v) %s", id, err, out)
+		return fmt.Sprintf("(%v) %s", err, out)
 	}
-	return string(out)
+	return out
 }
 
 // EnvoyStat returns one of Envoy's counters or gauges by its exact name, and whether Envoy has it.
