@@ -3,7 +3,6 @@ package logging
 import (
 	"fmt"
 	"strconv"
-	"time"
 	"unicode/utf8"
 )
 
@@ -73,9 +72,7 @@ func stringOf(v any) string {
 		return v
 	case error:
 		return v.Error()
-	case time.Duration:
-		return v.String()
-	case fmt.Stringer:
+	case fmt.Stringer: // time.Duration among them: "1.5s"
 		return v.String()
 	}
 	return fmt.Sprint(v)
