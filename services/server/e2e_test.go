@@ -356,8 +356,19 @@ func BenchmarkRegisterToReady(b *testing.B) {
 
 // TestE2EServerRestartLosesNothing: Envoy keeps serving while the server is down and while the
 // restarted server waits for its registry to be rebuilt; a mapping nobody restores is removed
-// only once the server answers Envoy again.
+// only once the server answers Envoy again. Both orders of the two reconnections are forced here;
+// the narrow one CI met (the registration lands between Envoy's stream opening and Envoy saying
+// what it holds) is reproduced exactly by the tracker's TestTrackerReconnectAfterClaim.
 func TestE2EServerRestartLosesNothing(t *testing.T) {
+	for _, tc := range []struct {
+		name       string
+		envoyFirst bool
+	}{{"shim re-registers first", false}, {"envoy reconnects first", true}} {
+		t.Run(tc.name, func(t *testing.T) { serverRestartLosesNothing(t, tc.envoyFirst) })
+	}
+}
+
+func serverRestartLosesNothing(t *testing.T, envoyFirst bool) {
 	// A grace period far longer than the test: only resync may open it.
 	st := stack.Start(t, stack.Options{RestartGrace: 5 * time.Minute})
 	upstream := stack.LoopbackHTTP(t)
@@ -400,6 +411,11 @@ func TestE2EServerRestartLosesNothing(t *testing.T) {
 	time.Sleep(500 * time.Millisecond)
 	restarted := time.Now()
 	st.StartServer(t)
+	if envoyFirst {
+		testbed.WaitFor(t, 10*time.Second, "envoy's stream to the restarted server", func() error {
+			return metricIs("http://"+st.Config.HTTPAddr+"/metrics", "eds_xds_streams", "1")
+		})
+	}
 
 	// The surviving shim reconnects; its registration waits until the registry is complete.
 	registered := make(chan *pb.RegisterResponse, 1)
@@ -450,4 +466,21 @@ func TestE2EServerRestartLosesNothing(t *testing.T) {
 	if status, _, err := testbed.HTTPGet(context.Background(), fmt.Sprintf("http://127.0.0.1:%d/", kept)); err != nil || status != 200 {
 		t.Fatalf("kept port after the restart: %d %v", status, err)
 	}
+}
+
+// metricIs checks one unlabelled series of a Prometheus text page.
+func metricIs(url, name, want string) error {
+	status, body, err := testbed.HTTPGet(context.Background(), url)
+	if err != nil || status != 200 {
+		return fmt.Errorf("%s: %d %v", url, status, err)
+	}
+	for _, line := range strings.Split(body, "\n") {
+		if v, ok := strings.CutPrefix(line, name+" "); ok {
+			if v != want {
+				return fmt.Errorf("%s = %s, want %s", name, v, want)
+			}
+			return nil
+		}
+	}
+	return fmt.Errorf("%s not on %s", name, url)
 }

@@ -62,6 +62,11 @@ func NewCache(bootID string, options envoyconfig.Options, metrics *Metrics, trac
 		return nil, err
 	}
 	if ok {
+		version, err := contentVersion(tracing)
+		if err != nil {
+			return nil, err
+		}
+		tracker.Invalidate(resource.ClusterType, tracing.GetName(), version)
 		if err := c.clusters.UpdateResource(tracing.GetName(), tracing); err != nil {
 			return nil, fmt.Errorf("publish cluster %s: %w", tracing.GetName(), err)
 		}

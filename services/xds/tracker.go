@@ -38,6 +38,9 @@ type Tracker struct {
 
 	mu      sync.Mutex
 	streams map[streamKey]*streamState
+	// current is the cache's version of every resource it holds, as Invalidate reported it: what
+	// go-control-plane will make every stream converge to.
+	current map[string]map[string]string
 	// changed is closed and replaced whenever an acknowledgement or a stream changes, waking waiters.
 	changed chan struct{}
 }
@@ -89,7 +92,7 @@ type rejection struct {
 
 // NewTracker returns a tracker with no streams.
 func NewTracker(metrics *Metrics) *Tracker {
-	return &Tracker{metrics: metrics, now: time.Now, streams: make(map[streamKey]*streamState), changed: make(chan struct{})}
+	return &Tracker{metrics: metrics, now: time.Now, streams: make(map[streamKey]*streamState), current: make(map[string]map[string]string), changed: make(chan struct{})}
 }
 
 // Callbacks wires the tracker into go-control-plane's server.
@@ -190,7 +193,9 @@ func (st *streamState) resource(typeURL, name string) *resourceState {
 
 // alreadyHas records what a reconnecting Envoy says it holds (delta's initial_resource_versions):
 // go-control-plane does not send those resources again when they are unchanged, so this is the
-// only acknowledgement they get on the new stream.
+// only acknowledgement they get on the new stream. Until the stream's first response, what the
+// cache changed meanwhile was measured against nothing; it is measured again here against what
+// Envoy holds, since that is what go-control-plane compares the cache with.
 func (t *Tracker) alreadyHas(k streamKey, typeURL string, versions map[string]string) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -200,9 +205,11 @@ func (t *Tracker) alreadyHas(k streamKey, typeURL string, versions map[string]st
 	}
 	for name, version := range versions {
 		r := st.resource(typeURL, name)
-		if r.sentSeq == 0 && !r.changing {
-			r.held, r.sent = version, version
+		if r.sentSeq != 0 {
+			continue // this stream already carried the resource: its own answers say more
 		}
+		r.held, r.sent = version, version
+		r.changing = t.differs(typeURL, name, version)
 	}
 	t.broadcast()
 }
@@ -214,6 +221,16 @@ func (t *Tracker) alreadyHas(k streamKey, typeURL string, versions map[string]st
 func (t *Tracker) Invalidate(typeURL, name, version string) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	byName, ok := t.current[typeURL]
+	if !ok {
+		byName = make(map[string]string)
+		t.current[typeURL] = byName
+	}
+	if version == "" {
+		delete(byName, name)
+	} else {
+		byName[name] = version
+	}
 	for _, st := range t.streams {
 		r := st.resource(typeURL, name)
 		r.changing = r.sent != version
@@ -221,6 +238,13 @@ func (t *Tracker) Invalidate(typeURL, name, version string) {
 			delete(st.resources[typeURL], name)
 		}
 	}
+}
+
+// differs reports whether the cache holds another version of the resource than version, so that
+// go-control-plane will send it again; callers hold t.mu.
+func (t *Tracker) differs(typeURL, name, version string) bool {
+	current, known := t.current[typeURL][name]
+	return known && current != version
 }
 
 func (t *Tracker) sent(k streamKey, nonce string, s sentResponse) {
@@ -237,7 +261,8 @@ func (t *Tracker) sent(k streamKey, nonce string, s sentResponse) {
 	st.responses[nonce] = s
 	carry := func(name, version string) {
 		r := st.resource(s.typeURL, name)
-		r.sent, r.sentSeq, r.inFlight, r.changing, r.rejected = version, s.seq, true, false, nil
+		r.sent, r.sentSeq, r.inFlight, r.rejected = version, s.seq, true, nil
+		r.changing = t.differs(s.typeURL, name, version)
 	}
 	for name, version := range s.resources {
 		carry(name, version)

@@ -243,6 +243,59 @@ func TestTrackerInitialVersions(t *testing.T) {
 	}
 }
 
+// TestTrackerReconnectAfterClaim is the restart race CI met: the restarted server's registry
+// takes a shim's registration after Envoy's new stream opened but before Envoy said what it holds.
+// The cache's version equals what Envoy holds, so go-control-plane never sends it, and Envoy's
+// statement is the only acknowledgement the registration will get.
+func TestTrackerReconnectAfterClaim(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		held      string // what Envoy says it holds
+		wantReady bool
+	}{
+		{"same content", "v", true},
+		{"other content: wait for the push", "old", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tr := newTestTracker()
+			cb := tr.Callbacks()
+			x := Want{resource.ListenerType, "x", "v"}
+			_ = cb.OnDeltaStreamOpen(context.Background(), 1, "")
+			tr.Invalidate(x.TypeURL, x.Name, x.Version)
+			_ = cb.OnStreamDeltaRequest(1, &discovery.DeltaDiscoveryRequest{TypeUrl: x.TypeURL, InitialResourceVersions: map[string]string{"x": tc.held}})
+			err := waitNow(tr, []Want{x})
+			if tc.wantReady && err != nil {
+				t.Fatalf("Wait = %v, want ready at once", err)
+			}
+			if !tc.wantReady {
+				if err == nil {
+					t.Fatal("ready before the new content was pushed")
+				}
+				cb.OnStreamDeltaResponse(1, nil, deltaResponse("1", x.TypeURL, map[string]string{"x": "v"}))
+				_ = cb.OnStreamDeltaRequest(1, &discovery.DeltaDiscoveryRequest{ResponseNonce: "1"})
+				if err := waitNow(tr, []Want{x}); err != nil {
+					t.Fatalf("after the push was acknowledged: %v", err)
+				}
+			}
+		})
+	}
+}
+
+// TestTrackerResponseOvertakenByChange: a response that carried an older version than the cache
+// now holds leaves the resource changing, whatever order the callbacks ran in.
+func TestTrackerResponseOvertakenByChange(t *testing.T) {
+	tr := newTestTracker()
+	cb := tr.Callbacks()
+	_ = cb.OnDeltaStreamOpen(context.Background(), 1, "")
+	tr.Invalidate(resource.ListenerType, "x", "v1")
+	tr.Invalidate(resource.ListenerType, "x", "v2")
+	cb.OnStreamDeltaResponse(1, nil, deltaResponse("1", resource.ListenerType, map[string]string{"x": "v1"}))
+	_ = cb.OnStreamDeltaRequest(1, &discovery.DeltaDiscoveryRequest{ResponseNonce: "1"})
+	if err := waitNow(tr, []Want{{resource.ListenerType, "x", "v1"}}); err == nil {
+		t.Fatal("v1 counted as settled while the cache holds v2")
+	}
+}
+
 // Envoy's detail for a listener that fails proto validation spans lines and carries protobuf's
 // debug marker: the reason is the whole message, on one line, without the marker.
 func TestReasonFor(t *testing.T) {
