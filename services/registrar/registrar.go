@@ -127,7 +127,11 @@ func (s *Server) Register(stream pb.Registrar_RegisterServer) error {
 		}
 	}()
 
-	if err := s.confirm(stream.Context(), entry); err != nil {
+	// A shim re-registering a port it has been serving (the server restarted) already told
+	// dockerd; waiting for Envoy helps nobody, and a failed wait would make Envoy drop the port.
+	if open.GetShim().GetServing() {
+		log.Info("re-registered a serving port")
+	} else if err := s.confirm(stream.Context(), entry); err != nil {
 		log.Warn("registration failed", "err", err)
 		return s.fail(stream, Reason(mapping, err))
 	}

@@ -315,3 +315,30 @@ func TestRestore(t *testing.T) {
 		t.Fatalf("takeover of a restored mapping: %v", resp2)
 	}
 }
+
+// TestReRegistrationOfServingPortNeverDropsIt: a shim re-registering a port it serves (after a
+// server restart) is answered without waiting for Envoy, so a wait that would fail cannot make
+// the server withdraw a port Envoy is serving.
+func TestReRegistrationOfServingPortNeverDropsIt(t *testing.T) {
+	f := newFixture(t)
+	f.confirmer.err = errors.New("envoy did not confirm the configuration in time")
+	resp, end := f.open(t, tcpMapping(8090, "172.17.0.2"), &pb.Shim{Pid: 7, Serving: true})
+	defer end()
+	if resp.GetReady() == nil {
+		t.Fatalf("want Ready, got %v", resp)
+	}
+	if f.confirmer.waits != 0 {
+		t.Fatalf("waited %d times on Envoy for a serving port", f.confirmer.waits)
+	}
+	if _, ok := f.registry.Get(registry.Key{Proto: registry.TCP, HostIP: netip.MustParseAddr("127.0.0.1"), HostPort: 8090}); !ok {
+		t.Fatal("the serving port is not in the registry")
+	}
+
+	// The same failing wait on a first registration withdraws it: dockerd hears the reason.
+	resp, end2 := f.open(t, tcpMapping(8091, "172.17.0.2"), &pb.Shim{Pid: 8})
+	defer end2()
+	if resp.GetFailed() == nil {
+		t.Fatalf("first registration: want Failed, got %v", resp)
+	}
+	f.waitLen(t, 1)
+}

@@ -79,7 +79,7 @@ func (c *Client) Register(ctx context.Context) (*Registration, error) {
 		if _, serr := os.Stat(c.opts.Socket); serr != nil {
 			err = serr // no socket (yet): no point in dialling
 		} else {
-			s, err = c.open(ctx)
+			s, err = c.open(ctx, c.opts.Open)
 		}
 		if err == nil {
 			c.cur = s
@@ -139,7 +139,9 @@ func (c *Client) reopen(ctx context.Context, attempt *int) (*session, error) {
 		}
 		*attempt++
 		actx, cancel := context.WithTimeout(ctx, reregisterTimeout)
-		s, err := c.open(actx)
+		open := c.opts.Open
+		open.Serving = true // Hold only runs once the port is served (TCP: ready; UDP: the shim's own)
+		s, err := c.open(actx, open)
 		cancel()
 		if err == nil {
 			c.opts.Log.Info("registered", "attempt", *attempt, "service", s.reg.Service, "listener", s.reg.Listener)
@@ -200,7 +202,7 @@ type session struct {
 	once     sync.Once
 }
 
-func (c *Client) open(ctx context.Context) (*session, error) {
+func (c *Client) open(ctx context.Context, open Open) (*session, error) {
 	stream, err := grpcstream.Open(ctx, c.opts.Socket, registerMethod, map[string]string{"user-agent": "envoy-docker-shim/" + buildinfo.String()})
 	if err != nil {
 		return nil, err
@@ -208,7 +210,7 @@ func (c *Client) open(ctx context.Context) (*session, error) {
 	s := &session{stream: stream, stopLogs: make(chan struct{}), logsDone: make(chan struct{})}
 	// Until Ready, the caller's ctx bounds everything; afterwards the stream lives on its own.
 	detach := context.AfterFunc(ctx, func() { stream.Close() })
-	reg, err := s.start(c.opts.Open)
+	reg, err := s.start(open)
 	if !detach() {
 		err = ctx.Err() // ctx ended while waiting, or just as Ready arrived: the stream is closed
 	}

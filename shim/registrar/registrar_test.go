@@ -143,6 +143,10 @@ func TestHoldReregistersAfterServerRestart(t *testing.T) {
 	if !srv.WaitFor(5*time.Second, func(r *shimtest.Registrar) bool { return len(r.Opens()) == 2 && len(r.Live()) == 1 }) {
 		t.Fatalf("not re-registered: %d opens, %d live", len(srv.Opens()), len(srv.Live()))
 	}
+	// Only the re-registration says the port is served, so the server never withdraws it.
+	if opens := srv.Opens(); opens[0].GetShim().GetServing() || !opens[1].GetShim().GetServing() {
+		t.Fatalf("serving flags: first %v, re-registration %v; want false, true", opens[0].GetShim().GetServing(), opens[1].GetShim().GetServing())
+	}
 }
 
 // UDP registers in the background: Hold without Register keeps trying until the server comes.

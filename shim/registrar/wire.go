@@ -25,6 +25,8 @@ type Open struct {
 	Version string
 	// ProxiesItself is set when the shim carries the traffic (UDP) and Envoy must not be configured.
 	ProxiesItself bool
+	// Serving is set on re-registrations: dockerd was told the port started, and it is served.
+	Serving bool
 }
 
 // NewOpen is the Open message for m from this process.
@@ -99,6 +101,7 @@ func marshalOpenRequest(o Open) []byte {
 	shim = appendVarint(shim, 1, uint64(int64(int32(o.PID)))) // int32: negative values sign-extend
 	shim = appendString(shim, 2, o.Version)
 	shim = appendVarint(shim, 3, boolVarint(o.ProxiesItself))
+	shim = appendVarint(shim, 4, boolVarint(o.Serving))
 	var open []byte
 	open = appendBytes(open, 1, mapping)
 	open = appendBytes(open, 2, shim)

@@ -22,6 +22,8 @@ func TestRequestsDecodeWithTheGeneratedCode(t *testing.T) {
 			&pb.Open{Mapping: &pb.Mapping{Proto: pb.Protocol_PROTOCOL_TCP, HostIp: "127.0.0.1", HostPort: 8080, ContainerIp: "172.17.0.2", ContainerPort: 80}, Shim: &pb.Shim{Pid: 4242, Version: "v1.2.3 (abc)"}}},
 		{"udp ipv6, proxies itself, top port", Open{Mapping: proxyargs.Mapping{Proto: proxyargs.UDP, HostIP: netip.MustParseAddr("::"), HostPort: 65535, ContainerIP: netip.MustParseAddr("fd00::2"), ContainerPort: 65535}, PID: 1, ProxiesItself: true},
 			&pb.Open{Mapping: &pb.Mapping{Proto: pb.Protocol_PROTOCOL_UDP, HostIp: "::", HostPort: 65535, ContainerIp: "fd00::2", ContainerPort: 65535}, Shim: &pb.Shim{Pid: 1, ProxiesItself: true}}},
+		{"re-registration of a serving port", Open{Mapping: proxyargs.Mapping{Proto: proxyargs.TCP, HostIP: netip.MustParseAddr("127.0.0.1"), HostPort: 8080, ContainerIP: netip.MustParseAddr("172.17.0.2"), ContainerPort: 80}, PID: 9, Serving: true},
+			&pb.Open{Mapping: &pb.Mapping{Proto: pb.Protocol_PROTOCOL_TCP, HostIp: "127.0.0.1", HostPort: 8080, ContainerIp: "172.17.0.2", ContainerPort: 80}, Shim: &pb.Shim{Pid: 9, Serving: true}}},
 		{"sctp, negative pid", Open{Mapping: proxyargs.Mapping{Proto: proxyargs.SCTP, HostIP: netip.MustParseAddr("0.0.0.0"), HostPort: 1, ContainerIP: netip.MustParseAddr("10.0.0.1"), ContainerPort: 1}, PID: -7},
 			&pb.Open{Mapping: &pb.Mapping{Proto: pb.Protocol_PROTOCOL_SCTP, HostIp: "0.0.0.0", HostPort: 1, ContainerIp: "10.0.0.1", ContainerPort: 1}, Shim: &pb.Shim{Pid: -7}}},
 	} {

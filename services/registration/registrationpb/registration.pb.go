@@ -269,6 +269,10 @@ type Shim struct {
 	Version string `protobuf:"bytes,2,opt,name=version,proto3" json:"version,omitempty"`
 	// True when the shim carries the traffic itself (UDP) and Envoy must not be configured.
 	ProxiesItself bool `protobuf:"varint,3,opt,name=proxies_itself,json=proxiesItself,proto3" json:"proxies_itself,omitempty"`
+	// True when dockerd was told long ago that the port started and it has been served since: a
+	// shim re-registering after the server restarted. Nothing waits on Envoy's acknowledgement
+	// then, and nothing may make Envoy drop the port.
+	Serving       bool `protobuf:"varint,4,opt,name=serving,proto3" json:"serving,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -320,6 +324,13 @@ func (x *Shim) GetVersion() string {
 func (x *Shim) GetProxiesItself() bool {
 	if x != nil {
 		return x.ProxiesItself
+	}
+	return false
+}
+
+func (x *Shim) GetServing() bool {
+	if x != nil {
+		return x.Serving
 	}
 	return false
 }
@@ -1031,11 +1042,12 @@ const file_registration_proto_rawDesc = "" +
 	"\ahost_ip\x18\x02 \x01(\tR\x06hostIp\x12\x1b\n" +
 	"\thost_port\x18\x03 \x01(\rR\bhostPort\x12!\n" +
 	"\fcontainer_ip\x18\x04 \x01(\tR\vcontainerIp\x12%\n" +
-	"\x0econtainer_port\x18\x05 \x01(\rR\rcontainerPort\"Y\n" +
+	"\x0econtainer_port\x18\x05 \x01(\rR\rcontainerPort\"s\n" +
 	"\x04Shim\x12\x10\n" +
 	"\x03pid\x18\x01 \x01(\x05R\x03pid\x12\x18\n" +
 	"\aversion\x18\x02 \x01(\tR\aversion\x12%\n" +
-	"\x0eproxies_itself\x18\x03 \x01(\bR\rproxiesItself\"\x97\x01\n" +
+	"\x0eproxies_itself\x18\x03 \x01(\bR\rproxiesItself\x12\x18\n" +
+	"\aserving\x18\x04 \x01(\bR\aserving\"\x97\x01\n" +
 	"\x0fRegisterRequest\x12;\n" +
 	"\x04open\x18\x01 \x01(\v2%.envoydockershim.registration.v1.OpenH\x00R\x04open\x12<\n" +
 	"\x03log\x18\x02 \x01(\v2(.envoydockershim.registration.v1.ShimLogH\x00R\x03logB\t\n" +
