@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/signal"
 	"path/filepath"
 	"syscall"
 	"time"
@@ -189,16 +190,26 @@ func (s *Server) Run(ctx context.Context) error {
 		return nil
 	}, func(error) { stopGrace() })
 
-	// The signal handler also ends the group when the caller's context is cancelled.
-	g.Add(run.SignalHandler(ctx, syscall.SIGINT, syscall.SIGTERM))
+	// Ends the group on SIGINT or SIGTERM (docker stop, compose down), or when ctx is cancelled.
+	signals := make(chan os.Signal, 1)
+	signal.Notify(signals, syscall.SIGINT, syscall.SIGTERM)
+	defer signal.Stop(signals)
+	g.Add(func() error {
+		select {
+		case sig := <-signals:
+			s.log.Info("stopping", "signal", sig.String())
+			return nil
+		case <-ctx.Done():
+			if parent.Err() != nil {
+				s.log.Info("stopping", "reason", "context cancelled")
+				return nil
+			}
+			return ctx.Err()
+		}
+	}, func(error) { cancel() })
 	err = g.Run()
-	var sig run.SignalError
-	switch {
-	case errors.As(err, &sig):
-		s.log.Info("stopping", "signal", sig.Signal.String())
-		return nil
-	case parent.Err() != nil && errors.Is(err, context.Canceled):
-		return nil
+	if err == nil {
+		s.log.Info("stopped")
 	}
 	return err
 }

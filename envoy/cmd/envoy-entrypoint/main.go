@@ -1,13 +1,17 @@
 // Command envoy-entrypoint is the Envoy container's entrypoint: it renders the bootstrap from the
-// environment and replaces itself with Envoy, so Envoy is PID 1's child-free successor and gets
-// the container's signals directly.
+// environment, runs Envoy, and relays the container's signals to it. It stays Envoy's parent
+// (rather than exec'ing it) so that a stop is logged and its outcome is the container's exit code.
 package main
 
 import (
+	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"strconv"
 	"syscall"
@@ -65,10 +69,39 @@ func run() error {
 	if err := os.WriteFile(cfg.ConfigPath, yaml, 0o644); err != nil {
 		return fmt.Errorf("write bootstrap: %w", err)
 	}
-	argv := append([]string{cfg.Binary}, bootstrap.Args(cfg, cfg.ConfigPath)...)
-	argv = append(argv, os.Args[1:]...) // extra Envoy flags given to the container
-	if err := syscall.Exec(cfg.Binary, argv, os.Environ()); err != nil {
-		return fmt.Errorf("exec %s: %w", cfg.Binary, err)
+	args := append(bootstrap.Args(cfg, cfg.ConfigPath), os.Args[1:]...) // extra Envoy flags given to the container
+	return supervise(exec.Command(cfg.Binary, args...), slog.New(slog.NewJSONHandler(os.Stderr, nil)))
+}
+
+// supervise runs Envoy until it exits, relaying SIGINT and SIGTERM (a stop: Envoy drains nothing
+// and exits 0), SIGHUP and SIGUSR1 (log reopening) to it.
+func supervise(envoy *exec.Cmd, log *slog.Logger) error {
+	envoy.Stdin, envoy.Stdout, envoy.Stderr = os.Stdin, os.Stdout, os.Stderr
+	signals := make(chan os.Signal, 4)
+	signal.Notify(signals, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGUSR1)
+	defer signal.Stop(signals)
+	if err := envoy.Start(); err != nil {
+		return fmt.Errorf("start %s: %w", envoy.Path, err)
 	}
-	return nil
+	exited := make(chan error, 1)
+	go func() { exited <- envoy.Wait() }()
+	for {
+		select {
+		case sig := <-signals:
+			if sig == syscall.SIGINT || sig == syscall.SIGTERM {
+				log.Info("stopping", "signal", sig.String(), "envoy_pid", envoy.Process.Pid)
+			}
+			_ = envoy.Process.Signal(sig)
+		case err := <-exited:
+			var exit *exec.ExitError
+			if errors.As(err, &exit) {
+				return fmt.Errorf("envoy exited: %s", exit.ProcessState)
+			}
+			if err != nil {
+				return fmt.Errorf("envoy: %w", err)
+			}
+			log.Info("stopped: envoy exited 0")
+			return nil
+		}
+	}
 }

@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"os/signal"
+	"syscall"
 	"time"
 
 	"google.golang.org/grpc"
@@ -35,12 +37,20 @@ func main() {
 		os.Exit(1)
 	}
 	defer conn.Close()
+	// docker stop or compose down while resync waits is a clean stop, not a failure.
+	signalled, stopSignals := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stopSignals()
 	// The server may still be starting: wait for it, but not forever.
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	ctx, cancel := context.WithTimeout(signalled, 30*time.Second)
 	defer cancel()
+	log.Info("reporting the live shims to envoy-docker-server; waiting for it to answer", "socket", cfg.Socket)
 	resp, skipped, err := resync.Run(ctx, cfg, pb.NewRegistrarClient(conn), grpc.WaitForReady(true))
 	for _, s := range skipped {
 		log.Warn("shim not reported", "err", s)
+	}
+	if signalled.Err() != nil {
+		log.Info("stopping: signalled before resync finished")
+		return
 	}
 	if err != nil {
 		log.Error("resync failed: is envoy-docker-server running? (docker compose ps server)", "err", err)

@@ -121,6 +121,7 @@ func shim(start time.Time, status *handshake.Pipe, pipeErr error, args proxyargs
 	g.Add(func() error {
 		select {
 		case sig := <-signals:
+			log.Info("stopping", "signal", sig.String())
 			time.AfterFunc(stopWithin, func() { os.Exit(0) }) // whatever else is stuck, exit 0 soon
 			return run.SignalError{Signal: sig}
 		case <-ctx.Done():

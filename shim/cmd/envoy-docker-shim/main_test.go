@@ -175,6 +175,18 @@ func TestReadyHandshakeZeroNewlineThenSIGINTExitsZeroAndDeregisters(t *testing.T
 	if !srv.WaitFor(time.Second, func(r *shimtest.Registrar) bool { return len(r.Live()) == 0 }) {
 		t.Error("registration still live after the shim exited")
 	}
+	expectStoppingLog(t, srv, "interrupt")
+}
+
+// expectStoppingLog checks that the shim said it was stopping, and why, where its logs go.
+func expectStoppingLog(t *testing.T, srv *shimtest.Registrar, signal string) {
+	t.Helper()
+	for _, l := range srv.Logs() {
+		if strings.HasPrefix(l.GetMessage(), "msg=stopping ") && strings.Contains(l.GetMessage(), "signal="+signal) {
+			return
+		}
+	}
+	t.Errorf("no \"stopping\" log line naming signal %s; logs: %v", signal, srv.Logs())
 }
 
 // Contract: "Pdeathsig = SIGTERM: handle SIGTERM like SIGINT."
@@ -188,6 +200,7 @@ func TestSIGTERMIsHandledLikeSIGINT(t *testing.T) {
 	if !srv.WaitFor(time.Second, func(r *shimtest.Registrar) bool { return len(r.Live()) == 0 }) {
 		t.Error("registration still live")
 	}
+	expectStoppingLog(t, srv, "terminated")
 }
 
 // Issue 4: "SIGINT/SIGTERM: deregister and exit 0 within 1 s, even when the server is gone."
