@@ -51,7 +51,31 @@ const (
 	// response or a quiet database connection, and neither may we.
 	RouteTimeout   = 0
 	TCPIdleTimeout = 0
+	// RetryBaseInterval and RetryMaxInterval shape the backoff between connection attempts to a
+	// container that refuses (its app is still starting): Envoy's fully jittered exponential
+	// backoff waits a random time below (2^n-1)·base before retry n, never above the max.
+	RetryBaseInterval = 25 * time.Millisecond
+	RetryMaxInterval  = 250 * time.Millisecond
+	// MaxRetries is the per-mapping circuit breaker on concurrent retries: Envoy's default of 3
+	// would fail the fourth client that arrives while the app starts.
+	MaxRetries = 100_000
 )
+
+// ConnectRetries is how many times Envoy retries connecting to a container that refuses, so that
+// the backoffs between the attempts add up to at most window even when each is drawn at its
+// longest: the bound an operator sets with EDS_CONNECT_RETRY_WINDOW.
+func ConnectRetries(window time.Duration) uint32 {
+	var retries uint32
+	var total time.Duration
+	for n := 1; ; n++ {
+		wait := min(RetryBaseInterval*(1<<min(n, 30)-1), RetryMaxInterval)
+		if total+wait > window {
+			return retries
+		}
+		total += wait
+		retries++
+	}
+}
 
 // Options are the operator's choices that shape every resource.
 type Options struct {
@@ -63,6 +87,9 @@ type Options struct {
 	Zipkin string
 	// TraceSampling is the percentage of requests without a sampling decision that are traced.
 	TraceSampling float64
+	// ConnectRetryWindow bounds the retries of a connection the container refuses (see
+	// ConnectRetries); zero fails at the first refusal, as docker-proxy does.
+	ConnectRetryWindow time.Duration
 }
 
 // TracingClusterName names the cluster of the trace collector.
@@ -130,6 +157,7 @@ func Cluster(e registry.Entry) *cluster.Cluster {
 			MaxConnections:     wrapperspb.UInt32(MaxConnections),
 			MaxPendingRequests: wrapperspb.UInt32(MaxPendingRequests),
 			MaxRequests:        wrapperspb.UInt32(MaxRequests),
+			MaxRetries:         wrapperspb.UInt32(MaxRetries),
 		}}},
 		LoadAssignment: &endpoint.ClusterLoadAssignment{
 			ClusterName: name,
@@ -243,6 +271,7 @@ func HTTPListener(e registry.Entry, opts Options) (*listener.Listener, error) {
 					Action: &route.Route_Route{Route: &route.RouteAction{
 						ClusterSpecifier: &route.RouteAction_Cluster{Cluster: ClusterName(e.Key)},
 						Timeout:          durationpb.New(RouteTimeout),
+						RetryPolicy:      connectRetryPolicy(opts),
 					}},
 					Decorator: &route.Decorator{Operation: e.Service.Operation},
 				}},
@@ -276,7 +305,25 @@ func TCPListener(e registry.Entry, opts Options) (*listener.Listener, error) {
 		IdleTimeout:      durationpb.New(TCPIdleTimeout),
 		AccessLog:        logs,
 	}
+	if retries := ConnectRetries(opts.ConnectRetryWindow); retries > 0 {
+		proxy.MaxConnectAttempts = wrapperspb.UInt32(retries + 1)
+		proxy.BackoffOptions = &core.BackoffStrategy{BaseInterval: durationpb.New(RetryBaseInterval), MaxInterval: durationpb.New(RetryMaxInterval)}
+	}
 	return listenerWith(e, "envoy.filters.network.tcp_proxy", proxy)
+}
+
+// connectRetryPolicy retries only what never reached the container (a refused or failed
+// connection), so no request is ever sent twice; nil when retries are off.
+func connectRetryPolicy(opts Options) *route.RetryPolicy {
+	retries := ConnectRetries(opts.ConnectRetryWindow)
+	if retries == 0 {
+		return nil
+	}
+	return &route.RetryPolicy{
+		RetryOn:      "connect-failure",
+		NumRetries:   wrapperspb.UInt32(retries),
+		RetryBackOff: &route.RetryPolicy_RetryBackOff{BaseInterval: durationpb.New(RetryBaseInterval), MaxInterval: durationpb.New(RetryMaxInterval)},
+	}
 }
 
 func listenerWith(e registry.Entry, filterName string, filterConfig proto.Message) (*listener.Listener, error) {

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	cluster "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
@@ -55,6 +56,28 @@ func TestNames(t *testing.T) {
 	}
 }
 
+// TestConnectRetries: as many retries as fit in the window when every backoff is drawn at its
+// longest (25, 75, 175, then 250 ms each).
+func TestConnectRetries(t *testing.T) {
+	for _, tc := range []struct {
+		window time.Duration
+		want   uint32
+	}{
+		{0, 0},
+		{24 * time.Millisecond, 0},
+		{25 * time.Millisecond, 1},
+		{100 * time.Millisecond, 2},
+		{274 * time.Millisecond, 2},
+		{275 * time.Millisecond, 3},
+		{3 * time.Second, 13}, // the default: 275 ms + 10 x 250 ms = 2.775 s
+		{time.Minute, 241},    // 3 + (60 s - 275 ms) / 250 ms
+	} {
+		if got := ConnectRetries(tc.window); got != tc.want {
+			t.Errorf("ConnectRetries(%v) = %d, want %d", tc.window, got, tc.want)
+		}
+	}
+}
+
 // TestGolden shows a reviewer exactly what Envoy receives for each kind of mapping.
 func TestGolden(t *testing.T) {
 	tests := []struct {
@@ -62,8 +85,9 @@ func TestGolden(t *testing.T) {
 		entry registry.Entry
 		opts  Options
 	}{
-		{"http_ipv4", entry(registry.TCP, "127.0.0.1", registry.ModeHTTP), Options{AccessLog: true}},
-		{"tcp_ipv6", entry(registry.TCP, "::", registry.ModeTCP), Options{AccessLog: true}},
+		// The shipped defaults: access log on, connect retries for 3 s.
+		{"http_ipv4", entry(registry.TCP, "127.0.0.1", registry.ModeHTTP), Options{AccessLog: true, ConnectRetryWindow: 3 * time.Second}},
+		{"tcp_ipv6", entry(registry.TCP, "::", registry.ModeTCP), Options{AccessLog: true, ConnectRetryWindow: 3 * time.Second}},
 		{"http_no_access_log", entry(registry.TCP, "0.0.0.0", registry.ModeHTTP), Options{}},
 		{"http_tracing", entry(registry.TCP, "127.0.0.1", registry.ModeHTTP), Options{Zipkin: "127.0.0.1:9411", TraceSampling: 25}},
 		{"tcp_tracing", entry(registry.TCP, "127.0.0.1", registry.ModeTCP), Options{Zipkin: "127.0.0.1:9411", TraceSampling: 25}},

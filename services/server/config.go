@@ -15,17 +15,18 @@ import (
 
 // Config is every setting of envoy-docker-server, read from the environment.
 type Config struct {
-	Socket        string        `envconfig:"EDS_SOCKET" default:"/run/envoy-docker-shim/server.sock" desc:"Unix socket of the registration API (mode 0600, root only). The shim reads the same variable."`
-	XDSAddr       string        `envconfig:"EDS_XDS_ADDR" default:"127.0.0.1:18000" desc:"Address of the xDS (ADS) gRPC server that Envoy connects to. Keep it on loopback."`
-	HTTPAddr      string        `envconfig:"EDS_HTTP_ADDR" default:"127.0.0.1:18001" desc:"Address of /healthz (200 once Envoy is connected), /metrics (Prometheus) and /registrations."`
-	DockerHost    string        `envconfig:"DOCKER_HOST" default:"unix:///var/run/docker.sock" desc:"Docker Engine API, for container labels and events. Set it empty to run without one: ports are then named after their container IPs."`
-	DockerTimeout time.Duration `envconfig:"EDS_DOCKER_TIMEOUT" default:"2s" desc:"Bound on finding a container's labels; past it the port is served under a name made from the container IP."`
-	ReadyTimeout  time.Duration `envconfig:"EDS_READY_TIMEOUT" default:"8s" desc:"Bound on waiting for Envoy to confirm a port; must stay below the shim's EDS_SHIM_TIMEOUT."`
-	RestartGrace  time.Duration `envconfig:"EDS_RESTART_GRACE" default:"5s" desc:"After a (re)start, how long the server waits for shims to re-register and resync to restore the rest before it answers Envoy, which keeps its last configuration meanwhile."`
-	AccessLog     bool          `envconfig:"EDS_ACCESS_LOG" default:"true" desc:"Envoy writes one access-log line per request (http) or connection (tcp) to its stdout."`
-	Zipkin        string        `envconfig:"EDS_ZIPKIN_ADDR" desc:"host:port of a trace collector speaking Zipkin's v2 API (Zipkin, Jaeger, or the OpenTelemetry Collector's zipkin receiver), e.g. 127.0.0.1:9411. When set, Envoy traces http-mode ports: one span per request, named after ServiceName, tagged with the service and container. Empty: no tracing."`
-	TraceSampling float64       `envconfig:"EDS_TRACE_SAMPLING" default:"100" desc:"Percentage of requests traced when EDS_ZIPKIN_ADDR is set (requests arriving with a sampling decision keep it). Lower it for busy services."`
-	LogLevel      string        `envconfig:"EDS_LOG_LEVEL" default:"info" desc:"debug, info, warn or error. Logs are JSON on stderr."`
+	Socket             string        `envconfig:"EDS_SOCKET" default:"/run/envoy-docker-shim/server.sock" desc:"Unix socket of the registration API (mode 0600, root only). The shim reads the same variable."`
+	XDSAddr            string        `envconfig:"EDS_XDS_ADDR" default:"127.0.0.1:18000" desc:"Address of the xDS (ADS) gRPC server that Envoy connects to. Keep it on loopback."`
+	HTTPAddr           string        `envconfig:"EDS_HTTP_ADDR" default:"127.0.0.1:18001" desc:"Address of /healthz (200 once Envoy is connected), /metrics (Prometheus) and /registrations."`
+	DockerHost         string        `envconfig:"DOCKER_HOST" default:"unix:///var/run/docker.sock" desc:"Docker Engine API, for container labels and events. Set it empty to run without one: ports are then named after their container IPs."`
+	DockerTimeout      time.Duration `envconfig:"EDS_DOCKER_TIMEOUT" default:"2s" desc:"Bound on finding a container's labels; past it the port is served under a name made from the container IP."`
+	ReadyTimeout       time.Duration `envconfig:"EDS_READY_TIMEOUT" default:"8s" desc:"Bound on waiting for Envoy to confirm a port; must stay below the shim's EDS_SHIM_TIMEOUT."`
+	RestartGrace       time.Duration `envconfig:"EDS_RESTART_GRACE" default:"5s" desc:"After a (re)start, how long the server waits for shims to re-register and resync to restore the rest before it answers Envoy, which keeps its last configuration meanwhile."`
+	AccessLog          bool          `envconfig:"EDS_ACCESS_LOG" default:"true" desc:"Envoy writes one access-log line per request (http) or connection (tcp) to its stdout."`
+	Zipkin             string        `envconfig:"EDS_ZIPKIN_ADDR" desc:"host:port of a trace collector speaking Zipkin's v2 API (Zipkin, Jaeger, or the OpenTelemetry Collector's zipkin receiver), e.g. 127.0.0.1:9411. When set, Envoy traces http-mode ports: one span per request, named after ServiceName, tagged with the service and container. Empty: no tracing."`
+	TraceSampling      float64       `envconfig:"EDS_TRACE_SAMPLING" default:"100" desc:"Percentage of requests traced when EDS_ZIPKIN_ADDR is set (requests arriving with a sampling decision keep it). Lower it for busy services."`
+	ConnectRetryWindow time.Duration `envconfig:"EDS_CONNECT_RETRY_WINDOW" default:"3s" desc:"How long Envoy keeps retrying to connect to a container that refuses the connection (its app is still starting) before it answers 503 (HTTP; access-log flags URX,UF) or closes the client's connection (TCP). Retries back off from 25 ms to 250 ms, jittered, as many as fit in this window even at their longest; a request is retried only if it never reached the container. 0: fail at the first refusal, as docker-proxy does."`
+	LogLevel           string        `envconfig:"EDS_LOG_LEVEL" default:"info" desc:"debug, info, warn or error. Logs are JSON on stderr."`
 }
 
 // ConfigFromEnv reads Config from the environment.
@@ -43,8 +44,8 @@ func ConfigFromEnv() (Config, error) {
 	if _, _, err := envoyconfig.TracingCluster(envoyconfig.Options{Zipkin: c.Zipkin}); err != nil {
 		return Config{}, fmt.Errorf("configuration: EDS_ZIPKIN_ADDR: %w", err)
 	}
-	if c.ReadyTimeout <= 0 || c.DockerTimeout <= 0 || c.RestartGrace < 0 {
-		return Config{}, fmt.Errorf("configuration: EDS_READY_TIMEOUT and EDS_DOCKER_TIMEOUT must be positive, EDS_RESTART_GRACE not negative")
+	if c.ReadyTimeout <= 0 || c.DockerTimeout <= 0 || c.RestartGrace < 0 || c.ConnectRetryWindow < 0 {
+		return Config{}, fmt.Errorf("configuration: EDS_READY_TIMEOUT and EDS_DOCKER_TIMEOUT must be positive, EDS_RESTART_GRACE and EDS_CONNECT_RETRY_WINDOW not negative")
 	}
 	return c, nil
 }

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -36,7 +37,7 @@ func TestE2EServer(t *testing.T) {
 
 	for _, api := range []string{"delta", "sotw"} {
 		t.Run(api, func(t *testing.T) {
-			st := stack.Start(t, stack.Options{DockerHost: daemon.Host, XDSAPI: api})
+			st := stack.Start(t, stack.Options{DockerHost: daemon.Host, XDSAPI: api, AccessLog: true})
 			t.Run("http mode serves the very next request and counts it under the labels", func(t *testing.T) {
 				testHTTPMode(t, st, web)
 			})
@@ -47,6 +48,9 @@ func TestE2EServer(t *testing.T) {
 			t.Run("0.0.0.0 and :: on one port coexist", func(t *testing.T) { testDualStack(t, st, web) })
 			t.Run("long-lived connection survives 100 other ports coming and going", func(t *testing.T) {
 				testLongLived(t, st, db, web)
+			})
+			t.Run("a connection the app refuses is retried while it starts, within the window", func(t *testing.T) {
+				testConnectRetries(t, st, daemon, web, db)
 			})
 		})
 	}
@@ -483,4 +487,97 @@ func metricIs(url, name, want string) error {
 		}
 	}
 	return fmt.Errorf("%s not on %s", name, url)
+}
+
+// testConnectRetries: a client arriving while the container's app is not listening yet waits for
+// it instead of failing (HTTP and TCP mode); an app that never listens fails within the window
+// (EDS_CONNECT_RETRY_WINDOW, 3 s by default) plus a second, and Envoy's flags say why.
+func testConnectRetries(t *testing.T, st *stack.Stack, daemon *testbed.Daemon, web, db *testbed.Container) {
+	const lateBy = 300 * time.Millisecond
+	window := st.Config.ConnectRetryWindow
+	for _, tc := range []struct {
+		mode      string
+		container *testbed.Container
+		appEnv    string // the echo server's variable for the late app's port
+		request   func(addr string) error
+	}{
+		{"http", web, "ECHO_HTTP_PORTS", func(addr string) error {
+			status, body, err := testbed.HTTPGet(context.Background(), "http://"+addr+"/")
+			if err == nil && status != http.StatusOK {
+				err = fmt.Errorf("HTTP %d %q", status, body)
+			}
+			return err
+		}},
+		{"tcp", db, "ECHO_TCP_PORTS", func(addr string) error {
+			payload := []byte("hello, late app")
+			got, err := testbed.TCPEcho(context.Background(), addr, payload)
+			if err == nil && string(got) != string(payload) {
+				err = fmt.Errorf("echo %q", got)
+			}
+			return err
+		}},
+	} {
+		t.Run(tc.mode+" app starting late", func(t *testing.T) {
+			port := testbed.FreePort(t)
+			appPort := testbed.FreePort(t) // a port number no earlier run left an app on in the container
+			ready(t, first(st.Register(t, stack.TCP(port, tc.container.IP.String(), appPort))))
+			// The app: a second echo server in the same container, listening only after lateBy.
+			go func() {
+				time.Sleep(lateBy)
+				args := []string{"exec", "-d"}
+				for _, env := range []string{"ECHO_HTTP_PORTS", "ECHO_TCP_PORTS", "ECHO_UDP_PORTS"} {
+					if env == tc.appEnv {
+						args = append(args, "-e", fmt.Sprintf("%s=%d", env, appPort))
+					} else {
+						args = append(args, "-e", env+"=")
+					}
+				}
+				_, _ = daemon.Docker(context.Background(), append(args, tc.container.ID, "/echoserver")...)
+			}()
+			start := time.Now()
+			if err := tc.request(fmt.Sprintf("127.0.0.1:%d", port)); err != nil {
+				t.Fatalf("first request, sent while the app was not listening: %v", err)
+			}
+			if took := time.Since(start); took < lateBy {
+				t.Fatalf("answered after %v, before the app listened (%v): the app was not late", took, lateBy)
+			}
+			t.Logf("answered %v after the request, the app listening after %v", time.Since(start).Round(time.Millisecond), lateBy)
+		})
+		t.Run(tc.mode+" app never listening", func(t *testing.T) {
+			port := testbed.FreePort(t)
+			ready(t, first(st.Register(t, stack.TCP(port, tc.container.IP.String(), 9))))
+			start := time.Now()
+			err := tc.request(fmt.Sprintf("127.0.0.1:%d", port))
+			took := time.Since(start)
+			if err == nil {
+				t.Fatal("a request to an app that never listens succeeded")
+			}
+			if took > window+time.Second {
+				t.Fatalf("failed after %v, want within the window %v + 1 s", took, window)
+			}
+			t.Logf("failed after %v (window %v): %v", took.Round(time.Millisecond), window, err)
+			if tc.mode == "http" && !strings.Contains(err.Error(), "HTTP 503") {
+				t.Fatalf("want a 503, got %v", err)
+			}
+			listener := fmt.Sprintf("listener=tcp_127.0.0.1_%d", port)
+			// Envoy flushes its access log every 10 s (--file-flush-interval-msec) or when its buffer fills.
+			testbed.WaitFor(t, 15*time.Second, "the access-log line saying why", func() error {
+				log, _ := os.ReadFile(st.Envoy.LogPath)
+				for _, line := range strings.Split(string(log), "\n") {
+					if strings.Contains(line, listener) {
+						if !strings.Contains(line, "URX") || !strings.Contains(line, "UF") {
+							return fmt.Errorf("access log without the retry flags URX and UF: %s", line)
+						}
+						t.Logf("access log: %s", line)
+						return nil
+					}
+				}
+				return fmt.Errorf("no access-log line for %s", listener)
+			})
+			retries := "cluster." + map[string]string{"http": "web-test", "tcp": "pg-test"}[tc.mode] + ".upstream_cx_connect_fail"
+			if v, _ := st.Envoy.Stat(t, retries); v < 2 {
+				t.Fatalf("%s = %d: the connection was not retried", retries, v)
+			}
+		})
+	}
 }

@@ -62,7 +62,7 @@ func New(cfg Config, log *slog.Logger, engine dockerapi.Engine) (*Server, error)
 	metrics.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	xdsMetrics := xds.NewMetrics(metrics)
 	tracker := xds.NewTracker(xdsMetrics)
-	c, err := xds.NewCache(bootID(), envoyconfig.Options{AccessLog: cfg.AccessLog, Zipkin: cfg.Zipkin, TraceSampling: cfg.TraceSampling}, xdsMetrics, tracker)
+	c, err := xds.NewCache(bootID(), envoyconfig.Options{AccessLog: cfg.AccessLog, Zipkin: cfg.Zipkin, TraceSampling: cfg.TraceSampling, ConnectRetryWindow: cfg.ConnectRetryWindow}, xdsMetrics, tracker)
 	if err != nil {
 		return nil, fmt.Errorf("configuration: EDS_ZIPKIN_ADDR: %w", err)
 	}

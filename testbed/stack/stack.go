@@ -80,6 +80,8 @@ func Start(t testing.TB, opts Options) *Stack {
 		LogLevel:      "debug",
 		Zipkin:        opts.Zipkin,
 		TraceSampling: 100,
+		// The shipped default (EDS_CONNECT_RETRY_WINDOW), so tests see what users get.
+		ConnectRetryWindow: 3 * time.Second,
 	}
 	s := &Stack{Config: cfg, LogPath: filepath.Join(dir, "server.log"), done: make(chan error, 1)}
 	s.StartServer(t)
