@@ -3,7 +3,7 @@ GO            ?= go
 BIN           ?= bin
 ENVOY_VERSION ?= 1.40.0
 VERSION       ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
-LDFLAGS       := -s -w -X github.com/envoy-docker-shim/envoy-docker-shim/services/buildinfo.Version=$(VERSION)
+LDFLAGS       := -s -w -X github.com/envoy-docker-shim/envoy-docker-shim/internal/buildinfo.Version=$(VERSION)
 # Test timeouts are generous ceilings, not targets: a hung daemon must fail the run, not eat CI's 90 minutes.
 TEST_TIMEOUT  ?= 15m
 

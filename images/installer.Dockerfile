@@ -16,7 +16,7 @@ COPY . .
 ARG VERSION=dev
 # The shim lands on arbitrary hosts: it must not depend on any libc (CGO_ENABLED=0).
 RUN CGO_ENABLED=0 go build -trimpath \
-      -ldflags "-s -w -X github.com/envoy-docker-shim/envoy-docker-shim/services/buildinfo.Version=${VERSION}" \
+      -ldflags "-s -w -X github.com/envoy-docker-shim/envoy-docker-shim/internal/buildinfo.Version=${VERSION}" \
       -o /out/ ./shim/cmd/envoy-docker-shim ./shim/cmd/envoy-docker-shim-install
 # Fail the build, not the install, if the shim does not run on its own.
 RUN ["/out/envoy-docker-shim", "-version"]

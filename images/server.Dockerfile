@@ -19,7 +19,7 @@ RUN go mod download
 COPY . .
 ARG VERSION=dev
 RUN CGO_ENABLED=0 go build -trimpath \
-      -ldflags "-s -w -X github.com/envoy-docker-shim/envoy-docker-shim/services/buildinfo.Version=${VERSION}" \
+      -ldflags "-s -w -X github.com/envoy-docker-shim/envoy-docker-shim/internal/buildinfo.Version=${VERSION}" \
       -o /out/envoy-docker-server ./services/cmd/envoy-docker-server
 
 # A static binary and nothing else.

@@ -29,6 +29,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
+	"github.com/envoy-docker-shim/envoy-docker-shim/internal/mapping"
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/registry"
 )
 
@@ -106,13 +107,13 @@ type Resources struct {
 }
 
 // ListenerName names the listener of a host socket, e.g. "tcp_127.0.0.1_8080" or "tcp_[::]_8080".
-func ListenerName(k registry.Key) string {
+func ListenerName(k mapping.Key) string {
 	return fmt.Sprintf("%s_%s_%d", k.Proto, bracketed(k.HostIP), k.HostPort)
 }
 
 // ClusterName names the cluster of a mapping. A host socket carries one mapping at a time, so the
 // cluster shares the listener's name; its stats use the service name (alt_stat_name).
-func ClusterName(k registry.Key) string { return ListenerName(k) }
+func ClusterName(k mapping.Key) string { return ListenerName(k) }
 
 func bracketed(ip netip.Addr) string {
 	if ip.Is6() && !ip.Is4In6() {
@@ -123,7 +124,7 @@ func bracketed(ip netip.Addr) string {
 
 // ForEntry returns the resources carrying e, or false when Envoy does not carry it (shim mode).
 func ForEntry(e registry.Entry, opts Options) (Resources, bool, error) {
-	if e.Proto != registry.TCP || e.Mode == registry.ModeShim {
+	if e.Proto != mapping.TCP || e.Mode == registry.ModeShim {
 		return Resources{}, false, nil
 	}
 	c := Cluster(e)

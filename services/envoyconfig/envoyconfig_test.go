@@ -23,15 +23,16 @@ import (
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
 
+	"github.com/envoy-docker-shim/envoy-docker-shim/internal/mapping"
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/registry"
 )
 
 var update = flag.Bool("update", false, "rewrite the golden files in testdata/")
 
-func entry(proto registry.Protocol, hostIP string, mode registry.Mode) registry.Entry {
+func entry(proto mapping.Protocol, hostIP string, mode registry.Mode) registry.Entry {
 	return registry.Entry{
-		Mapping: registry.Mapping{
-			Key:           registry.Key{Proto: proto, HostIP: netip.MustParseAddr(hostIP), HostPort: 8080},
+		Mapping: mapping.Mapping{
+			Key:           mapping.Key{Proto: proto, HostIP: netip.MustParseAddr(hostIP), HostPort: 8080},
 			ContainerIP:   netip.MustParseAddr("172.17.0.2"),
 			ContainerPort: 80,
 		},
@@ -41,13 +42,13 @@ func entry(proto registry.Protocol, hostIP string, mode registry.Mode) registry.
 
 func TestNames(t *testing.T) {
 	tests := []struct {
-		key  registry.Key
+		key  mapping.Key
 		want string
 	}{
-		{registry.Key{Proto: registry.TCP, HostIP: netip.MustParseAddr("127.0.0.1"), HostPort: 80}, "tcp_127.0.0.1_80"},
-		{registry.Key{Proto: registry.TCP, HostIP: netip.MustParseAddr("::"), HostPort: 8080}, "tcp_[::]_8080"},
-		{registry.Key{Proto: registry.TCP, HostIP: netip.MustParseAddr("::ffff:10.0.0.1"), HostPort: 1}, "tcp_10.0.0.1_1"},
-		{registry.Key{Proto: registry.UDP, HostIP: netip.MustParseAddr("0.0.0.0"), HostPort: 53}, "udp_0.0.0.0_53"},
+		{mapping.Key{Proto: mapping.TCP, HostIP: netip.MustParseAddr("127.0.0.1"), HostPort: 80}, "tcp_127.0.0.1_80"},
+		{mapping.Key{Proto: mapping.TCP, HostIP: netip.MustParseAddr("::"), HostPort: 8080}, "tcp_[::]_8080"},
+		{mapping.Key{Proto: mapping.TCP, HostIP: netip.MustParseAddr("::ffff:10.0.0.1"), HostPort: 1}, "tcp_10.0.0.1_1"},
+		{mapping.Key{Proto: mapping.UDP, HostIP: netip.MustParseAddr("0.0.0.0"), HostPort: 53}, "udp_0.0.0.0_53"},
 	}
 	for _, tt := range tests {
 		if got := ListenerName(tt.key); got != tt.want {
@@ -86,11 +87,11 @@ func TestGolden(t *testing.T) {
 		opts  Options
 	}{
 		// The shipped defaults: access log on, connect retries for 3 s.
-		{"http_ipv4", entry(registry.TCP, "127.0.0.1", registry.ModeHTTP), Options{AccessLog: true, ConnectRetryWindow: 3 * time.Second}},
-		{"tcp_ipv6", entry(registry.TCP, "::", registry.ModeTCP), Options{AccessLog: true, ConnectRetryWindow: 3 * time.Second}},
-		{"http_no_access_log", entry(registry.TCP, "0.0.0.0", registry.ModeHTTP), Options{}},
-		{"http_tracing", entry(registry.TCP, "127.0.0.1", registry.ModeHTTP), Options{Zipkin: "127.0.0.1:9411", TraceSampling: 25}},
-		{"tcp_tracing", entry(registry.TCP, "127.0.0.1", registry.ModeTCP), Options{Zipkin: "127.0.0.1:9411", TraceSampling: 25}},
+		{"http_ipv4", entry(mapping.TCP, "127.0.0.1", registry.ModeHTTP), Options{AccessLog: true, ConnectRetryWindow: 3 * time.Second}},
+		{"tcp_ipv6", entry(mapping.TCP, "::", registry.ModeTCP), Options{AccessLog: true, ConnectRetryWindow: 3 * time.Second}},
+		{"http_no_access_log", entry(mapping.TCP, "0.0.0.0", registry.ModeHTTP), Options{}},
+		{"http_tracing", entry(mapping.TCP, "127.0.0.1", registry.ModeHTTP), Options{Zipkin: "127.0.0.1:9411", TraceSampling: 25}},
+		{"tcp_tracing", entry(mapping.TCP, "127.0.0.1", registry.ModeTCP), Options{Zipkin: "127.0.0.1:9411", TraceSampling: 25}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -135,7 +136,7 @@ func TestByteStable(t *testing.T) {
 	for _, mode := range []registry.Mode{registry.ModeHTTP, registry.ModeTCP} {
 		var first [2][]byte
 		for i := range 50 {
-			res, _, err := ForEntry(entry(registry.TCP, "127.0.0.1", mode), Options{AccessLog: true})
+			res, _, err := ForEntry(entry(mapping.TCP, "127.0.0.1", mode), Options{AccessLog: true})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -154,22 +155,22 @@ func TestByteStable(t *testing.T) {
 
 func TestNotCarriedByEnvoy(t *testing.T) {
 	for _, e := range []registry.Entry{
-		entry(registry.UDP, "0.0.0.0", registry.ModeShim),
-		entry(registry.SCTP, "0.0.0.0", registry.ModeHTTP),
-		entry(registry.TCP, "0.0.0.0", registry.ModeShim),
+		entry(mapping.UDP, "0.0.0.0", registry.ModeShim),
+		entry(mapping.SCTP, "0.0.0.0", registry.ModeHTTP),
+		entry(mapping.TCP, "0.0.0.0", registry.ModeShim),
 	} {
 		if _, ok, err := ForEntry(e, Options{}); ok || err != nil {
 			t.Errorf("ForEntry(%s, %s) = %v, %v; want not carried", e.Key, e.Mode, ok, err)
 		}
 	}
-	if _, _, err := ForEntry(entry(registry.TCP, "0.0.0.0", "grpc"), Options{}); err == nil {
+	if _, _, err := ForEntry(entry(mapping.TCP, "0.0.0.0", "grpc"), Options{}); err == nil {
 		t.Error("an unknown mode gave no error")
 	}
 }
 
 func TestResourcesValidate(t *testing.T) {
 	for _, mode := range []registry.Mode{registry.ModeHTTP, registry.ModeTCP} {
-		res, _, err := ForEntry(entry(registry.TCP, "::", mode), Options{AccessLog: true})
+		res, _, err := ForEntry(entry(mapping.TCP, "::", mode), Options{AccessLog: true})
 		if err != nil {
 			t.Fatal(err)
 		}

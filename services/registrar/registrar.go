@@ -12,10 +12,13 @@ import (
 	"log/slog"
 	"net/netip"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/envoy-docker-shim/envoy-docker-shim/internal/mapping"
+	"github.com/envoy-docker-shim/envoy-docker-shim/internal/shimlink"
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/dockerapi"
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/labels"
 	pb "github.com/envoy-docker-shim/envoy-docker-shim/services/registration/registrationpb"
@@ -53,6 +56,10 @@ type Server struct {
 	Metrics      *Metrics
 	// OnRestored is called after resync's Restore: the registry is as complete as it will get.
 	OnRestored func()
+
+	linkMu  sync.Mutex
+	live    map[*shimlink.Conn]bool
+	closing bool
 }
 
 // Metrics are the registration API's Prometheus series.
@@ -82,84 +89,98 @@ func NewMetrics(reg prometheus.Registerer, r *registry.Registry) *Metrics {
 	return m
 }
 
-// Register holds one mapping for the life of the stream.
-func (s *Server) Register(stream pb.Registrar_RegisterServer) error {
-	started := time.Now()
-	first, err := stream.Recv()
-	if err != nil {
-		return nil // the shim went away before saying anything
-	}
-	open := first.GetOpen()
-	if open == nil {
-		return s.fail(stream, "the first message on a registration must be Open")
-	}
-	mapping, err := MappingFromProto(open.GetMapping())
-	if err != nil {
-		return s.fail(stream, fmt.Sprintf("invalid mapping: %v", err))
-	}
-	log := s.Log.With("mapping", mapping.Key.String(), "container_ip", mapping.ContainerIP.String(), "shim_pid", open.GetShim().GetPid())
+// session is one registration as a transport carries it: the shim link (package shimlink) or
+// the gRPC Register stream that shims of earlier releases still speak after an upgrade.
+type session interface {
+	// Context ends when the shim goes away.
+	Context() context.Context
+	// Open reads the registration's first message; errShimGone when the shim left before it.
+	Open() (shimlink.Open, error)
+	Ready(registry.Entry) error
+	Fail(reason string) error
+	// Next reads the shim's next log line; io.EOF once the shim ended the registration.
+	Next() (*shimlink.Log, error)
+}
 
-	service, err := s.describe(stream.Context(), mapping, open.GetShim().GetProxiesItself(), log)
+// errShimGone says the shim went away before saying anything: there is nobody to answer.
+var errShimGone = errors.New("the shim went away")
+
+// serve holds one mapping for the life of the session.
+func (s *Server) serve(sess session) {
+	started := time.Now()
+	open, err := sess.Open()
+	if errors.Is(err, errShimGone) {
+		return
+	}
 	if err != nil {
-		return s.fail(stream, err.Error())
+		s.fail(sess, err.Error())
+		return
+	}
+	m := open.Mapping
+	log := s.Log.With("mapping", m.Key.String(), "container_ip", m.ContainerIP.String(), "shim_pid", open.PID)
+
+	service, err := s.describe(sess.Context(), m, open.ProxiesItself, log)
+	if err != nil {
+		s.fail(sess, err.Error())
+		return
 	}
 	owner := s.Registry.NewOwner()
 	entry := registry.Entry{
-		Mapping: mapping,
+		Mapping: m,
 		Service: service,
-		Shim:    registry.Shim{PID: open.GetShim().GetPid(), Version: open.GetShim().GetVersion()},
+		Shim:    registry.Shim{PID: int32(open.PID), Version: open.Version},
 		Owner:   owner,
 	}
 	if err := s.Registry.Claim(entry); err != nil {
-		return s.fail(stream, err.Error())
+		s.fail(sess, err.Error())
+		return
 	}
 	closedByShim := false
 	defer func() {
-		if !s.Registry.Release(mapping.Key, owner) {
+		if !s.Registry.Release(m.Key, owner) {
 			return
 		}
 		log.Info("deregistered")
 		if closedByShim {
-			// The shim is waiting (briefly) for the stream to end: end it once Envoy has let go
-			// of the port, so that dockerd 28+, which binds the port itself, can bind it again
-			// at once when the container restarts.
-			s.confirmRemoved(stream.Context(), entry, log)
+			// The shim is waiting (briefly) for the session to end: end it once Envoy has let
+			// go of the port, so that dockerd 28+, which binds the port itself, can bind it
+			// again at once when the container restarts.
+			s.confirmRemoved(sess.Context(), entry, log)
 		}
 	}()
 
 	// A shim re-registering a port it has been serving (the server restarted) already told
 	// dockerd; waiting for Envoy helps nobody, and a failed wait would make Envoy drop the port.
-	if open.GetShim().GetServing() {
+	if open.Serving {
 		log.Info("re-registered a serving port")
-	} else if err := s.confirm(stream.Context(), entry); err != nil {
+	} else if err := s.confirm(sess.Context(), entry); err != nil {
 		log.Warn("registration failed", "err", err)
-		return s.fail(stream, Reason(mapping, err))
+		s.fail(sess, Reason(m, err))
+		return
 	}
 	readyAt := time.Now()
-	s.Registry.MarkReady(mapping.Key, owner, readyAt)
+	s.Registry.MarkReady(m.Key, owner, readyAt)
 	entry.ReadyAt = readyAt
 	s.Metrics.results.WithLabelValues("ready").Inc()
 	s.Metrics.toReady.Observe(readyAt.Sub(started).Seconds())
 	log.Info("ready", "service", service.Name, "mode", service.Mode, "ms", readyAt.Sub(started).Milliseconds())
-	if err := stream.Send(&pb.RegisterResponse{Response: &pb.RegisterResponse_Ready{Ready: &pb.Ready{Registration: ToProto(entry)}}}); err != nil {
-		return nil
+	if err := sess.Ready(entry); err != nil {
+		return
 	}
 
-	// Hold the mapping until the stream ends, relaying what the shim logs: under dockerd its
+	// Hold the mapping until the session ends, relaying what the shim logs: under dockerd its
 	// stdout and stderr go nowhere, and this is where an operator looks.
 	for {
-		msg, err := stream.Recv()
+		l, err := sess.Next()
 		if err != nil {
 			closedByShim = errors.Is(err, io.EOF)
-			return nil
+			return
 		}
-		if l := msg.GetLog(); l != nil {
-			log.Log(stream.Context(), shimLevel(l.GetLevel()), l.GetMessage(), "source", "shim")
-		}
+		log.Log(sess.Context(), shimLevel(l.Level), l.Message, "source", "shim")
 	}
 }
 
-func (s *Server) describe(ctx context.Context, m registry.Mapping, proxiesItself bool, log *slog.Logger) (registry.Service, error) {
+func (s *Server) describe(ctx context.Context, m mapping.Mapping, proxiesItself bool, log *slog.Logger) (registry.Service, error) {
 	var found *labels.Container
 	c, err := s.Finder.FindByIP(ctx, m.ContainerIP)
 	switch {
@@ -174,7 +195,7 @@ func (s *Server) describe(ctx context.Context, m registry.Mapping, proxiesItself
 	if err != nil {
 		return registry.Service{}, fmt.Errorf("container %s: %w", c.Name, err)
 	}
-	if m.Proto != registry.TCP || proxiesItself {
+	if m.Proto != mapping.TCP || proxiesItself {
 		service.Mode = registry.ModeShim
 	}
 	return service, nil
@@ -208,16 +229,14 @@ func (s *Server) confirmRemoved(ctx context.Context, e registry.Entry, log *slog
 	}
 }
 
-func (s *Server) fail(stream pb.Registrar_RegisterServer, reason string) error {
+func (s *Server) fail(sess session, reason string) {
 	s.Metrics.results.WithLabelValues("failed").Inc()
-	// The stream's end carries no status: the reason travels in the message, for the user.
-	_ = stream.Send(&pb.RegisterResponse{Response: &pb.RegisterResponse_Failed{Failed: &pb.Failed{Reason: reason}}})
-	return nil
+	_ = sess.Fail(reason)
 }
 
 // Reason turns a failure into what `docker run` should print. A port Envoy cannot bind reads
 // exactly as docker-proxy's own error, so scripts and people that know it keep working.
-func Reason(m registry.Mapping, err error) string {
+func Reason(m mapping.Mapping, err error) string {
 	var rejected *xds.RejectedError
 	if errors.As(err, &rejected) {
 		if strings.Contains(strings.ToLower(rejected.Reason), "address already in use") {

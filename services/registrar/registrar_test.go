@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
+	"github.com/envoy-docker-shim/envoy-docker-shim/internal/mapping"
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/dockerapi"
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/envoyconfig"
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/labels"
@@ -207,7 +208,7 @@ func TestRegisterFailures(t *testing.T) {
 }
 
 func TestRegisterIPv6PortTaken(t *testing.T) {
-	m := registry.Mapping{Key: registry.Key{Proto: registry.TCP, HostIP: netip.MustParseAddr("::"), HostPort: 80}}
+	m := mapping.Mapping{Key: mapping.Key{Proto: mapping.TCP, HostIP: netip.MustParseAddr("::"), HostPort: 80}}
 	got := Reason(m, &xds.RejectedError{Reason: "cannot bind '[::]:80': Address already in use"})
 	if !strings.HasPrefix(got, "listen tcp6 [::]:80: bind: address already in use") {
 		t.Fatalf("Reason = %q", got)
@@ -300,7 +301,7 @@ func TestRestore(t *testing.T) {
 	if f.registry.Len() != 3 {
 		t.Fatalf("registry holds %d, want 3 (never the gone container)", f.registry.Len())
 	}
-	if e, _ := f.registry.Get(registry.Key{Proto: registry.UDP, HostIP: netip.MustParseAddr("127.0.0.1"), HostPort: 9001}); e.Mode != registry.ModeShim {
+	if e, _ := f.registry.Get(mapping.Key{Proto: mapping.UDP, HostIP: netip.MustParseAddr("127.0.0.1"), HostPort: 9001}); e.Mode != registry.ModeShim {
 		t.Errorf("restored UDP mapping mode %q", e.Mode)
 	}
 	select {
@@ -330,7 +331,7 @@ func TestReRegistrationOfServingPortNeverDropsIt(t *testing.T) {
 	if f.confirmer.waits != 0 {
 		t.Fatalf("waited %d times on Envoy for a serving port", f.confirmer.waits)
 	}
-	if _, ok := f.registry.Get(registry.Key{Proto: registry.TCP, HostIP: netip.MustParseAddr("127.0.0.1"), HostPort: 8090}); !ok {
+	if _, ok := f.registry.Get(mapping.Key{Proto: mapping.TCP, HostIP: netip.MustParseAddr("127.0.0.1"), HostPort: 8090}); !ok {
 		t.Fatal("the serving port is not in the registry")
 	}
 

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/envoy-docker-shim/envoy-docker-shim/internal/mapping"
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/labels"
 	pb "github.com/envoy-docker-shim/envoy-docker-shim/services/registration/registrationpb"
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/registry"
@@ -31,29 +32,29 @@ func (s *Server) Restore(ctx context.Context, req *pb.RestoreRequest) (*pb.Resto
 }
 
 func (s *Server) restore(ctx context.Context, open *pb.Open) (pb.Restored_Outcome, string) {
-	mapping, err := MappingFromProto(open.GetMapping())
+	m, err := open.GetMapping().Parse()
 	if err != nil {
 		return pb.Restored_OUTCOME_SKIPPED, fmt.Sprintf("invalid mapping: %v", err)
 	}
-	if e, ok := s.Registry.Get(mapping.Key); ok {
-		if e.Mapping == mapping {
+	if e, ok := s.Registry.Get(m.Key); ok {
+		if e.Mapping == m {
 			return pb.Restored_OUTCOME_ALREADY_REGISTERED, ""
 		}
 		return pb.Restored_OUTCOME_SKIPPED, fmt.Sprintf("host port held by another mapping (container %s)", e.ContainerName)
 	}
-	c, err := s.Finder.FindByIP(ctx, mapping.ContainerIP)
+	c, err := s.Finder.FindByIP(ctx, m.ContainerIP)
 	if err != nil {
 		return pb.Restored_OUTCOME_SKIPPED, fmt.Sprintf("container not found, so not restored: %v", err)
 	}
-	service, err := labels.Describe(&c, mapping.ContainerIP)
+	service, err := labels.Describe(&c, m.ContainerIP)
 	if err != nil {
 		return pb.Restored_OUTCOME_SKIPPED, fmt.Sprintf("container %s: %v", c.Name, err)
 	}
-	if mapping.Proto != registry.TCP || open.GetShim().GetProxiesItself() {
+	if m.Proto != mapping.TCP || open.GetShim().GetProxiesItself() {
 		service.Mode = registry.ModeShim
 	}
 	err = s.Registry.Claim(registry.Entry{
-		Mapping: mapping,
+		Mapping: m,
 		Service: service,
 		Shim:    registry.Shim{PID: open.GetShim().GetPid(), Version: open.GetShim().GetVersion()},
 		Owner:   s.Registry.NewOwner(),

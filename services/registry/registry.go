@@ -5,68 +5,13 @@ package registry
 
 import (
 	"cmp"
-	"errors"
 	"fmt"
-	"net/netip"
 	"slices"
 	"sync"
 	"time"
+
+	"github.com/envoy-docker-shim/envoy-docker-shim/internal/mapping"
 )
-
-// Protocol is the transport of a published port, as dockerd names it in -proto.
-type Protocol string
-
-const (
-	TCP  Protocol = "tcp"
-	UDP  Protocol = "udp"
-	SCTP Protocol = "sctp"
-)
-
-// ParseProtocol accepts exactly the names dockerd passes.
-func ParseProtocol(s string) (Protocol, error) {
-	switch p := Protocol(s); p {
-	case TCP, UDP, SCTP:
-		return p, nil
-	}
-	return "", fmt.Errorf("unknown protocol %q: want tcp, udp or sctp", s)
-}
-
-// Key identifies one host socket: dockerd never publishes two containers on the same one.
-type Key struct {
-	Proto    Protocol
-	HostIP   netip.Addr
-	HostPort uint16
-}
-
-func (k Key) String() string {
-	return fmt.Sprintf("%s/%s", netip.AddrPortFrom(k.HostIP, k.HostPort), k.Proto)
-}
-
-// Mapping is one published port as dockerd hands it to its userland proxy.
-type Mapping struct {
-	Key
-	ContainerIP   netip.Addr
-	ContainerPort uint16
-}
-
-// Validate rejects what dockerd would never send, so nothing malformed reaches Envoy.
-func (m Mapping) Validate() error {
-	switch {
-	case m.Proto != TCP && m.Proto != UDP && m.Proto != SCTP:
-		return fmt.Errorf("unknown protocol %q: want tcp, udp or sctp", m.Proto)
-	case !m.HostIP.IsValid():
-		return errors.New("host IP missing")
-	case m.HostPort == 0:
-		return errors.New("host port must be 1-65535")
-	case !m.ContainerIP.IsValid():
-		return errors.New("container IP missing")
-	case m.ContainerIP.IsUnspecified():
-		return fmt.Errorf("container IP %s is unspecified", m.ContainerIP)
-	case m.ContainerPort == 0:
-		return errors.New("container port must be 1-65535")
-	}
-	return nil
-}
 
 // Mode says who carries a mapping's traffic and how.
 type Mode string
@@ -99,7 +44,7 @@ type Shim struct {
 
 // Entry is one live registration.
 type Entry struct {
-	Mapping
+	mapping.Mapping
 	Service
 	Shim    Shim
 	Owner   Owner
@@ -134,14 +79,14 @@ func shortID(id string) string {
 // Registry is safe for concurrent use.
 type Registry struct {
 	mu        sync.Mutex
-	entries   map[Key]Entry
+	entries   map[mapping.Key]Entry
 	observer  Observer
 	lastOwner Owner
 }
 
 // New returns an empty registry that reports changes to observer (which may be nil).
 func New(observer Observer) *Registry {
-	return &Registry{entries: make(map[Key]Entry), observer: observer}
+	return &Registry{entries: make(map[mapping.Key]Entry), observer: observer}
 }
 
 // NewOwner hands out a token for one registration stream.
@@ -178,7 +123,7 @@ func (r *Registry) Claim(e Entry) error {
 }
 
 // MarkReady records when Envoy confirmed the entry; it is a no-op for a key the owner no longer holds.
-func (r *Registry) MarkReady(key Key, owner Owner, at time.Time) {
+func (r *Registry) MarkReady(key mapping.Key, owner Owner, at time.Time) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if e, ok := r.entries[key]; ok && e.Owner == owner {
@@ -188,7 +133,7 @@ func (r *Registry) MarkReady(key Key, owner Owner, at time.Time) {
 }
 
 // Release removes the entry if owner still holds it, and reports whether it did.
-func (r *Registry) Release(key Key, owner Owner) bool {
+func (r *Registry) Release(key mapping.Key, owner Owner) bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	e, ok := r.entries[key]
@@ -224,7 +169,7 @@ func (r *Registry) remove(e Entry) {
 }
 
 // Get returns the entry for key.
-func (r *Registry) Get(key Key) (Entry, bool) {
+func (r *Registry) Get(key mapping.Key) (Entry, bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	e, ok := r.entries[key]

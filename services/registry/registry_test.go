@@ -6,6 +6,8 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+
+	"github.com/envoy-docker-shim/envoy-docker-shim/internal/mapping"
 )
 
 type recorder struct {
@@ -22,9 +24,9 @@ func (r *recorder) Upsert(e Entry) error {
 }
 func (r *recorder) Delete(e Entry) { r.events = append(r.events, "delete "+e.Key.String()) }
 
-func mapping(hostIP string, hostPort uint16, containerIP string) Mapping {
-	return Mapping{
-		Key:           Key{Proto: TCP, HostIP: netip.MustParseAddr(hostIP), HostPort: hostPort},
+func tcpMapping(hostIP string, hostPort uint16, containerIP string) mapping.Mapping {
+	return mapping.Mapping{
+		Key:           mapping.Key{Proto: mapping.TCP, HostIP: netip.MustParseAddr(hostIP), HostPort: hostPort},
 		ContainerIP:   netip.MustParseAddr(containerIP),
 		ContainerPort: 80,
 	}
@@ -34,8 +36,8 @@ func TestClaimReleaseNotifiesInOrder(t *testing.T) {
 	rec := &recorder{}
 	r := New(rec)
 	a, b := r.NewOwner(), r.NewOwner()
-	ea := Entry{Mapping: mapping("127.0.0.1", 8080, "172.17.0.2"), Owner: a}
-	eb := Entry{Mapping: mapping("::", 8080, "172.17.0.2"), Owner: b}
+	ea := Entry{Mapping: tcpMapping("127.0.0.1", 8080, "172.17.0.2"), Owner: a}
+	eb := Entry{Mapping: tcpMapping("::", 8080, "172.17.0.2"), Owner: b}
 	for _, e := range []Entry{ea, eb} {
 		if err := r.Claim(e); err != nil {
 			t.Fatal(err)
@@ -59,7 +61,7 @@ func TestClaimReleaseNotifiesInOrder(t *testing.T) {
 func TestClaimConflictAndTakeover(t *testing.T) {
 	r := New(nil)
 	first, second := r.NewOwner(), r.NewOwner()
-	e := Entry{Mapping: mapping("0.0.0.0", 80, "172.17.0.2"), Service: Service{ContainerID: "c1"}, Shim: Shim{PID: 10}, Owner: first}
+	e := Entry{Mapping: tcpMapping("0.0.0.0", 80, "172.17.0.2"), Service: Service{ContainerID: "c1"}, Shim: Shim{PID: 10}, Owner: first}
 	if err := r.Claim(e); err != nil {
 		t.Fatal(err)
 	}
@@ -89,7 +91,7 @@ func TestClaimConflictAndTakeover(t *testing.T) {
 
 func TestClaimRollsBackWhenObserverFails(t *testing.T) {
 	r := New(&recorder{fail: errors.New("boom")})
-	if err := r.Claim(Entry{Mapping: mapping("127.0.0.1", 1, "10.0.0.1"), Owner: r.NewOwner()}); err == nil {
+	if err := r.Claim(Entry{Mapping: tcpMapping("127.0.0.1", 1, "10.0.0.1"), Owner: r.NewOwner()}); err == nil {
 		t.Fatal("Claim succeeded although the observer failed")
 	}
 	if r.Len() != 0 {
@@ -101,7 +103,7 @@ func TestRemoveContainer(t *testing.T) {
 	rec := &recorder{}
 	r := New(rec)
 	for i, c := range []string{"c1", "c2", "c1"} {
-		e := Entry{Mapping: mapping("127.0.0.1", uint16(8000+i), "10.0.0.1"), Service: Service{ContainerID: c}, Owner: r.NewOwner()}
+		e := Entry{Mapping: tcpMapping("127.0.0.1", uint16(8000+i), "10.0.0.1"), Service: Service{ContainerID: c}, Owner: r.NewOwner()}
 		if err := r.Claim(e); err != nil {
 			t.Fatal(err)
 		}
@@ -112,40 +114,5 @@ func TestRemoveContainer(t *testing.T) {
 	}
 	if r.Len() != 1 {
 		t.Fatalf("left %d entries, want 1", r.Len())
-	}
-}
-
-func TestMappingValidate(t *testing.T) {
-	good := mapping("127.0.0.1", 80, "10.0.0.2")
-	tests := []struct {
-		name   string
-		mutate func(*Mapping)
-		want   string
-	}{
-		{"valid", func(*Mapping) {}, ""},
-		{"bad protocol", func(m *Mapping) { m.Proto = "icmp" }, "unknown protocol"},
-		{"no host IP", func(m *Mapping) { m.HostIP = netip.Addr{} }, "host IP"},
-		{"zero host port", func(m *Mapping) { m.HostPort = 0 }, "host port"},
-		{"unspecified container IP", func(m *Mapping) { m.ContainerIP = netip.MustParseAddr("0.0.0.0") }, "unspecified"},
-		{"zero container port", func(m *Mapping) { m.ContainerPort = 0 }, "container port"},
-	}
-	for _, tt := range tests {
-		m := good
-		tt.mutate(&m)
-		err := m.Validate()
-		if (tt.want == "") != (err == nil) || (err != nil && !strings.Contains(err.Error(), tt.want)) {
-			t.Errorf("%s: Validate = %v, want %q", tt.name, err, tt.want)
-		}
-	}
-}
-
-func TestParseProtocol(t *testing.T) {
-	for _, s := range []string{"tcp", "udp", "sctp"} {
-		if p, err := ParseProtocol(s); err != nil || string(p) != s {
-			t.Errorf("ParseProtocol(%q) = %q, %v", s, p, err)
-		}
-	}
-	if _, err := ParseProtocol("TCP "); err == nil {
-		t.Error("ParseProtocol accepted a name dockerd never sends")
 	}
 }

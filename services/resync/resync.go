@@ -18,6 +18,7 @@ import (
 	"github.com/kelseyhightower/envconfig"
 	"google.golang.org/grpc"
 
+	"github.com/envoy-docker-shim/envoy-docker-shim/internal/mapping"
 	pb "github.com/envoy-docker-shim/envoy-docker-shim/services/registration/registrationpb"
 	"github.com/envoy-docker-shim/envoy-docker-shim/shim/proxyargs"
 )
@@ -96,14 +97,9 @@ func Request(shims []Shim) (*pb.RestoreRequest, []error) {
 			continue
 		}
 		m := parsed.Mapping
-		proto, ok := map[proxyargs.Protocol]pb.Protocol{proxyargs.TCP: pb.Protocol_PROTOCOL_TCP, proxyargs.UDP: pb.Protocol_PROTOCOL_UDP, proxyargs.SCTP: pb.Protocol_PROTOCOL_SCTP}[m.Proto]
-		if !ok {
-			skipped = append(skipped, fmt.Errorf("pid %d: protocol %q", s.PID, m.Proto))
-			continue
-		}
 		req.Shims = append(req.Shims, &pb.Open{
-			Mapping: &pb.Mapping{Proto: proto, HostIp: m.HostIP.String(), HostPort: uint32(m.HostPort), ContainerIp: m.ContainerIP.String(), ContainerPort: uint32(m.ContainerPort)},
-			Shim:    &pb.Shim{Pid: int32(s.PID), ProxiesItself: m.Proto != proxyargs.TCP},
+			Mapping: pb.FromMapping(m),
+			Shim:    &pb.Shim{Pid: int32(s.PID), ProxiesItself: m.Proto != mapping.TCP},
 		})
 	}
 	return req, skipped

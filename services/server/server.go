@@ -90,18 +90,26 @@ func (s *Server) Registry() *registry.Registry { return s.registry }
 
 // Run serves until ctx ends or one actor fails, then stops every actor.
 func (s *Server) Run(ctx context.Context) error {
-	registrationListener, err := listenUnix(s.cfg.Socket)
+	registrationListener, err := listenUnix("unix", s.cfg.Socket)
 	if err != nil {
 		return err
 	}
+	shimSocket, err := listenUnix("unixpacket", s.cfg.ShimSocket)
+	if err != nil {
+		registrationListener.Close()
+		return err
+	}
+	shimListener := shimSocket.(*net.UnixListener)
 	xdsListener, err := net.Listen("tcp", s.cfg.XDSAddr)
 	if err != nil {
 		registrationListener.Close()
+		shimListener.Close()
 		return fmt.Errorf("xDS server on %s: %w", s.cfg.XDSAddr, err)
 	}
 	httpListener, err := net.Listen("tcp", s.cfg.HTTPAddr)
 	if err != nil {
 		registrationListener.Close()
+		shimListener.Close()
 		xdsListener.Close()
 		return fmt.Errorf("HTTP server on %s: %w", s.cfg.HTTPAddr, err)
 	}
@@ -122,7 +130,7 @@ func (s *Server) Run(ctx context.Context) error {
 	}, func(error) { xdsServer.Stop() })
 
 	registrations := grpc.NewServer()
-	pb.RegisterRegistrarServer(registrations, &registrar.Server{
+	shims := &registrar.Server{
 		Registry:     s.registry,
 		Finder:       s.finder,
 		Publisher:    s.cache,
@@ -136,6 +144,15 @@ func (s *Server) Run(ctx context.Context) error {
 				s.cache.Open()
 			}
 		},
+	}
+	pb.RegisterRegistrarServer(registrations, shims)
+	g.Add(func() error {
+		s.log.Info("shim socket listening", "socket", s.cfg.ShimSocket)
+		return shims.ServeShims(shimListener)
+	}, func(error) {
+		xdsServer.Stop() // first: see below
+		shimListener.Close()
+		shims.CloseShims()
 	})
 	g.Add(func() error {
 		s.log.Info("registration API listening", "socket", s.cfg.Socket)
@@ -237,14 +254,14 @@ func (s *Server) httpHandler() http.Handler {
 	return mux
 }
 
-// listenUnix serves the registration API on a root-only socket, replacing a stale socket file but
-// never one a live server still answers on.
-func listenUnix(path string) (net.Listener, error) {
+// listenUnix listens on a root-only socket, replacing a stale socket file but never one a live
+// server still answers on.
+func listenUnix(network, path string) (net.Listener, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return nil, fmt.Errorf("registration socket directory: %w", err)
+		return nil, fmt.Errorf("socket directory: %w", err)
 	}
 	if _, err := os.Stat(path); err == nil {
-		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+		if c, err := net.DialTimeout(network, path, time.Second); err == nil {
 			c.Close()
 			return nil, fmt.Errorf("another envoy-docker-server is already serving %s: stop it first", path)
 		}
@@ -252,13 +269,13 @@ func listenUnix(path string) (net.Listener, error) {
 			return nil, fmt.Errorf("remove stale socket %s: %w", path, err)
 		}
 	}
-	l, err := net.Listen("unix", path)
+	l, err := net.Listen(network, path)
 	if err != nil {
-		return nil, fmt.Errorf("registration socket %s: %w", path, err)
+		return nil, fmt.Errorf("socket %s: %w", path, err)
 	}
 	if err := os.Chmod(path, 0o600); err != nil {
 		l.Close()
-		return nil, fmt.Errorf("restrict registration socket %s: %w", path, err)
+		return nil, fmt.Errorf("restrict socket %s: %w", path, err)
 	}
 	return l, nil
 }

@@ -24,8 +24,9 @@ func freeAddr(t *testing.T) string {
 // TestServerWithoutEnvoy: the socket is root-only, /healthz says Envoy is missing, /metrics
 // carries the server's series, and the process stops cleanly when asked.
 func TestServerWithoutEnvoy(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "run")
 	cfg := Config{
-		Socket: filepath.Join(t.TempDir(), "run", "server.sock"), XDSAddr: freeAddr(t), HTTPAddr: freeAddr(t),
+		Socket: filepath.Join(dir, "server.sock"), ShimSocket: filepath.Join(dir, "shim.sock"), XDSAddr: freeAddr(t), HTTPAddr: freeAddr(t),
 		DockerTimeout: time.Second, ReadyTimeout: time.Second, LogLevel: "info",
 	}
 	s, err := New(cfg, slog.New(slog.DiscardHandler), nil)
@@ -38,7 +39,7 @@ func TestServerWithoutEnvoy(t *testing.T) {
 
 	deadline := time.Now().Add(5 * time.Second)
 	for {
-		if _, err := os.Stat(cfg.Socket); err == nil {
+		if _, err := os.Stat(cfg.ShimSocket); err == nil { // the later of the two
 			break
 		}
 		if time.Now().After(deadline) {
@@ -46,9 +47,11 @@ func TestServerWithoutEnvoy(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	fi, err := os.Stat(cfg.Socket)
-	if err != nil || fi.Mode().Perm() != 0o600 {
-		t.Fatalf("socket mode %v, %v; want 0600", fi.Mode(), err)
+	for _, sock := range []string{cfg.Socket, cfg.ShimSocket} {
+		fi, err := os.Stat(sock)
+		if err != nil || fi.Mode().Perm() != 0o600 {
+			t.Fatalf("%s: mode %v, %v; want 0600", sock, fi.Mode(), err)
+		}
 	}
 	get := func(path string) (int, string) {
 		t.Helper()
@@ -105,7 +108,7 @@ func TestStaleSocketIsReplaced(t *testing.T) {
 	}
 	l.(*net.UnixListener).SetUnlinkOnClose(false)
 	l.Close() // the file stays, nobody answers: what a crashed server leaves
-	l2, err := listenUnix(path)
+	l2, err := listenUnix("unix", path)
 	if err != nil {
 		t.Fatalf("stale socket not replaced: %v", err)
 	}

@@ -11,6 +11,7 @@ import (
 	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 
+	"github.com/envoy-docker-shim/envoy-docker-shim/internal/mapping"
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/envoyconfig"
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/registry"
 )
@@ -104,7 +105,7 @@ func (c *Cache) Upsert(e registry.Entry) error {
 
 // Delete withdraws the resources of e: the listener first, so no new connection meets a missing cluster.
 func (c *Cache) Delete(e registry.Entry) {
-	if e.Proto != registry.TCP || e.Mode == registry.ModeShim {
+	if e.Proto != mapping.TCP || e.Mode == registry.ModeShim {
 		return
 	}
 	// Errors here only come from notifying watches of a resource that failed to marshal, which

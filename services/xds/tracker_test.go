@@ -14,6 +14,7 @@ import (
 	"google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/protobuf/types/known/anypb"
 
+	"github.com/envoy-docker-shim/envoy-docker-shim/internal/mapping"
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/envoyconfig"
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/registry"
 )
@@ -107,7 +108,7 @@ func TestTrackerSotw(t *testing.T) {
 	_ = cb.OnStreamOpen(context.Background(), 3, resource.ListenerType)
 	mk := func(port uint16) (Want, *anypb.Any) {
 		e := registry.Entry{
-			Mapping: registry.Mapping{Key: registry.Key{Proto: registry.TCP, HostIP: netip.MustParseAddr("127.0.0.1"), HostPort: port}, ContainerIP: netip.MustParseAddr("10.0.0.2"), ContainerPort: 80},
+			Mapping: mapping.Mapping{Key: mapping.Key{Proto: mapping.TCP, HostIP: netip.MustParseAddr("127.0.0.1"), HostPort: port}, ContainerIP: netip.MustParseAddr("10.0.0.2"), ContainerPort: 80},
 			Service: registry.Service{Name: "s", Operation: "s", Mode: registry.ModeTCP},
 		}
 		l, err := envoyconfig.TCPListener(e, envoyconfig.Options{})

@@ -20,14 +20,11 @@ import (
 // Prefix is the prefix of every variable the shim reads.
 const Prefix = "EDS"
 
-// DefaultSocket is where envoy-docker-server serves the registration API (it reads EDS_SOCKET too).
-const DefaultSocket = "/run/envoy-docker-shim/server.sock"
-
 // Config is everything the shim reads from its environment.
 type Config struct {
-	Socket    string        `envconfig:"SOCKET" default:"/run/envoy-docker-shim/server.sock" desc:"Unix socket of envoy-docker-server's registration API (shared with the server)."`
-	Timeout   time.Duration `envconfig:"SHIM_TIMEOUT" default:"10s" desc:"Longest time the shim takes to report to dockerd that a port is ready or why not (dockerd gives up at 16s; at most 15s)."`
-	SCTPProxy string        `envconfig:"SCTP_PROXY" desc:"Path of Docker's stock docker-proxy; when set, SCTP ports (which Envoy cannot carry) are handed to it. When empty, publishing an SCTP port fails with an explanation."`
+	ShimSocket string        `envconfig:"SHIM_SOCKET" default:"/run/envoy-docker-shim/shim.sock" desc:"Unix socket (SOCK_SEQPACKET) on which envoy-docker-server takes the shims' registrations (shared with the server)."`
+	Timeout    time.Duration `envconfig:"SHIM_TIMEOUT" default:"10s" desc:"Longest time the shim takes to report to dockerd that a port is ready or why not (dockerd gives up at 16s; at most 15s)."`
+	SCTPProxy  string        `envconfig:"SCTP_PROXY" desc:"Path of Docker's stock docker-proxy; when set, SCTP ports (which Envoy cannot carry) are handed to it. When empty, publishing an SCTP port fails with an explanation."`
 }
 
 // Load reads the environment. Errors name the variable and are fit for the user of docker run.

@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/kelseyhightower/envconfig"
+
+	"github.com/envoy-docker-shim/envoy-docker-shim/internal/shimlink"
 )
 
 func TestLoad(t *testing.T) {
@@ -17,16 +19,16 @@ func TestLoad(t *testing.T) {
 		want    Config
 		errText string
 	}{
-		{name: "empty environment: defaults", want: Config{Socket: DefaultSocket, Timeout: 10 * time.Second}},
-		{name: "everything set", env: map[string]string{"EDS_SOCKET": "/tmp/s.sock", "EDS_SHIM_TIMEOUT": "3s", "EDS_SCTP_PROXY": "/usr/bin/docker-proxy"},
-			want: Config{Socket: "/tmp/s.sock", Timeout: 3 * time.Second, SCTPProxy: "/usr/bin/docker-proxy"}},
-		{name: "empty socket means default", env: map[string]string{"EDS_SOCKET": ""}, want: Config{Socket: DefaultSocket, Timeout: 10 * time.Second}},
+		{name: "empty environment: defaults", want: Config{ShimSocket: shimlink.DefaultSocket, Timeout: 10 * time.Second}},
+		{name: "everything set", env: map[string]string{"EDS_SHIM_SOCKET": "/tmp/s.sock", "EDS_SHIM_TIMEOUT": "3s", "EDS_SCTP_PROXY": "/usr/bin/docker-proxy"},
+			want: Config{ShimSocket: "/tmp/s.sock", Timeout: 3 * time.Second, SCTPProxy: "/usr/bin/docker-proxy"}},
+		{name: "empty socket means default", env: map[string]string{"EDS_SHIM_SOCKET": ""}, want: Config{ShimSocket: shimlink.DefaultSocket, Timeout: 10 * time.Second}},
 		{name: "timeout beyond dockerd's patience", env: map[string]string{"EDS_SHIM_TIMEOUT": "16s"}, errText: "EDS_SHIM_TIMEOUT=16s: must be more than 0 and at most 15s"},
 		{name: "timeout zero", env: map[string]string{"EDS_SHIM_TIMEOUT": "0s"}, errText: "EDS_SHIM_TIMEOUT"},
 		{name: "timeout not a duration", env: map[string]string{"EDS_SHIM_TIMEOUT": "10"}, errText: "EDS_SHIM_TIMEOUT"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			for _, k := range []string{"EDS_SOCKET", "EDS_SHIM_TIMEOUT", "EDS_SCTP_PROXY"} {
+			for _, k := range []string{"EDS_SHIM_SOCKET", "EDS_SHIM_TIMEOUT", "EDS_SCTP_PROXY"} {
 				t.Setenv(k, "")
 			}
 			for k, v := range tc.env {
@@ -51,12 +53,12 @@ func TestLoad(t *testing.T) {
 func TestLoadAgreesWithEnvconfig(t *testing.T) {
 	for _, env := range []map[string]string{
 		{},
-		{"EDS_SOCKET": "/x/y.sock"},
+		{"EDS_SHIM_SOCKET": "/x/y.sock"},
 		{"EDS_SHIM_TIMEOUT": "1500ms", "EDS_SCTP_PROXY": "/usr/sbin/docker-proxy"},
 		{"EDS_SHIM_TIMEOUT": "1m0s"},
-		{"EDS_SOCKET": " spaced path ", "EDS_SHIM_TIMEOUT": "0.5s"},
+		{"EDS_SHIM_SOCKET": " spaced path ", "EDS_SHIM_TIMEOUT": "0.5s"},
 	} {
-		for _, k := range []string{"EDS_SOCKET", "EDS_SHIM_TIMEOUT", "EDS_SCTP_PROXY"} {
+		for _, k := range []string{"EDS_SHIM_SOCKET", "EDS_SHIM_TIMEOUT", "EDS_SCTP_PROXY"} {
 			os.Unsetenv(k)
 			t.Setenv(k, env[k])
 			if _, set := env[k]; !set {

@@ -17,43 +17,12 @@ import (
 	"net/netip"
 	"strconv"
 	"strings"
+
+	"github.com/envoy-docker-shim/envoy-docker-shim/internal/mapping"
 )
-
-// Protocol is the transport of the published port, spelled as dockerd passes it.
-type Protocol string
-
-const (
-	TCP  Protocol = "tcp"
-	UDP  Protocol = "udp"
-	SCTP Protocol = "sctp"
-)
-
-// Mapping is one published port: dockerd starts one proxy per host address, port and protocol.
-type Mapping struct {
-	Proto         Protocol
-	HostIP        netip.Addr
-	HostPort      uint16
-	ContainerIP   netip.Addr
-	ContainerPort uint16
-	// UseListenFD is set by daemons 28.0 and later: fd 4 is the host socket, already bound (and
-	// listening, for TCP). Without it, fd 4 belongs to someone else and must not be touched.
-	UseListenFD bool
-}
-
-// Host is the published host address and port.
-func (m Mapping) Host() netip.AddrPort { return netip.AddrPortFrom(m.HostIP, m.HostPort) }
-
-// Container is the container's address and port that traffic goes to.
-func (m Mapping) Container() netip.AddrPort {
-	return netip.AddrPortFrom(m.ContainerIP, m.ContainerPort)
-}
-
-func (m Mapping) String() string {
-	return fmt.Sprintf("%s/%s -> %s", m.Host(), m.Proto, m.Container())
-}
 
 // Args renders m as dockerd would pass it (without the program name).
-func (m Mapping) Args() []string {
+func Args(m mapping.Mapping, useListenFD bool) []string {
 	args := []string{
 		"-proto", string(m.Proto),
 		"-host-ip", m.HostIP.String(),
@@ -61,7 +30,7 @@ func (m Mapping) Args() []string {
 		"-container-ip", m.ContainerIP.String(),
 		"-container-port", strconv.Itoa(int(m.ContainerPort)),
 	}
-	if m.UseListenFD {
+	if useListenFD {
 		args = append(args, "-use-listen-fd")
 	}
 	return args
@@ -69,7 +38,10 @@ func (m Mapping) Args() []string {
 
 // Result is a parsed command line.
 type Result struct {
-	Mapping
+	Mapping mapping.Mapping
+	// UseListenFD is set by daemons 28.0 and later: fd 4 is the host socket, already bound (and
+	// listening, for TCP). Without it, fd 4 belongs to someone else and must not be touched.
+	UseListenFD bool
 	// Version and Help ask for information only; the Mapping is then not validated.
 	Version bool
 	Help    bool
@@ -184,22 +156,20 @@ func Parse(args []string) (Result, error) {
 	if r.Version || r.Help {
 		return r, nil
 	}
-	err := r.Mapping.set(values)
+	err := setMapping(&r.Mapping, values)
 	return r, err
 }
 
-func (m *Mapping) set(values map[string]string) error {
+func setMapping(m *mapping.Mapping, values map[string]string) error {
 	proto, ok := values[flagProto]
 	if !ok {
-		proto = string(TCP) // docker-proxy's default
+		proto = string(mapping.TCP) // docker-proxy's default
 	}
-	switch p := Protocol(proto); p {
-	case TCP, UDP, SCTP:
-		m.Proto = p
-	default:
+	p, err := mapping.ParseProtocol(proto)
+	if err != nil {
 		return usagef("unsupported protocol %q for -%s: want tcp, udp or sctp", proto, flagProto)
 	}
-	var err error
+	m.Proto = p
 	hostIP, ok := values[flagHostIP]
 	if !ok {
 		hostIP = "0.0.0.0" // docker-proxy's default

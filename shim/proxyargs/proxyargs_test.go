@@ -6,19 +6,18 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+
+	"github.com/envoy-docker-shim/envoy-docker-shim/internal/mapping"
 )
 
 func TestParse(t *testing.T) {
 	base := []string{"-proto", "tcp", "-host-ip", "0.0.0.0", "-host-port", "8080", "-container-ip", "172.17.0.2", "-container-port", "80"}
-	want := Mapping{
-		Proto: TCP, HostIP: netip.MustParseAddr("0.0.0.0"), HostPort: 8080,
-		ContainerIP: netip.MustParseAddr("172.17.0.2"), ContainerPort: 80,
-	}
-	with := func(f func(*Mapping)) Mapping { m := want; f(&m); return m }
+	want := meaning{Mapping: tcp("0.0.0.0", 8080, "172.17.0.2", 80)}
+	with := func(f func(*meaning)) meaning { m := want; f(&m); return m }
 	tests := []struct {
 		name    string
 		args    []string
-		want    Mapping
+		want    meaning
 		ignored []string
 		version bool
 		help    bool
@@ -26,17 +25,17 @@ func TestParse(t *testing.T) {
 	}{
 		{name: "daemon 20.10 argv", args: base, want: want},
 		{name: "daemon 28 argv with -use-listen-fd", args: append(base, "-use-listen-fd"),
-			want: with(func(m *Mapping) { m.UseListenFD = true })},
+			want: with(func(m *meaning) { m.UseListenFD = true })},
 		{name: "double dashes and = values", args: []string{"--proto=udp", "--host-ip=::", "--host-port=53", "-container-ip=fd00::2", "-container-port=5353", "-use-listen-fd=false"},
-			want: Mapping{Proto: UDP, HostIP: netip.IPv6Unspecified(), HostPort: 53, ContainerIP: netip.MustParseAddr("fd00::2"), ContainerPort: 5353}},
+			want: meaning{Mapping: mapping.Mapping{Key: mapping.Key{Proto: mapping.UDP, HostIP: netip.IPv6Unspecified(), HostPort: 53}, ContainerIP: netip.MustParseAddr("fd00::2"), ContainerPort: 5353}}},
 		{name: "6-to-4: IPv6 host, IPv4 container", args: []string{"-proto", "tcp", "-host-ip", "::", "-host-port", "80", "-container-ip", "172.17.0.2", "-container-port", "80"},
-			want: with(func(m *Mapping) { m.HostIP, m.HostPort = netip.IPv6Unspecified(), 80 })},
+			want: with(func(m *meaning) { m.HostIP, m.HostPort = netip.IPv6Unspecified(), 80 })},
 		{name: "IPv4-mapped host IP is IPv4, as for docker-proxy", args: []string{"-host-ip", "::ffff:127.0.0.1", "-host-port", "8080", "-container-ip", "172.17.0.2", "-container-port", "80"},
-			want: with(func(m *Mapping) { m.HostIP = netip.MustParseAddr("127.0.0.1") })},
+			want: with(func(m *meaning) { m.HostIP = netip.MustParseAddr("127.0.0.1") })},
 		{name: "defaults: tcp on 0.0.0.0", args: []string{"-host-port", "8080", "-container-ip", "172.17.0.2", "-container-port", "80"}, want: want},
 		{name: "last value wins", args: append([]string{"-host-port", "1"}, base...), want: want},
 		{name: "unknown bool flag from a future daemon is ignored", args: append(base, "-use-listen-fd", "-future-thing"),
-			want: with(func(m *Mapping) { m.UseListenFD = true }), ignored: []string{"-future-thing"}},
+			want: with(func(m *meaning) { m.UseListenFD = true }), ignored: []string{"-future-thing"}},
 		{name: "unknown flag with a value is ignored", args: append(base, "-future-opt", "x", "--future-eq=1"),
 			want: want, ignored: []string{"-future-opt x", "--future-eq=1"}},
 		{name: "unknown flag before known ones", args: append([]string{"-future"}, base...), want: want, ignored: []string{"-future"}},
@@ -83,8 +82,8 @@ func TestParse(t *testing.T) {
 			if tt.version || tt.help {
 				return
 			}
-			if r.Mapping != tt.want {
-				t.Errorf("Mapping = %+v, want %+v", r.Mapping, tt.want)
+			if got := (meaning{r.Mapping, r.UseListenFD}); got != tt.want {
+				t.Errorf("Parse = %+v, want %+v", got, tt.want)
 			}
 			if !reflect.DeepEqual(r.Ignored, tt.ignored) {
 				t.Errorf("Ignored = %q, want %q", r.Ignored, tt.ignored)
@@ -104,11 +103,24 @@ func replace(args []string, old, new string) []string {
 	panic("no " + old)
 }
 
+// meaning is what a command line says: the mapping, and whether fd 4 is the host socket.
+type meaning struct {
+	mapping.Mapping
+	UseListenFD bool
+}
+
+func tcp(hostIP string, hostPort uint16, containerIP string, containerPort uint16) mapping.Mapping {
+	return mapping.Mapping{
+		Key:         mapping.Key{Proto: mapping.TCP, HostIP: netip.MustParseAddr(hostIP), HostPort: hostPort},
+		ContainerIP: netip.MustParseAddr(containerIP), ContainerPort: containerPort,
+	}
+}
+
 func TestArgsRoundTrip(t *testing.T) {
-	m := Mapping{Proto: UDP, HostIP: netip.MustParseAddr("::1"), HostPort: 1, ContainerIP: netip.MustParseAddr("10.1.2.3"), ContainerPort: 65535, UseListenFD: true}
-	r, err := Parse(m.Args())
-	if err != nil || r.Mapping != m || len(r.Ignored) != 0 {
-		t.Fatalf("Parse(%q) = %+v, %v", m.Args(), r, err)
+	m := mapping.Mapping{Key: mapping.Key{Proto: mapping.UDP, HostIP: netip.MustParseAddr("::1"), HostPort: 1}, ContainerIP: netip.MustParseAddr("10.1.2.3"), ContainerPort: 65535}
+	r, err := Parse(Args(m, true))
+	if err != nil || r.Mapping != m || !r.UseListenFD || len(r.Ignored) != 0 {
+		t.Fatalf("Parse(%q) = %+v, %v", Args(m, true), r, err)
 	}
 }
 
@@ -134,7 +146,7 @@ func FuzzParse(f *testing.F) {
 		}
 		m := r.Mapping
 		switch m.Proto {
-		case TCP, UDP, SCTP:
+		case mapping.TCP, mapping.UDP, mapping.SCTP:
 		default:
 			t.Fatalf("accepted protocol %q", m.Proto)
 		}
@@ -142,8 +154,8 @@ func FuzzParse(f *testing.F) {
 			m.HostIP.Is4In6() || m.HostIP.Zone() != "" || m.ContainerIP.IsUnspecified() {
 			t.Fatalf("accepted invalid mapping %+v from %q", m, args)
 		}
-		again, err := Parse(m.Args())
-		if err != nil || again.Mapping != m || len(again.Ignored) != 0 {
+		again, err := Parse(Args(m, r.UseListenFD))
+		if err != nil || again.Mapping != m || again.UseListenFD != r.UseListenFD || len(again.Ignored) != 0 {
 			t.Fatalf("round trip of %+v: %+v, %v", m, again, err)
 		}
 	})

@@ -1,7 +1,7 @@
-// Package registrar is the shim's client of envoy-docker-server's registration API (a gRPC
-// service on a Unix socket, spoken through package grpcstream). One registration is one Register stream: the shim sends Open with its
-// mapping, the server answers Ready once Envoy serves the port or Failed with a reason for the
-// user, and the stream stays open for the shim's whole life; its end is the deregistration.
+// Package registrar is the shim's side of its registration with envoy-docker-server, over the
+// link of package shimlink: the shim sends Open with its mapping, the server answers Ready once
+// Envoy serves the port or Failed with a reason for the user, and the connection stays open for
+// the shim's whole life; its end is the deregistration.
 //
 // The registrar owns that stream: it registers (bounded by the caller's deadline), holds the
 // registration, and when the server goes away it re-registers with backoff until the server is
@@ -17,15 +17,14 @@ import (
 	"io"
 	"math/rand/v2"
 	"os"
-	"strings"
 	"sync"
 	"syscall"
 	"time"
 
+	"github.com/envoy-docker-shim/envoy-docker-shim/internal/buildinfo"
+	"github.com/envoy-docker-shim/envoy-docker-shim/internal/mapping"
+	"github.com/envoy-docker-shim/envoy-docker-shim/internal/shimlink"
 	"github.com/envoy-docker-shim/envoy-docker-shim/shim/logging"
-
-	"github.com/envoy-docker-shim/envoy-docker-shim/services/buildinfo"
-	"github.com/envoy-docker-shim/envoy-docker-shim/shim/grpcstream"
 )
 
 // Timings. Each is a bound, not a delay: the happy path never waits for them.
@@ -42,17 +41,12 @@ const (
 	backoffMax        = 5 * time.Second
 )
 
-// Failed is the server's refusal; Reason is written for the user of `docker run`.
-type Failed struct{ Reason string }
-
-func (e *Failed) Error() string { return e.Reason }
-
 // Options configure a Client.
 type Options struct {
 	// Socket is the server's Unix socket.
 	Socket string
 	// Open is what the shim registers.
-	Open Open
+	Open shimlink.Open
 	// Log receives the registrar's own records.
 	Log *logging.Logger
 	// Outbox, if not nil, holds log lines to forward to the server.
@@ -69,9 +63,10 @@ type Client struct {
 func New(opts Options) *Client { return &Client{opts: opts} }
 
 // Register opens the registration and waits for the server's answer until ctx ends. On Ready it
-// returns the registration, which stays open for Hold. Errors are fit for the user: a *Failed
-// with the server's reason, or a message naming the socket when the server cannot be reached.
-func (c *Client) Register(ctx context.Context) (*Registration, error) {
+// returns what the server said of the port; the registration stays open for Hold. Errors are fit
+// for the user: a *shimlink.Failed with the server's reason, or a message naming the socket when
+// the server cannot be reached.
+func (c *Client) Register(ctx context.Context) (*shimlink.Ready, error) {
 	start := time.Now()
 	for wait := backoffMin; ; wait = min(2*wait, 400*time.Millisecond) {
 		var s *session
@@ -83,9 +78,9 @@ func (c *Client) Register(ctx context.Context) (*Registration, error) {
 		}
 		if err == nil {
 			c.cur = s
-			return s.reg, nil
+			return s.ready, nil
 		}
-		var failed *Failed
+		var failed *shimlink.Failed
 		if errors.As(err, &failed) || ctx.Err() != nil || time.Since(start)+wait > unavailableRetry {
 			return nil, c.explain(ctx, err)
 		}
@@ -117,8 +112,8 @@ func (c *Client) Hold(ctx context.Context) error {
 			c.cur.deregister()
 			c.cur = nil
 			return nil
-		case <-c.cur.stream.Done():
-			c.opts.Log.Warn("registration lost; re-registering", "err", c.cur.endReason())
+		case <-c.cur.done:
+			c.opts.Log.Warn("registration lost; re-registering", "err", c.cur.endErr)
 			c.cur.close()
 			c.cur = nil
 		}
@@ -144,7 +139,7 @@ func (c *Client) reopen(ctx context.Context, attempt *int) (*session, error) {
 		s, err := c.open(actx, open)
 		cancel()
 		if err == nil {
-			c.opts.Log.Info("registered", "attempt", *attempt, "service", s.reg.Service, "listener", s.reg.Listener)
+			c.opts.Log.Info("registered", "attempt", *attempt, "service", s.ready.Service, "listener", s.ready.Listener)
 			*attempt = 0
 			return s, nil
 		}
@@ -162,106 +157,102 @@ func (c *Client) reopen(ctx context.Context, attempt *int) (*session, error) {
 
 // explain turns a connection error into a message for the user, naming the socket.
 func (c *Client) explain(ctx context.Context, err error) error {
-	var failed *Failed
+	var failed *shimlink.Failed
 	if errors.As(err, &failed) {
 		return err
 	}
 	sock := c.opts.Socket
 	if _, serr := os.Stat(sock); errors.Is(serr, os.ErrNotExist) {
-		return fmt.Errorf("envoy-docker-server is not running: its socket %s does not exist (start the server, or set EDS_SOCKET in dockerd's environment if it listens elsewhere)", sock)
+		return fmt.Errorf("envoy-docker-server is not running: its socket %s does not exist (start the server, or set EDS_SHIM_SOCKET in dockerd's environment if it listens elsewhere)", sock)
 	}
-	var st *grpcstream.Status
-	if !errors.As(err, &st) {
-		st = &grpcstream.Status{Code: grpcstream.Unknown, Message: err.Error()}
-	}
-	if errors.Is(err, context.DeadlineExceeded) || errors.Is(ctx.Err(), context.DeadlineExceeded) || st.Code == grpcstream.DeadlineExceeded {
-		return fmt.Errorf("envoy-docker-server (socket %s) did not answer within the shim's start-up time (EDS_SHIM_TIMEOUT)", sock)
-	}
-	if errors.Is(err, context.Canceled) {
-		return errors.New("registration cancelled: the shim is stopping")
-	}
-	msg := st.Message
 	switch {
-	case errors.Is(err, syscall.ECONNREFUSED) || strings.Contains(msg, "connection refused"):
+	case errors.Is(err, context.DeadlineExceeded) || errors.Is(ctx.Err(), context.DeadlineExceeded):
+		return fmt.Errorf("envoy-docker-server (socket %s) did not answer within the shim's start-up time (EDS_SHIM_TIMEOUT)", sock)
+	case errors.Is(err, context.Canceled):
+		return errors.New("registration cancelled: the shim is stopping")
+	case errors.Is(err, syscall.ECONNREFUSED):
 		return fmt.Errorf("envoy-docker-server is not running: nothing accepts connections on its socket %s", sock)
-	case errors.Is(err, syscall.EACCES) || strings.Contains(msg, "permission denied"):
+	case errors.Is(err, syscall.EACCES):
 		return fmt.Errorf("cannot connect to envoy-docker-server: permission denied on its socket %s", sock)
-	case errors.Is(err, io.EOF) || st.Code == grpcstream.Unavailable:
+	case errors.Is(err, syscall.EPROTOTYPE):
+		return fmt.Errorf("%s is not envoy-docker-server's shim socket (it is another kind of socket): check EDS_SHIM_SOCKET in dockerd's environment", sock)
+	case errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE):
 		return fmt.Errorf("envoy-docker-server (socket %s) ended the registration without an answer", sock)
 	}
-	return fmt.Errorf("cannot register with envoy-docker-server (socket %s): %s", sock, msg)
+	return fmt.Errorf("cannot register with envoy-docker-server (socket %s): %v", sock, err)
 }
 
-// session is one Register stream.
+// session is one registration's connection.
 type session struct {
-	stream *grpcstream.Stream
-	reg    *Registration
+	conn  *shimlink.Conn
+	ready *shimlink.Ready
+	// done is closed once the server ended the connection; endErr then says why.
+	done   chan struct{}
+	endErr error
 
 	stopLogs chan struct{}
 	logsDone chan struct{}
 	once     sync.Once
 }
 
-func (c *Client) open(ctx context.Context, open Open) (*session, error) {
-	stream, err := grpcstream.Open(ctx, c.opts.Socket, registerMethod, map[string]string{"user-agent": "envoy-docker-shim/" + buildinfo.String()})
+func (c *Client) open(ctx context.Context, open shimlink.Open) (*session, error) {
+	conn, err := shimlink.Dial(ctx, c.opts.Socket)
 	if err != nil {
 		return nil, err
 	}
-	s := &session{stream: stream, stopLogs: make(chan struct{}), logsDone: make(chan struct{})}
-	// Until Ready, the caller's ctx bounds everything; afterwards the stream lives on its own.
-	detach := context.AfterFunc(ctx, func() { stream.Close() })
-	reg, err := s.start(open)
+	// Until Ready, the caller's ctx bounds everything; afterwards the connection lives on its own.
+	detach := context.AfterFunc(ctx, func() { conn.Close() })
+	ready, err := start(conn, open)
 	if !detach() {
-		err = ctx.Err() // ctx ended while waiting, or just as Ready arrived: the stream is closed
+		err = ctx.Err() // ctx ended while waiting, or just as Ready arrived: the connection is closed
 	}
 	if err != nil {
-		stream.Close()
+		conn.Close()
 		return nil, err
 	}
-	s.reg = reg
+	s := &session{conn: conn, ready: ready, done: make(chan struct{}), stopLogs: make(chan struct{}), logsDone: make(chan struct{})}
+	go s.watch()
 	go s.sendLogs(c.opts.Outbox)
 	return s, nil
 }
 
 // start sends Open and reads the answer.
-func (s *session) start(open Open) (*Registration, error) {
-	if err := s.stream.Send(marshalOpenRequest(open)); err != nil {
-		_, rerr := s.stream.Recv() // the real reason
-		return nil, rerr
+func start(conn *shimlink.Conn, open shimlink.Open) (*shimlink.Ready, error) {
+	if err := conn.Send(&open); err != nil {
+		return nil, err
 	}
-	msg, err := s.stream.Recv()
+	msg, err := conn.Recv()
 	if err != nil {
 		return nil, err
 	}
-	resp, err := unmarshalResponse(msg)
-	if err != nil {
-		return nil, err
+	switch m := msg.(type) {
+	case *shimlink.Ready:
+		return m, nil
+	case *shimlink.Failed:
+		return nil, m
 	}
-	if resp.failed != nil {
-		return nil, resp.failed
-	}
-	return resp.ready, nil
+	return nil, fmt.Errorf("envoy-docker-server answered Open with %T", msg)
 }
 
-// endReason says why the stream ended, once it has: after Ready the server sends nothing until
-// it ends the stream, perhaps with a Failed message first.
-func (s *session) endReason() error {
+// watch reads until the server ends the connection: after Ready it sends nothing until then,
+// perhaps a Failed saying why.
+func (s *session) watch() {
+	defer close(s.done)
 	for {
-		msg, err := s.stream.Recv()
+		msg, err := s.conn.Recv()
 		if err != nil {
-			return err
+			if s.endErr == nil {
+				s.endErr = err
+			}
+			return
 		}
-		resp, err := unmarshalResponse(msg)
-		if err != nil {
-			return err
-		}
-		if resp.failed != nil {
-			return resp.failed
+		if f, ok := msg.(*shimlink.Failed); ok {
+			s.endErr = f
 		}
 	}
 }
 
-// sendLogs forwards log lines; it is the only sender on the stream after Open.
+// sendLogs forwards log lines; it is the only sender after Open.
 func (s *session) sendLogs(out *logging.Outbox) {
 	defer close(s.logsDone)
 	if out == nil {
@@ -269,7 +260,7 @@ func (s *session) sendLogs(out *logging.Outbox) {
 		return
 	}
 	send := func(l logging.Line) error {
-		return s.stream.Send(marshalLogRequest(l.Level.String(), l.Message))
+		return s.conn.Send(&shimlink.Log{Level: l.Level.String(), Message: l.Message})
 	}
 	for {
 		select {
@@ -278,7 +269,7 @@ func (s *session) sendLogs(out *logging.Outbox) {
 				<-s.stopLogs
 				return
 			}
-		case <-s.stream.Done():
+		case <-s.done:
 			<-s.stopLogs
 			return
 		case <-s.stopLogs:
@@ -296,16 +287,16 @@ func (s *session) sendLogs(out *logging.Outbox) {
 	}
 }
 
-// deregister ends the registration: half-close, wait (bounded) for the server to end the stream,
-// then tear down.
+// deregister ends the registration: end our side, wait (bounded) for the server to close once
+// Envoy let go of the port, then tear down.
 func (s *session) deregister() {
 	deadline := time.After(deregisterWait)
 	s.once.Do(func() { close(s.stopLogs) })
 	select {
 	case <-s.logsDone:
-		s.stream.CloseSend()
+		_ = s.conn.CloseWrite()
 		select {
-		case <-s.stream.Done():
+		case <-s.done:
 		case <-deadline:
 		}
 	case <-deadline:
@@ -315,5 +306,10 @@ func (s *session) deregister() {
 
 func (s *session) close() {
 	s.once.Do(func() { close(s.stopLogs) })
-	s.stream.Close()
+	s.conn.Close()
+}
+
+// NewOpen is the Open message for m from this process.
+func NewOpen(m mapping.Mapping, proxiesItself bool) shimlink.Open {
+	return shimlink.Open{Mapping: m, PID: os.Getpid(), Version: buildinfo.String(), ProxiesItself: proxiesItself}
 }

@@ -11,16 +11,16 @@ import (
 	"testing"
 	"time"
 
+	"github.com/envoy-docker-shim/envoy-docker-shim/internal/mapping"
+	"github.com/envoy-docker-shim/envoy-docker-shim/internal/shimlink"
 	"github.com/envoy-docker-shim/envoy-docker-shim/shim/logging"
 
-	"github.com/envoy-docker-shim/envoy-docker-shim/services/registration/registrationpb"
-	"github.com/envoy-docker-shim/envoy-docker-shim/shim/proxyargs"
 	"github.com/envoy-docker-shim/envoy-docker-shim/shim/shimtest"
 )
 
-func open() Open {
-	return Open{
-		Mapping: proxyargs.Mapping{Proto: proxyargs.TCP, HostIP: netip.MustParseAddr("127.0.0.1"), HostPort: 8080, ContainerIP: netip.MustParseAddr("172.17.0.2"), ContainerPort: 80},
+func open() shimlink.Open {
+	return shimlink.Open{
+		Mapping: mapping.Mapping{Key: mapping.Key{Proto: mapping.TCP, HostIP: netip.MustParseAddr("127.0.0.1"), HostPort: 8080}, ContainerIP: netip.MustParseAddr("172.17.0.2"), ContainerPort: 80},
 		PID:     42, Version: "test",
 	}
 }
@@ -42,8 +42,11 @@ func TestRegisterReadyHoldAndDeregister(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if reg.HostPort != 8080 || reg.PID != 42 {
-		t.Errorf("registration = %v", reg)
+	if reg.Service != "fake-test" {
+		t.Errorf("registration = %+v", reg)
+	}
+	if o := srv.Opens()[0]; o.Mapping.HostPort != 8080 || o.PID != 42 {
+		t.Errorf("the server got %+v", o)
 	}
 	holdCtx, stop := context.WithCancel(context.Background())
 	held := make(chan error)
@@ -54,7 +57,7 @@ func TestRegisterReadyHoldAndDeregister(t *testing.T) {
 	if !srv.WaitFor(2*time.Second, func(r *shimtest.Registrar) bool { return len(r.Logs()) == 1 }) {
 		t.Fatal("log line did not reach the server")
 	}
-	if got := srv.Logs()[0]; got.GetLevel() != "INFO" || got.GetMessage() != "msg=\"hello server\"" {
+	if got := srv.Logs()[0]; got.Level != "INFO" || got.Message != "msg=\"hello server\"" {
 		t.Errorf("server got log %v", got)
 	}
 
@@ -72,11 +75,11 @@ func TestRegisterReadyHoldAndDeregister(t *testing.T) {
 func TestRegisterFailedCarriesTheServersReason(t *testing.T) {
 	sock := socketPath(t)
 	reason := "listen tcp4 127.0.0.1:8080: bind: address already in use (envoy: cannot bind)"
-	shimtest.StartRegistrar(t, sock, func(context.Context, *registrationpb.Open) *registrationpb.RegisterResponse {
+	shimtest.StartRegistrar(t, sock, func(context.Context, *shimlink.Open) shimlink.Message {
 		return shimtest.Failed(reason)
 	})
 	_, err := newClient(sock, nil).Register(context.Background())
-	var f *Failed
+	var f *shimlink.Failed
 	if !errors.As(err, &f) || err.Error() != reason {
 		t.Fatalf("err = %v, want the server's reason", err)
 	}
@@ -108,9 +111,23 @@ func TestRegisterSocketWithoutListener(t *testing.T) {
 	}
 }
 
+// EDS_SHIM_SOCKET pointing at the server's other socket (its gRPC API) is named as the mistake.
+func TestRegisterOnASocketOfAnotherKind(t *testing.T) {
+	sock := socketPath(t)
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	_, err = newClient(sock, nil).Register(context.Background())
+	if err == nil || !strings.Contains(err.Error(), "not envoy-docker-server's shim socket") || !strings.Contains(err.Error(), "EDS_SHIM_SOCKET") {
+		t.Fatalf("err = %v", err)
+	}
+}
+
 func TestRegisterBoundedByDeadlineWhenServerNeverAnswers(t *testing.T) {
 	sock := socketPath(t)
-	shimtest.StartRegistrar(t, sock, func(context.Context, *registrationpb.Open) *registrationpb.RegisterResponse { return nil })
+	shimtest.StartRegistrar(t, sock, func(context.Context, *shimlink.Open) shimlink.Message { return nil })
 	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
 	defer cancel()
 	start := time.Now()
@@ -144,8 +161,8 @@ func TestHoldReregistersAfterServerRestart(t *testing.T) {
 		t.Fatalf("not re-registered: %d opens, %d live", len(srv.Opens()), len(srv.Live()))
 	}
 	// Only the re-registration says the port is served, so the server never withdraws it.
-	if opens := srv.Opens(); opens[0].GetShim().GetServing() || !opens[1].GetShim().GetServing() {
-		t.Fatalf("serving flags: first %v, re-registration %v; want false, true", opens[0].GetShim().GetServing(), opens[1].GetShim().GetServing())
+	if opens := srv.Opens(); opens[0].Serving || !opens[1].Serving {
+		t.Fatalf("serving flags: first %v, re-registration %v; want false, true", opens[0].Serving, opens[1].Serving)
 	}
 }
 

@@ -1,67 +1,55 @@
 // Package shimtest provides real fakes for testing envoy-docker-shim: a registration server
-// (Registrar) that speaks the real gRPC API on a real Unix socket, and a Daemon that starts the
-// shim exactly as dockerd starts its userland proxy (argv, fd 3 status pipe, fd 4 socket, empty
-// environment, /dev/null stdio) and reads its status the way dockerd does.
+// (Registrar) that speaks the real shim link (package shimlink) on a real Unix socket, and a
+// Daemon that starts the shim exactly as dockerd starts its userland proxy (argv, fd 3 status
+// pipe, fd 4 socket, empty environment, /dev/null stdio) and reads its status the way dockerd does.
 //
 // It is for tests only and never talks to a real dockerd or server.
 package shimtest
 
 import (
 	"context"
-	"errors"
-	"io"
 	"net"
 	"os"
 	"sync"
 	"testing"
 	"time"
 
-	"google.golang.org/grpc"
-
-	"github.com/envoy-docker-shim/envoy-docker-shim/services/registration/registrationpb"
+	"github.com/envoy-docker-shim/envoy-docker-shim/internal/shimlink"
 )
 
-// Answer decides the server's response to an Open. Returning nil leaves the shim waiting until
-// the stream ends (a server that never answers).
-type Answer func(ctx context.Context, open *registrationpb.Open) *registrationpb.RegisterResponse
+// Answer decides the server's response to an Open: a *shimlink.Ready or a *shimlink.Failed.
+// Returning nil leaves the shim waiting until the connection ends (a server that never answers).
+// ctx ends when the shim goes away.
+type Answer func(ctx context.Context, open *shimlink.Open) shimlink.Message
 
 // ReadyAnswer answers every Open with Ready.
-func ReadyAnswer(_ context.Context, open *registrationpb.Open) *registrationpb.RegisterResponse {
-	return Ready(open)
-}
+func ReadyAnswer(_ context.Context, open *shimlink.Open) shimlink.Message { return Ready(open) }
 
-// Ready builds the Ready response a server would send for open.
-func Ready(open *registrationpb.Open) *registrationpb.RegisterResponse {
-	mode := registrationpb.Mode_MODE_HTTP
-	if open.GetShim().GetProxiesItself() {
-		mode = registrationpb.Mode_MODE_SHIM
+// Ready builds the Ready a server would send for open.
+func Ready(open *shimlink.Open) *shimlink.Ready {
+	mode := "http"
+	if open.ProxiesItself {
+		mode = "shim"
 	}
-	return &registrationpb.RegisterResponse{Response: &registrationpb.RegisterResponse_Ready{Ready: &registrationpb.Ready{
-		Registration: &registrationpb.Registration{
-			Mapping: open.GetMapping(), Shim: open.GetShim(), Service: "fake-test", Mode: mode,
-			ReadyUnixMs: time.Now().UnixMilli(),
-		},
-	}}}
+	return &shimlink.Ready{Service: "fake-test", Mode: mode}
 }
 
-// Failed builds a Failed response.
-func Failed(reason string) *registrationpb.RegisterResponse {
-	return &registrationpb.RegisterResponse{Response: &registrationpb.RegisterResponse_Failed{Failed: &registrationpb.Failed{Reason: reason}}}
-}
+// Failed builds a Failed answer.
+func Failed(reason string) *shimlink.Failed { return &shimlink.Failed{Reason: reason} }
 
-// Registrar is a fake envoy-docker-server registration API.
+// Registrar is a fake envoy-docker-server for shims.
 type Registrar struct {
-	registrationpb.UnimplementedRegistrarServer
 	Socket string
 	answer Answer
 
-	mu     sync.Mutex
-	srv    *grpc.Server
-	opens  []*registrationpb.Open
-	live   map[int]*registrationpb.Open
-	nextID int
-	logs   []*registrationpb.ShimLog
-	change chan struct{} // closed and replaced on every change
+	mu       sync.Mutex
+	listener *net.UnixListener
+	conns    map[*shimlink.Conn]bool
+	opens    []*shimlink.Open
+	live     map[int]*shimlink.Open
+	nextID   int
+	logs     []*shimlink.Log
+	change   chan struct{} // closed and replaced on every change
 }
 
 // StartRegistrar serves on socket until the test ends. answer may be nil (always Ready).
@@ -70,7 +58,7 @@ func StartRegistrar(t testing.TB, socket string, answer Answer) *Registrar {
 	if answer == nil {
 		answer = ReadyAnswer
 	}
-	r := &Registrar{Socket: socket, answer: answer, live: map[int]*registrationpb.Open{}, change: make(chan struct{})}
+	r := &Registrar{Socket: socket, answer: answer, conns: map[*shimlink.Conn]bool{}, live: map[int]*shimlink.Open{}, change: make(chan struct{})}
 	if err := r.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -81,56 +69,93 @@ func StartRegistrar(t testing.TB, socket string, answer Answer) *Registrar {
 // Start serves (again) on r.Socket.
 func (r *Registrar) Start() error {
 	os.Remove(r.Socket)
-	lis, err := net.Listen("unix", r.Socket)
+	l, err := shimlink.Listen(r.Socket)
 	if err != nil {
 		return err
 	}
-	srv := grpc.NewServer()
-	registrationpb.RegisterRegistrarServer(srv, r)
 	r.mu.Lock()
-	r.srv = srv
+	r.listener = l
 	r.mu.Unlock()
-	go srv.Serve(lis)
+	go func() {
+		for {
+			uc, err := l.AcceptUnix()
+			if err != nil {
+				return
+			}
+			conn := shimlink.NewConn(uc)
+			r.mu.Lock()
+			r.conns[conn] = true
+			r.mu.Unlock()
+			go r.serve(conn)
+		}
+	}()
 	return nil
 }
 
-// Stop kills the server as a crash would: every stream ends at once and the socket is removed.
+// Stop kills the server as a crash would: every connection ends at once and the socket is removed.
 func (r *Registrar) Stop() {
 	r.mu.Lock()
-	srv := r.srv
-	r.srv = nil
+	l := r.listener
+	r.listener = nil
+	conns := r.conns
+	r.conns = map[*shimlink.Conn]bool{}
 	r.mu.Unlock()
-	if srv != nil {
-		srv.Stop()
+	if l != nil {
+		l.Close()
+	}
+	for c := range conns {
+		c.Close()
 	}
 	os.Remove(r.Socket)
 }
 
-// Register implements the server side of a registration.
-func (r *Registrar) Register(stream grpc.BidiStreamingServer[registrationpb.RegisterRequest, registrationpb.RegisterResponse]) error {
-	req, err := stream.Recv()
+func (r *Registrar) serve(conn *shimlink.Conn) {
+	defer func() {
+		r.mu.Lock()
+		delete(r.conns, conn)
+		r.mu.Unlock()
+		conn.Close()
+	}()
+	msg, err := conn.Recv()
 	if err != nil {
-		return err
+		return
 	}
-	open := req.GetOpen()
-	if open == nil {
-		return errors.New("first message must be Open")
+	open, ok := msg.(*shimlink.Open)
+	if !ok {
+		_ = conn.Send(Failed("the first message must be Open"))
+		return
 	}
 	r.mu.Lock()
 	r.opens = append(r.opens, open)
 	r.notifyLocked()
 	r.mu.Unlock()
 
-	resp := r.answer(stream.Context(), open)
-	if resp == nil {
-		<-stream.Context().Done()
-		return stream.Context().Err()
+	// What the shim sends from now on, read in the background: its end cancels ctx.
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	msgs := make(chan shimlink.Message)
+	go func() {
+		defer cancel()
+		defer close(msgs)
+		for {
+			m, err := conn.Recv()
+			if err != nil {
+				return
+			}
+			msgs <- m
+		}
+	}()
+	answer := r.answer(ctx, open)
+	if answer == nil {
+		for range msgs {
+		}
+		return
 	}
-	if err := stream.Send(resp); err != nil {
-		return err
+	if err := conn.Send(answer); err != nil {
+		return
 	}
-	if resp.GetFailed() != nil {
-		return nil
+	if _, failed := answer.(*shimlink.Failed); failed {
+		return
 	}
 	r.mu.Lock()
 	id := r.nextID
@@ -144,32 +169,15 @@ func (r *Registrar) Register(stream grpc.BidiStreamingServer[registrationpb.Regi
 		r.notifyLocked()
 		r.mu.Unlock()
 	}()
-	for {
-		req, err := stream.Recv()
-		if err == io.EOF {
-			return nil // deregistered
-		}
-		if err != nil {
-			return err
-		}
-		if l := req.GetLog(); l != nil {
+	for m := range msgs {
+		if l, ok := m.(*shimlink.Log); ok {
 			r.mu.Lock()
 			r.logs = append(r.logs, l)
 			r.notifyLocked()
 			r.mu.Unlock()
 		}
 	}
-}
-
-// List implements the unary List.
-func (r *Registrar) List(context.Context, *registrationpb.ListRequest) (*registrationpb.ListResponse, error) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	var out registrationpb.ListResponse
-	for _, o := range r.live {
-		out.Registrations = append(out.Registrations, Ready(o).GetReady().GetRegistration())
-	}
-	return &out, nil
+	// The shim ended its side (deregistration) or went away: the connection closes on return.
 }
 
 func (r *Registrar) notifyLocked() {
@@ -178,17 +186,17 @@ func (r *Registrar) notifyLocked() {
 }
 
 // Opens returns every Open received so far.
-func (r *Registrar) Opens() []*registrationpb.Open {
+func (r *Registrar) Opens() []*shimlink.Open {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return append([]*registrationpb.Open(nil), r.opens...)
+	return append([]*shimlink.Open(nil), r.opens...)
 }
 
 // Live returns the registrations currently held open.
-func (r *Registrar) Live() []*registrationpb.Open {
+func (r *Registrar) Live() []*shimlink.Open {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	var out []*registrationpb.Open
+	var out []*shimlink.Open
 	for _, o := range r.live {
 		out = append(out, o)
 	}
@@ -196,10 +204,10 @@ func (r *Registrar) Live() []*registrationpb.Open {
 }
 
 // Logs returns the log lines shims sent.
-func (r *Registrar) Logs() []*registrationpb.ShimLog {
+func (r *Registrar) Logs() []*shimlink.Log {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return append([]*registrationpb.ShimLog(nil), r.logs...)
+	return append([]*shimlink.Log(nil), r.logs...)
 }
 
 // WaitFor waits until cond (called under no lock, after every change) holds, or timeout.

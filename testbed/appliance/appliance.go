@@ -136,7 +136,7 @@ func Start(t testing.TB, opts Options) *Appliance {
 
 	a.Daemon = testbed.StartDaemon(t, testbed.DaemonOptions{
 		UserlandProxyPath: a.ShimPath,
-		Env:               []string{"EDS_SOCKET=" + a.Socket},
+		Env:               []string{"EDS_SHIM_SOCKET=" + filepath.Join(a.RunDir, "shim.sock")},
 	})
 	t.Cleanup(func() { a.teardown(t) })
 

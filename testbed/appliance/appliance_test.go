@@ -387,12 +387,12 @@ func backupsOf(t *testing.T, a *Appliance) []string {
 	return m
 }
 
-// checkNoLeftovers: no temporary files of the installer, nothing but the socket in the run dir.
+// checkNoLeftovers: no temporary files of the installer, nothing but the sockets in the run dir.
 func checkNoLeftovers(t *testing.T, a *Appliance) {
 	t.Helper()
 	for dir, want := range map[string][]string{
 		a.InstallDir: {"envoy-docker-shim"},
-		a.RunDir:     {"server.sock"},
+		a.RunDir:     {"server.sock", "shim.sock"},
 	} {
 		entries, err := os.ReadDir(dir)
 		if err != nil {

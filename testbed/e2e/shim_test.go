@@ -56,12 +56,12 @@ func startB(t testing.TB) *setup {
 	if err := os.WriteFile(wrapper, []byte(recorder), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	socket := filepath.Join(dir, "eds.sock")
+	socket := filepath.Join(dir, "shim.sock")
 	s.daemon = testbed.StartDaemon(t, testbed.DaemonOptions{
 		UserlandProxyPath: wrapper,
-		Env:               []string{"EDS_SOCKET=" + socket, "EDS_TEST_SHIM=" + s.shim, "EDS_TEST_SHIM_STATUS=" + s.status},
+		Env:               []string{"EDS_SHIM_SOCKET=" + socket, "EDS_TEST_SHIM=" + s.shim, "EDS_TEST_SHIM_STATUS=" + s.status},
 	})
-	s.stack = stack.Start(t, stack.Options{DockerHost: s.daemon.Host, Socket: socket})
+	s.stack = stack.Start(t, stack.Options{DockerHost: s.daemon.Host, ShimSocket: socket})
 	return s
 }
 
@@ -332,8 +332,8 @@ func TestE2EShimUnderDockerd(t *testing.T) {
 		started := time.Now()
 		_, err := d.RunErr(context.Background(), testbed.RunOptions{Publish: []string{fmt.Sprintf("127.0.0.1:%d:80", port)}})
 		took := time.Since(started)
-		if err == nil || !strings.Contains(err.Error(), s.stack.Config.Socket) {
-			t.Fatalf("docker run: %v; want an error naming %s", err, s.stack.Config.Socket)
+		if err == nil || !strings.Contains(err.Error(), s.stack.Config.ShimSocket) {
+			t.Fatalf("docker run: %v; want an error naming %s", err, s.stack.Config.ShimSocket)
 		}
 		if took > 10*time.Second {
 			t.Fatalf("docker run took %v to fail", took)

@@ -38,9 +38,12 @@ type Options struct {
 	Concurrency int
 	// RestartGrace is the server's EDS_RESTART_GRACE (default 0: answer Envoy at once).
 	RestartGrace time.Duration
-	// Socket is the registration socket (default: in a temp dir). Give it when a daemon started
-	// earlier must pass it to its shims (EDS_SOCKET in DaemonOptions.Env).
+	// Socket is the gRPC API's socket, for resync and the test's own registrations (default: in a
+	// temp dir).
 	Socket string
+	// ShimSocket is where shims register (default: in a temp dir). Give it when a daemon started
+	// earlier must pass it to its shims (EDS_SHIM_SOCKET in DaemonOptions.Env).
+	ShimSocket string
 	// UIPort turns on Envoy's UI on 127.0.0.1:UIPort (default 0: off).
 	UIPort int
 	// Zipkin is the server's EDS_ZIPKIN_ADDR (default empty: no tracing), with EDS_TRACE_SAMPLING
@@ -68,8 +71,12 @@ func Start(t testing.TB, opts Options) *Stack {
 	if opts.Socket == "" {
 		opts.Socket = filepath.Join(dir, "server.sock")
 	}
+	if opts.ShimSocket == "" {
+		opts.ShimSocket = filepath.Join(dir, "shim.sock")
+	}
 	cfg := server.Config{
 		Socket:        opts.Socket,
+		ShimSocket:    opts.ShimSocket,
 		XDSAddr:       "127.0.0.1:" + strconv.Itoa(testbed.FreePort(t)),
 		HTTPAddr:      "127.0.0.1:" + strconv.Itoa(testbed.FreePort(t)),
 		DockerHost:    opts.DockerHost,

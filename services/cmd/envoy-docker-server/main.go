@@ -12,7 +12,7 @@ import (
 	"os"
 	"time"
 
-	"github.com/envoy-docker-shim/envoy-docker-shim/services/buildinfo"
+	"github.com/envoy-docker-shim/envoy-docker-shim/internal/buildinfo"
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/server"
 )
 

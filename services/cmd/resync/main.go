@@ -14,7 +14,7 @@ import (
 
 	"google.golang.org/grpc"
 
-	"github.com/envoy-docker-shim/envoy-docker-shim/services/buildinfo"
+	"github.com/envoy-docker-shim/envoy-docker-shim/internal/buildinfo"
 	pb "github.com/envoy-docker-shim/envoy-docker-shim/services/registration/registrationpb"
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/resync"
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/server"

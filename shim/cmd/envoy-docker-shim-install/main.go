@@ -13,7 +13,7 @@ import (
 	"os/signal"
 	"syscall"
 
-	"github.com/envoy-docker-shim/envoy-docker-shim/services/buildinfo"
+	"github.com/envoy-docker-shim/envoy-docker-shim/internal/buildinfo"
 	"github.com/envoy-docker-shim/envoy-docker-shim/shim/installer"
 )
 

@@ -16,7 +16,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/envoy-docker-shim/envoy-docker-shim/services/registration/registrationpb"
+	"github.com/envoy-docker-shim/envoy-docker-shim/internal/shimlink"
 	"github.com/envoy-docker-shim/envoy-docker-shim/shim/shimtest"
 	"github.com/envoy-docker-shim/envoy-docker-shim/testbed"
 )
@@ -52,7 +52,7 @@ func TestListenFDHandoverToRealEnvoy(t *testing.T) {
 			// Envoy once the shim has registered, that is once fd 4 has SO_REUSEPORT; Envoy binds
 			// beside it and the server answers Ready when Envoy serves the port.
 			startEnvoy, envoyStarted := make(chan struct{}), make(chan bool)
-			srv := h.server(func(ctx context.Context, open *registrationpb.Open) *registrationpb.RegisterResponse {
+			srv := h.server(func(ctx context.Context, open *shimlink.Open) shimlink.Message {
 				select {
 				case startEnvoy <- struct{}{}:
 				case <-ctx.Done():
@@ -100,7 +100,7 @@ func TestListenFDHandoverToRealEnvoy(t *testing.T) {
 
 			if !srv.WaitFor(5*time.Second, func(r *shimtest.Registrar) bool {
 				for _, l := range r.Logs() {
-					if strings.Contains(l.GetMessage(), "port handed over to Envoy") {
+					if strings.Contains(l.Message, "port handed over to Envoy") {
 						return true
 					}
 				}

@@ -29,7 +29,8 @@ import (
 
 	"github.com/oklog/run"
 
-	"github.com/envoy-docker-shim/envoy-docker-shim/services/buildinfo"
+	"github.com/envoy-docker-shim/envoy-docker-shim/internal/buildinfo"
+	"github.com/envoy-docker-shim/envoy-docker-shim/internal/mapping"
 	"github.com/envoy-docker-shim/envoy-docker-shim/shim/config"
 	"github.com/envoy-docker-shim/envoy-docker-shim/shim/handover"
 	"github.com/envoy-docker-shim/envoy-docker-shim/shim/handshake"
@@ -47,7 +48,7 @@ const stopWithin = 900 * time.Millisecond
 
 func main() {
 	args, argsErr := proxyargs.Parse(os.Args[1:])
-	if args.Mapping.Proto != proxyargs.SCTP { // SCTP may exec docker-proxy, which keeps its own default
+	if args.Mapping.Proto != mapping.SCTP { // SCTP may exec docker-proxy, which keeps its own default
 		oneProcessor()
 	}
 	start := time.Now()
@@ -90,12 +91,12 @@ func shim(start time.Time, status *handshake.Pipe, pipeErr error, args proxyargs
 	if err != nil {
 		return fail(status, nil, 1, err)
 	}
-	if m.Proto == proxyargs.SCTP {
+	if m.Proto == mapping.SCTP {
 		if cfg.SCTPProxy == "" {
 			return fail(status, nil, 1, errors.New(sctp.Refusal))
 		}
 		fds := []int{handshake.FD}
-		if m.UseListenFD {
+		if args.UseListenFD {
 			fds = append(fds, listenFD)
 		}
 		return fail(status, nil, 1, sctp.Delegate(cfg.SCTPProxy, os.Args[1:], fds...))
@@ -111,7 +112,7 @@ func shim(start time.Time, status *handshake.Pipe, pipeErr error, args proxyargs
 		log.Warn("ignoring an argument this version does not know", "arg", a)
 	}
 	reg := registrar.New(registrar.Options{
-		Socket: cfg.Socket, Open: registrar.NewOpen(m, m.Proto == proxyargs.UDP), Log: log, Outbox: outbox,
+		Socket: cfg.ShimSocket, Open: registrar.NewOpen(m, m.Proto == mapping.UDP), Log: log, Outbox: outbox,
 	})
 	deadline := start.Add(cfg.Timeout - 100*time.Millisecond) // leaves time to write the reason
 
@@ -130,10 +131,10 @@ func shim(start time.Time, status *handshake.Pipe, pipeErr error, args proxyargs
 	}, func(error) { cancel() })
 
 	switch m.Proto {
-	case proxyargs.TCP:
+	case mapping.TCP:
 		ready := make(chan struct{})
 		var lis *handover.Listener
-		if m.UseListenFD {
+		if args.UseListenFD {
 			// Serve what dockerd's socket queues while Envoy gets ready, then hand the port over.
 			if lis, err = handover.Adopt(os.NewFile(listenFD, "listen-sock"), m.Host(), m.Container(), log); err != nil {
 				return fail(status, log, 1, err)
@@ -172,10 +173,10 @@ func shim(start time.Time, status *handshake.Pipe, pipeErr error, args proxyargs
 			return reg.Hold(ctx)
 		}, func(error) { cancel() })
 
-	case proxyargs.UDP:
+	case mapping.UDP:
 		// docker-proxy's semantics, with or without the server: bind (or take fd 4), then ready.
 		var conn *net.UDPConn
-		if m.UseListenFD {
+		if args.UseListenFD {
 			conn, err = udpproxy.File(os.NewFile(listenFD, "listen-sock"), m.Host())
 		} else {
 			conn, err = udpproxy.Listen(m.Host())

@@ -19,7 +19,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/envoy-docker-shim/envoy-docker-shim/services/registration/registrationpb"
+	"github.com/envoy-docker-shim/envoy-docker-shim/internal/mapping"
+	"github.com/envoy-docker-shim/envoy-docker-shim/internal/shimlink"
 	"github.com/envoy-docker-shim/envoy-docker-shim/shim/shimtest"
 	"github.com/envoy-docker-shim/envoy-docker-shim/testbed"
 )
@@ -67,10 +68,10 @@ func (h *harness) server(answer shimtest.Answer) *shimtest.Registrar {
 	return shimtest.StartRegistrar(h.t, h.sock, answer)
 }
 
-// start execs the shim as dockerd would, with EDS_SOCKET set and extra environment.
+// start execs the shim as dockerd would, with EDS_SHIM_SOCKET set and extra environment.
 func (h *harness) start(args []string, env []string, listen *os.File, extra ...*os.File) *shimtest.Proxy {
 	h.t.Helper()
-	p, err := shimtest.StartProxy(shimBin, args, append([]string{"EDS_SOCKET=" + h.sock}, env...), listen, extra...)
+	p, err := shimtest.StartProxy(shimBin, args, append([]string{"EDS_SHIM_SOCKET=" + h.sock}, env...), listen, extra...)
 	if err != nil {
 		h.t.Fatal(err)
 	}
@@ -167,8 +168,8 @@ func TestReadyHandshakeZeroNewlineThenSIGINTExitsZeroAndDeregisters(t *testing.T
 		t.Fatalf("%d opens, %d live", len(opens), len(srv.Live()))
 	}
 	o := opens[0]
-	want := &registrationpb.Mapping{Proto: registrationpb.Protocol_PROTOCOL_TCP, HostIp: "127.0.0.1", HostPort: uint32(host.Port()), ContainerIp: "172.17.0.2", ContainerPort: 80}
-	if o.GetMapping().String() != want.String() || o.GetShim().GetPid() != int32(p.Cmd.Process.Pid) || o.GetShim().GetVersion() == "" || o.GetShim().GetProxiesItself() {
+	want := mapping.Mapping{Key: mapping.Key{Proto: mapping.TCP, HostIP: host.Addr(), HostPort: host.Port()}, ContainerIP: netip.MustParseAddr("172.17.0.2"), ContainerPort: 80}
+	if o.Mapping != want || o.PID != p.Cmd.Process.Pid || o.Version == "" || o.ProxiesItself {
 		t.Errorf("Open = %v", o)
 	}
 	h.stop(p, os.Interrupt)
@@ -182,7 +183,7 @@ func TestReadyHandshakeZeroNewlineThenSIGINTExitsZeroAndDeregisters(t *testing.T
 func expectStoppingLog(t *testing.T, srv *shimtest.Registrar, signal string) {
 	t.Helper()
 	for _, l := range srv.Logs() {
-		if strings.HasPrefix(l.GetMessage(), "msg=stopping ") && strings.Contains(l.GetMessage(), "signal="+signal) {
+		if strings.HasPrefix(l.Message, "msg=stopping ") && strings.Contains(l.Message, "signal="+signal) {
 			return
 		}
 	}
@@ -219,7 +220,7 @@ func TestSIGINTWhenServerIsGoneExitsZeroWithin1s(t *testing.T) {
 // exits 0 at once and still leaves a reason on fd 3.
 func TestSIGINTWhileRegisteringExitsZero(t *testing.T) {
 	h := newHarness(t)
-	h.server(func(context.Context, *registrationpb.Open) *registrationpb.RegisterResponse { return nil })
+	h.server(func(context.Context, *shimlink.Open) shimlink.Message { return nil })
 	args, _ := tcpArgs(t, false)
 	p := h.start(args, nil, nil)
 	time.Sleep(300 * time.Millisecond)
@@ -234,7 +235,7 @@ func TestSIGINTWhileRegisteringExitsZero(t *testing.T) {
 func TestServerFailedReasonReachesFD3(t *testing.T) {
 	h := newHarness(t)
 	reason := "listen tcp4 127.0.0.1:8080: bind: address already in use (envoy: cannot bind to 127.0.0.1:8080)"
-	h.server(func(context.Context, *registrationpb.Open) *registrationpb.RegisterResponse {
+	h.server(func(context.Context, *shimlink.Open) shimlink.Message {
 		return shimtest.Failed(reason)
 	})
 	args, _ := tcpArgs(t, false)
@@ -263,7 +264,7 @@ func TestServerNotRunningFailsNamingTheSocket(t *testing.T) {
 // Contract: "Defaults must work with an empty environment": the default socket path is used and named.
 func TestEmptyEnvironmentUsesDefaultSocket(t *testing.T) {
 	t.Parallel()
-	const def = "/run/envoy-docker-shim/server.sock"
+	const def = "/run/envoy-docker-shim/shim.sock"
 	if _, err := os.Stat(def); err == nil {
 		t.Skip(def + " exists on this host")
 	}
@@ -293,7 +294,7 @@ func TestServerThatNeverAnswersFailsWithinTheTimeout(t *testing.T) {
 				t.Skip("takes the full 10 s; skipped with -short")
 			}
 			h := newHarness(t)
-			h.server(func(context.Context, *registrationpb.Open) *registrationpb.RegisterResponse { return nil })
+			h.server(func(context.Context, *shimlink.Open) shimlink.Message { return nil })
 			args, _ := tcpArgs(t, false)
 			st := h.expectFailure(h.start(args, tc.env, nil), tc.max, "did not answer", h.sock)
 			if st.After < tc.min {
@@ -361,7 +362,7 @@ func TestUnknownExtraFlagIsLoggedAndIgnored(t *testing.T) {
 	if !srv.WaitFor(2*time.Second, func(r *shimtest.Registrar) bool {
 		n := 0
 		for _, l := range r.Logs() {
-			if strings.Contains(l.GetMessage(), "-future-flag") || strings.Contains(l.GetMessage(), "-future-option value") {
+			if strings.Contains(l.Message, "-future-flag") || strings.Contains(l.Message, "-future-option value") {
 				n++
 			}
 		}
@@ -538,7 +539,7 @@ func TestUDPEchoesThousandDatagrams(t *testing.T) {
 				if !srv.WaitFor(2*time.Second, func(r *shimtest.Registrar) bool { return len(r.Live()) == 1 }) {
 					t.Fatal("UDP port not registered")
 				}
-				if !srv.Live()[0].GetShim().GetProxiesItself() {
+				if !srv.Live()[0].ProxiesItself {
 					t.Error("UDP registered without proxies_itself")
 				}
 			}

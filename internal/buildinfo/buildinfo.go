@@ -3,7 +3,7 @@ package buildinfo
 
 import "runtime/debug"
 
-// Version is set with -ldflags "-X .../services/buildinfo.Version=..." by `make build`.
+// Version is set with -ldflags "-X .../internal/buildinfo.Version=..." by `make build`.
 var Version = ""
 
 // String returns the stamped version, or the module version a plain `go build` records.

@@ -1,0 +1,206 @@
+// Package shimlink is the link between envoy-docker-shim and envoy-docker-server. One
+// registration is one connection on a SOCK_SEQPACKET Unix socket, where the kernel keeps message
+// boundaries: a message is one packet, a URL query (net/url's encoding, readable in strace).
+//
+//	shim → server  Open    the mapping, once, first
+//	server → shim  Ready   Envoy serves the port; or Failed with a reason for docker run
+//	shim → server  Log     the shim's log lines, for as long as it lives
+//	shim → server  end of stream (shutdown): deregistration; the server closes once Envoy let go
+//
+// The server ending the connection means it stopped; the shim re-registers when it is back. Both
+// programs are built from this repository, so the link needs no versioned protocol of its own:
+// unknown keys are ignored, so a newer shim and an older server (or the reverse) still agree.
+// The package must stay light: the shim, one process per published port, links it.
+package shimlink
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"net/url"
+	"strconv"
+	"syscall"
+
+	"github.com/envoy-docker-shim/envoy-docker-shim/internal/mapping"
+)
+
+// DefaultSocket is where envoy-docker-server listens for shims (EDS_SHIM_SOCKET).
+const DefaultSocket = "/run/envoy-docker-shim/shim.sock"
+
+// MaxMessage bounds a message; longer log lines are cut to fit.
+const MaxMessage = 16 << 10
+
+// Message is one of Open, Ready, Failed and Log.
+type Message interface{ values() url.Values }
+
+// Open is what a shim registers.
+type Open struct {
+	Mapping mapping.Mapping
+	PID     int
+	Version string
+	// ProxiesItself is set when the shim carries the traffic (UDP) and Envoy must not be configured.
+	ProxiesItself bool
+	// Serving is set on re-registrations: dockerd was told long ago that the port started, and
+	// it has been served since, so nothing may make Envoy drop it.
+	Serving bool
+}
+
+// Ready says Envoy serves the port, and under which names.
+type Ready struct {
+	Service       string
+	Mode          string
+	ContainerID   string
+	ContainerName string
+	Listener      string
+}
+
+// Failed is the server's refusal; Reason is written for the user of docker run.
+type Failed struct{ Reason string }
+
+func (f *Failed) Error() string { return f.Reason }
+
+// Log is one log line of the shim (under dockerd its stdout and stderr are /dev/null).
+type Log struct {
+	Level   string
+	Message string
+}
+
+func (o *Open) values() url.Values {
+	v := url.Values{"type": {"open"}, "proto": {string(o.Mapping.Proto)},
+		"host": {o.Mapping.Host().String()}, "container": {o.Mapping.Container().String()},
+		"pid": {strconv.Itoa(o.PID)}, "version": {o.Version}}
+	if o.ProxiesItself {
+		v.Set("proxies_itself", "1")
+	}
+	if o.Serving {
+		v.Set("serving", "1")
+	}
+	return v
+}
+
+func (r *Ready) values() url.Values {
+	return url.Values{"type": {"ready"}, "service": {r.Service}, "mode": {r.Mode},
+		"container_id": {r.ContainerID}, "container_name": {r.ContainerName}, "listener": {r.Listener}}
+}
+
+func (f *Failed) values() url.Values { return url.Values{"type": {"failed"}, "reason": {f.Reason}} }
+
+func (l *Log) values() url.Values {
+	return url.Values{"type": {"log"}, "level": {l.Level}, "message": {l.Message}}
+}
+
+// Encode is the packet of m.
+func Encode(m Message) []byte { return []byte(m.values().Encode()) }
+
+// Decode reads one packet. It rejects what no peer sends: an unknown type, a malformed mapping.
+func Decode(b []byte) (Message, error) {
+	v, err := url.ParseQuery(string(b))
+	if err != nil {
+		return nil, fmt.Errorf("malformed message: %w", err)
+	}
+	switch t := v.Get("type"); t {
+	case "open":
+		return decodeOpen(v)
+	case "ready":
+		return &Ready{Service: v.Get("service"), Mode: v.Get("mode"), ContainerID: v.Get("container_id"),
+			ContainerName: v.Get("container_name"), Listener: v.Get("listener")}, nil
+	case "failed":
+		return &Failed{Reason: v.Get("reason")}, nil
+	case "log":
+		return &Log{Level: v.Get("level"), Message: v.Get("message")}, nil
+	default:
+		return nil, fmt.Errorf("unknown message type %q", t)
+	}
+}
+
+func decodeOpen(v url.Values) (*Open, error) {
+	proto, err := mapping.ParseProtocol(v.Get("proto"))
+	if err != nil {
+		return nil, err
+	}
+	host, err := netip.ParseAddrPort(v.Get("host"))
+	if err != nil {
+		return nil, fmt.Errorf("host address: %w", err)
+	}
+	container, err := netip.ParseAddrPort(v.Get("container"))
+	if err != nil {
+		return nil, fmt.Errorf("container address: %w", err)
+	}
+	pid, err := strconv.Atoi(v.Get("pid"))
+	if err != nil {
+		return nil, fmt.Errorf("pid: %w", err)
+	}
+	m := mapping.Mapping{
+		Key:           mapping.Key{Proto: proto, HostIP: host.Addr().Unmap(), HostPort: host.Port()},
+		ContainerIP:   container.Addr().Unmap(),
+		ContainerPort: container.Port(),
+	}
+	if err := m.Validate(); err != nil {
+		return nil, err
+	}
+	return &Open{Mapping: m, PID: pid, Version: v.Get("version"),
+		ProxiesItself: v.Get("proxies_itself") == "1", Serving: v.Get("serving") == "1"}, nil
+}
+
+// Conn is one registration's connection, from either end. Send and Recv may run concurrently
+// with each other, but not with themselves.
+type Conn struct {
+	uc  *net.UnixConn
+	buf []byte
+}
+
+// NewConn wraps a SOCK_SEQPACKET connection, as Listener.Accept returns it.
+func NewConn(uc *net.UnixConn) *Conn { return &Conn{uc: uc, buf: make([]byte, MaxMessage+1)} }
+
+// Dial connects to the server's socket.
+func Dial(ctx context.Context, path string) (*Conn, error) {
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "unixpacket", path)
+	if err != nil {
+		return nil, err
+	}
+	return NewConn(c.(*net.UnixConn)), nil
+}
+
+// Listen serves the link on path (which must not exist).
+func Listen(path string) (*net.UnixListener, error) {
+	return net.ListenUnix("unixpacket", &net.UnixAddr{Name: path, Net: "unixpacket"})
+}
+
+// Send writes m as one packet; a log line too long for one is cut.
+func (c *Conn) Send(m Message) error {
+	b := Encode(m)
+	if l, ok := m.(*Log); ok && len(b) > MaxMessage {
+		cut := *l
+		for len(b) > MaxMessage && cut.Message != "" {
+			cut.Message = cut.Message[:len(cut.Message)*3/4]
+			b = Encode(&cut)
+		}
+	}
+	_, err := c.uc.Write(b)
+	return err
+}
+
+// Recv reads the next message; io.EOF once the peer ended its side.
+func (c *Conn) Recv() (Message, error) {
+	n, _, flags, _, err := c.uc.ReadMsgUnix(c.buf, nil)
+	if err != nil {
+		return nil, err
+	}
+	if n == 0 {
+		return nil, io.EOF // SOCK_SEQPACKET: an empty read is the peer's shutdown, never a message
+	}
+	if flags&syscall.MSG_TRUNC != 0 {
+		return nil, errors.New("message longer than shimlink.MaxMessage")
+	}
+	return Decode(c.buf[:n])
+}
+
+// CloseWrite ends this side: the peer reads io.EOF.
+func (c *Conn) CloseWrite() error { return c.uc.CloseWrite() }
+
+// Close ends the connection.
+func (c *Conn) Close() error { return c.uc.Close() }
