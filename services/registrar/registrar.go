@@ -31,14 +31,9 @@ type ContainerFinder interface {
 	FindByIP(ctx context.Context, ip netip.Addr) (labels.Container, error)
 }
 
-// Publisher says which Envoy resources, at which versions, carry an entry.
-type Publisher interface {
-	Wanted(registry.Entry) ([]xds.Want, error)
-}
-
-// Confirmer waits until Envoy acknowledged resources.
+// Confirmer waits until Envoy holds resources at their exact versions (package xds's Tracker).
 type Confirmer interface {
-	Wait(ctx context.Context, wants []xds.Want) error
+	Wait(ctx context.Context, expected []registry.Expected) error
 }
 
 // Server implements the Registrar gRPC service.
@@ -47,7 +42,6 @@ type Server struct {
 
 	Registry  *registry.Registry
 	Finder    ContainerFinder
-	Publisher Publisher
 	Confirmer Confirmer
 	// ReadyTimeout bounds the wait for Envoy; it must stay well inside the shim's own deadline,
 	// itself well inside dockerd's 16 s, so the user gets our reason rather than a timeout.
@@ -131,13 +125,15 @@ func (s *Server) serve(sess session) {
 		Shim:    registry.Shim{PID: int32(open.PID), Version: open.Version},
 		Owner:   owner,
 	}
-	if err := s.Registry.Claim(entry); err != nil {
+	expected, err := s.Registry.Claim(entry)
+	if err != nil {
 		s.fail(sess, err.Error())
 		return
 	}
 	closedByShim := false
 	defer func() {
-		if !s.Registry.Release(m.Key, owner) {
+		withdrawn, released := s.Registry.Release(m.Key, owner)
+		if !released {
 			return
 		}
 		log.Info("deregistered")
@@ -145,7 +141,7 @@ func (s *Server) serve(sess session) {
 			// The shim is waiting (briefly) for the session to end: end it once Envoy has let
 			// go of the port, so that dockerd 28+, which binds the port itself, can bind it
 			// again at once when the container restarts.
-			s.confirmRemoved(sess.Context(), entry, log)
+			s.confirmRemoved(sess.Context(), withdrawn, log)
 		}
 	}()
 
@@ -153,7 +149,7 @@ func (s *Server) serve(sess session) {
 	// dockerd; waiting for Envoy helps nobody, and a failed wait would make Envoy drop the port.
 	if open.Serving {
 		log.Info("re-registered a serving port")
-	} else if err := s.confirm(sess.Context(), entry); err != nil {
+	} else if err := s.confirm(sess.Context(), expected); err != nil {
 		log.Warn("registration failed", "err", err)
 		s.fail(sess, Reason(m, err))
 		return
@@ -201,30 +197,25 @@ func (s *Server) describe(ctx context.Context, m mapping.Mapping, proxiesItself 
 	return service, nil
 }
 
-func (s *Server) confirm(ctx context.Context, e registry.Entry) error {
-	wants, err := s.Publisher.Wanted(e)
-	if err != nil || len(wants) == 0 {
-		return err
+func (s *Server) confirm(ctx context.Context, expected []registry.Expected) error {
+	if len(expected) == 0 {
+		return nil
 	}
 	ctx, cancel := context.WithTimeout(ctx, s.ReadyTimeout)
 	defer cancel()
-	return s.Confirmer.Wait(ctx, wants)
+	return s.Confirmer.Wait(ctx, expected)
 }
 
 // removalWait bounds how long a deregistering shim is kept waiting for Envoy.
 const removalWait = 300 * time.Millisecond
 
-func (s *Server) confirmRemoved(ctx context.Context, e registry.Entry, log *slog.Logger) {
-	wants, err := s.Publisher.Wanted(e)
-	if err != nil || len(wants) == 0 {
+func (s *Server) confirmRemoved(ctx context.Context, withdrawn []registry.Expected, log *slog.Logger) {
+	if len(withdrawn) == 0 {
 		return
-	}
-	for i := range wants {
-		wants[i].Version = "" // held by no one
 	}
 	ctx, cancel := context.WithTimeout(ctx, removalWait)
 	defer cancel()
-	if err := s.Confirmer.Wait(ctx, wants); err != nil {
+	if err := s.Confirmer.Wait(ctx, withdrawn); err != nil {
 		log.Debug("envoy did not confirm the removal in time", "err", err)
 	}
 }

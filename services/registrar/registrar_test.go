@@ -16,6 +16,8 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/envoy-docker-shim/envoy-docker-shim/internal/mapping"
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/dockerapi"
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/envoyconfig"
@@ -48,7 +50,7 @@ type fakeConfirmer struct {
 	waits int
 }
 
-func (f *fakeConfirmer) Wait(context.Context, []xds.Want) error {
+func (f *fakeConfirmer) Wait(context.Context, []registry.Expected) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.waits++
@@ -56,6 +58,7 @@ func (f *fakeConfirmer) Wait(context.Context, []xds.Want) error {
 }
 
 type fixture struct {
+	metrics   *prometheus.Registry
 	server    *Server
 	registry  *registry.Registry
 	finder    *fakeFinder
@@ -72,7 +75,8 @@ func newFixture(t *testing.T) *fixture {
 		}},
 		confirmer: &fakeConfirmer{},
 	}
-	metrics := xds.NewMetrics(nil)
+	f.metrics = prometheus.NewRegistry()
+	metrics := xds.NewMetrics(f.metrics)
 	c, err := xds.NewCache("test", envoyconfig.Options{}, metrics, xds.NewTracker(metrics))
 	if err != nil {
 		t.Fatal(err)
@@ -80,7 +84,7 @@ func newFixture(t *testing.T) *fixture {
 	f.registry = registry.New(c)
 	srv := grpc.NewServer()
 	f.server = &Server{
-		Registry: f.registry, Finder: f.finder, Publisher: c, Confirmer: f.confirmer,
+		Registry: f.registry, Finder: f.finder, Confirmer: f.confirmer,
 		ReadyTimeout: time.Second, Log: slog.New(slog.DiscardHandler), Metrics: NewMetrics(nil, f.registry),
 	}
 	pb.RegisterRegistrarServer(srv, f.server)
@@ -342,4 +346,45 @@ func TestReRegistrationOfServingPortNeverDropsIt(t *testing.T) {
 		t.Fatalf("first registration: want Failed, got %v", resp)
 	}
 	f.waitLen(t, 1)
+}
+
+// TestRegistrationTranslatesOnce: a registration's Envoy resources are built and hashed once, for
+// publishing and for every wait on Envoy (ready, and the removal at deregistration).
+func TestRegistrationTranslatesOnce(t *testing.T) {
+	f := newFixture(t)
+	stream, err := f.client.Register(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := stream.Send(&pb.RegisterRequest{Request: &pb.RegisterRequest_Open{Open: &pb.Open{Mapping: tcpMapping(8095, "172.17.0.2"), Shim: &pb.Shim{Pid: 5}}}}); err != nil {
+		t.Fatal(err)
+	}
+	if resp, err := stream.Recv(); err != nil || resp.GetReady() == nil {
+		t.Fatalf("want Ready, got %v, %v", resp, err)
+	}
+	// A clean deregistration: the server ends the stream once Envoy let go of the port.
+	if err := stream.CloseSend(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := stream.Recv(); !errors.Is(err, io.EOF) {
+		t.Fatalf("after the deregistration: %v, want the stream's end", err)
+	}
+	families, err := f.metrics.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var translations float64 = -1
+	for _, mf := range families {
+		if mf.GetName() == "eds_xds_translations_total" {
+			translations = mf.GetMetric()[0].GetCounter().GetValue()
+		}
+	}
+	if translations != 1 {
+		t.Fatalf("eds_xds_translations_total = %v after one registration and its end, want 1", translations)
+	}
+	f.confirmer.mu.Lock()
+	defer f.confirmer.mu.Unlock()
+	if f.confirmer.waits != 2 {
+		t.Fatalf("%d waits on Envoy, want 2 (ready, removal)", f.confirmer.waits)
+	}
 }

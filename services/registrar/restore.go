@@ -53,7 +53,7 @@ func (s *Server) restore(ctx context.Context, open *pb.Open) (pb.Restored_Outcom
 	if m.Proto != mapping.TCP || open.GetShim().GetProxiesItself() {
 		service.Mode = registry.ModeShim
 	}
-	err = s.Registry.Claim(registry.Entry{
+	_, err = s.Registry.Claim(registry.Entry{
 		Mapping: m,
 		Service: service,
 		Shim:    registry.Shim{PID: open.GetShim().GetPid(), Version: open.GetShim().GetVersion()},

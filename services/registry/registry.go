@@ -1,6 +1,7 @@
 // Package registry owns the set of published ports that envoy-docker-server serves: the one source
-// of truth from which everything Envoy sees is derived. It does no I/O; an Observer (the xDS
-// publisher) is told of every change synchronously, in order, under the registry's lock.
+// of truth from which everything Envoy sees is derived. It does no I/O. Its Publisher (the xDS
+// cache) is given every change in order, and says what Envoy must then hold; Claim and Release
+// return that, so the caller can wait for Envoy without building anything again.
 package registry
 
 import (
@@ -54,11 +55,20 @@ type Entry struct {
 // Owner identifies the registration stream that holds an entry; only the owner can release it.
 type Owner uint64
 
-// Observer is told of every change to the registry, in order. It must not call back into the
-// registry. An Upsert that fails leaves the registry as it was.
-type Observer interface {
-	Upsert(Entry) error
-	Delete(Entry)
+// Expected is one Envoy resource at the exact content Envoy must hold after a change ("" Version:
+// Envoy must hold it no longer).
+type Expected struct {
+	TypeURL string
+	Name    string
+	Version string
+}
+
+// Publisher turns every change of the registry, in order, into what Envoy is told, and says what
+// Envoy must hold once it applied the change (nothing for an entry Envoy does not carry). It must
+// not call back into the registry. A Publish that fails leaves the registry as it was.
+type Publisher interface {
+	Publish(Entry) ([]Expected, error)
+	Withdraw(Entry) []Expected
 }
 
 // ConflictError says the host socket is already published for another container.
@@ -80,13 +90,13 @@ func shortID(id string) string {
 type Registry struct {
 	mu        sync.Mutex
 	entries   map[mapping.Key]Entry
-	observer  Observer
+	publisher Publisher
 	lastOwner Owner
 }
 
-// New returns an empty registry that reports changes to observer (which may be nil).
-func New(observer Observer) *Registry {
-	return &Registry{entries: make(map[mapping.Key]Entry), observer: observer}
+// New returns an empty registry that publishes its changes with publisher (which may be nil).
+func New(publisher Publisher) *Registry {
+	return &Registry{entries: make(map[mapping.Key]Entry), publisher: publisher}
 }
 
 // NewOwner hands out a token for one registration stream.
@@ -97,29 +107,32 @@ func (r *Registry) NewOwner() Owner {
 	return r.lastOwner
 }
 
-// Claim adds or takes over the entry for e's key. The same mapping claimed again (a shim that
-// reconnected) changes owner without touching Envoy; a different mapping on a held key is a conflict.
-func (r *Registry) Claim(e Entry) error {
+// Claim adds or takes over the entry for e's key, and returns what Envoy must hold to serve it.
+// The same mapping claimed again (a shim that reconnected) changes owner without changing what
+// Envoy holds; a different mapping on a held key is a conflict.
+func (r *Registry) Claim(e Entry) ([]Expected, error) {
 	if err := e.Mapping.Validate(); err != nil {
-		return err
+		return nil, err
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if old, ok := r.entries[e.Key]; ok && old.Owner != e.Owner {
 		if old.Mapping != e.Mapping || old.ContainerID != e.ContainerID {
-			return &ConflictError{Existing: old}
+			return nil, &ConflictError{Existing: old}
 		}
 		if e.ReadyAt.IsZero() {
 			e.ReadyAt = old.ReadyAt
 		}
 	}
-	if r.observer != nil {
-		if err := r.observer.Upsert(e); err != nil {
-			return err
+	var expected []Expected
+	if r.publisher != nil {
+		var err error
+		if expected, err = r.publisher.Publish(e); err != nil {
+			return nil, err
 		}
 	}
 	r.entries[e.Key] = e
-	return nil
+	return expected, nil
 }
 
 // MarkReady records when Envoy confirmed the entry; it is a no-op for a key the owner no longer holds.
@@ -132,16 +145,16 @@ func (r *Registry) MarkReady(key mapping.Key, owner Owner, at time.Time) {
 	}
 }
 
-// Release removes the entry if owner still holds it, and reports whether it did.
-func (r *Registry) Release(key mapping.Key, owner Owner) bool {
+// Release removes the entry if owner still holds it, reports whether it did, and returns what
+// Envoy must no longer hold.
+func (r *Registry) Release(key mapping.Key, owner Owner) ([]Expected, bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	e, ok := r.entries[key]
 	if !ok || e.Owner != owner {
-		return false
+		return nil, false
 	}
-	r.remove(e)
-	return true
+	return r.remove(e), true
 }
 
 // RemoveContainer drops every entry of a container that is gone and returns them.
@@ -161,11 +174,12 @@ func (r *Registry) RemoveContainer(containerID string) []Entry {
 	return removed
 }
 
-func (r *Registry) remove(e Entry) {
+func (r *Registry) remove(e Entry) []Expected {
 	delete(r.entries, e.Key)
-	if r.observer != nil {
-		r.observer.Delete(e)
+	if r.publisher == nil {
+		return nil
 	}
+	return r.publisher.Withdraw(e)
 }
 
 // Get returns the entry for key.

@@ -15,14 +15,19 @@ type recorder struct {
 	fail   error
 }
 
-func (r *recorder) Upsert(e Entry) error {
+// recorder publishes every entry as one resource named after its key.
+func (r *recorder) Publish(e Entry) ([]Expected, error) {
 	if r.fail != nil {
-		return r.fail
+		return nil, r.fail
 	}
-	r.events = append(r.events, "upsert "+e.Key.String())
-	return nil
+	r.events = append(r.events, "publish "+e.Key.String())
+	return []Expected{{TypeURL: "t", Name: e.Key.String(), Version: "v"}}, nil
 }
-func (r *recorder) Delete(e Entry) { r.events = append(r.events, "delete "+e.Key.String()) }
+
+func (r *recorder) Withdraw(e Entry) []Expected {
+	r.events = append(r.events, "withdraw "+e.Key.String())
+	return []Expected{{TypeURL: "t", Name: e.Key.String()}}
+}
 
 func tcpMapping(hostIP string, hostPort uint16, containerIP string) mapping.Mapping {
 	return mapping.Mapping{
@@ -39,17 +44,25 @@ func TestClaimReleaseNotifiesInOrder(t *testing.T) {
 	ea := Entry{Mapping: tcpMapping("127.0.0.1", 8080, "172.17.0.2"), Owner: a}
 	eb := Entry{Mapping: tcpMapping("::", 8080, "172.17.0.2"), Owner: b}
 	for _, e := range []Entry{ea, eb} {
-		if err := r.Claim(e); err != nil {
+		expected, err := r.Claim(e)
+		if err != nil {
 			t.Fatal(err)
 		}
+		if want := []Expected{{TypeURL: "t", Name: e.Key.String(), Version: "v"}}; !reflect.DeepEqual(expected, want) {
+			t.Fatalf("Claim returned %v, want what the publisher said: %v", expected, want)
+		}
 	}
-	if r.Release(ea.Key, b) {
+	if _, ok := r.Release(ea.Key, b); ok {
 		t.Fatal("a non-owner released an entry")
 	}
-	if !r.Release(ea.Key, a) {
+	withdrawn, ok := r.Release(ea.Key, a)
+	if !ok {
 		t.Fatal("the owner could not release its entry")
 	}
-	want := []string{"upsert 127.0.0.1:8080/tcp", "upsert [::]:8080/tcp", "delete 127.0.0.1:8080/tcp"}
+	if want := []Expected{{TypeURL: "t", Name: ea.Key.String()}}; !reflect.DeepEqual(withdrawn, want) {
+		t.Fatalf("Release returned %v, want %v", withdrawn, want)
+	}
+	want := []string{"publish 127.0.0.1:8080/tcp", "publish [::]:8080/tcp", "withdraw 127.0.0.1:8080/tcp"}
 	if !reflect.DeepEqual(rec.events, want) {
 		t.Fatalf("events %v, want %v", rec.events, want)
 	}
@@ -62,7 +75,7 @@ func TestClaimConflictAndTakeover(t *testing.T) {
 	r := New(nil)
 	first, second := r.NewOwner(), r.NewOwner()
 	e := Entry{Mapping: tcpMapping("0.0.0.0", 80, "172.17.0.2"), Service: Service{ContainerID: "c1"}, Shim: Shim{PID: 10}, Owner: first}
-	if err := r.Claim(e); err != nil {
+	if _, err := r.Claim(e); err != nil {
 		t.Fatal(err)
 	}
 
@@ -71,17 +84,17 @@ func TestClaimConflictAndTakeover(t *testing.T) {
 	other.ContainerIP = netip.MustParseAddr("172.17.0.3")
 	other.ContainerID = "c2"
 	var conflict *ConflictError
-	if err := r.Claim(other); !errors.As(err, &conflict) || !strings.Contains(err.Error(), "already published") {
+	if _, err := r.Claim(other); !errors.As(err, &conflict) || !strings.Contains(err.Error(), "already published") {
 		t.Fatalf("Claim of a held host port for another container = %v, want a ConflictError", err)
 	}
 
 	// The same mapping from a reconnected shim takes the entry over; the old stream's end no longer removes it.
 	again := e
 	again.Owner = second
-	if err := r.Claim(again); err != nil {
+	if _, err := r.Claim(again); err != nil {
 		t.Fatalf("takeover: %v", err)
 	}
-	if r.Release(e.Key, first) {
+	if _, ok := r.Release(e.Key, first); ok {
 		t.Fatal("the previous owner released an entry taken over by a reconnected shim")
 	}
 	if got, _ := r.Get(e.Key); got.Owner != second {
@@ -89,10 +102,10 @@ func TestClaimConflictAndTakeover(t *testing.T) {
 	}
 }
 
-func TestClaimRollsBackWhenObserverFails(t *testing.T) {
+func TestClaimRollsBackWhenPublishFails(t *testing.T) {
 	r := New(&recorder{fail: errors.New("boom")})
-	if err := r.Claim(Entry{Mapping: tcpMapping("127.0.0.1", 1, "10.0.0.1"), Owner: r.NewOwner()}); err == nil {
-		t.Fatal("Claim succeeded although the observer failed")
+	if _, err := r.Claim(Entry{Mapping: tcpMapping("127.0.0.1", 1, "10.0.0.1"), Owner: r.NewOwner()}); err == nil {
+		t.Fatal("Claim succeeded although publishing failed")
 	}
 	if r.Len() != 0 {
 		t.Fatal("a failed claim left an entry")
@@ -104,7 +117,7 @@ func TestRemoveContainer(t *testing.T) {
 	r := New(rec)
 	for i, c := range []string{"c1", "c2", "c1"} {
 		e := Entry{Mapping: tcpMapping("127.0.0.1", uint16(8000+i), "10.0.0.1"), Service: Service{ContainerID: c}, Owner: r.NewOwner()}
-		if err := r.Claim(e); err != nil {
+		if _, err := r.Claim(e); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -133,7 +133,6 @@ func (s *Server) Run(ctx context.Context) error {
 	shims := &registrar.Server{
 		Registry:     s.registry,
 		Finder:       s.finder,
-		Publisher:    s.cache,
 		Confirmer:    s.tracker,
 		ReadyTimeout: s.cfg.ReadyTimeout,
 		Log:          s.log.With("component", "registrar"),

@@ -16,17 +16,8 @@ import (
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/registry"
 )
 
-// Want names one resource at the exact content Envoy must have acknowledged.
-type Want struct {
-	TypeURL string
-	Name    string
-	// Version is the SHA-256 of the resource's deterministic encoding: the same for the same
-	// content in every server boot, so an acknowledgement can never be mistaken for another content.
-	Version string
-}
-
-// Cache holds what Envoy is told. It implements registry.Observer: the registry is the source of
-// truth and every change there lands here, in order.
+// Cache holds what Envoy is told. It is the registry's Publisher: the registry is the source of
+// truth and every change there lands here, in order, translated once.
 type Cache struct {
 	tracker   *Tracker
 	options   envoyconfig.Options
@@ -76,72 +67,67 @@ func NewCache(bootID string, options envoyconfig.Options, metrics *Metrics, trac
 	return c, nil
 }
 
-// Upsert publishes the resources of e. The cluster goes first so that the listener's route finds it.
-func (c *Cache) Upsert(e registry.Entry) error {
-	res, ok, err := envoyconfig.ForEntry(e, c.options)
-	if err != nil || !ok {
-		return err
-	}
-	clusterVersion, err := contentVersion(res.Cluster)
-	if err != nil {
-		return err
-	}
-	listenerVersion, err := contentVersion(res.Listener)
-	if err != nil {
-		return err
-	}
-	c.tracker.Invalidate(resource.ClusterType, res.Cluster.GetName(), clusterVersion)
-	c.tracker.Invalidate(resource.ListenerType, res.Listener.GetName(), listenerVersion)
-	if err := c.clusters.UpdateResource(res.Cluster.GetName(), res.Cluster); err != nil {
-		return fmt.Errorf("publish cluster %s: %w", res.Cluster.GetName(), err)
-	}
-	if err := c.listeners.UpdateResource(res.Listener.GetName(), res.Listener); err != nil {
-		return fmt.Errorf("publish listener %s: %w", res.Listener.GetName(), err)
-	}
-	c.metrics.resources.WithLabelValues("listener").Set(float64(c.listeners.NumResources()))
-	c.metrics.resources.WithLabelValues("cluster").Set(float64(c.clusters.NumResources()))
-	return nil
-}
-
-// Delete withdraws the resources of e: the listener first, so no new connection meets a missing cluster.
-func (c *Cache) Delete(e registry.Entry) {
-	if e.Proto != mapping.TCP || e.Mode == registry.ModeShim {
-		return
-	}
-	// Errors here only come from notifying watches of a resource that failed to marshal, which
-	// cannot happen for a deletion; there is nothing to roll back.
-	listenerName, clusterName := envoyconfig.ListenerName(e.Key), envoyconfig.ClusterName(e.Key)
-	c.tracker.Invalidate(resource.ListenerType, listenerName, "")
-	c.tracker.Invalidate(resource.ClusterType, clusterName, "")
-	_ = c.listeners.DeleteResource(listenerName)
-	_ = c.clusters.DeleteResource(clusterName)
-	c.metrics.resources.WithLabelValues("listener").Set(float64(c.listeners.NumResources()))
-	c.metrics.resources.WithLabelValues("cluster").Set(float64(c.clusters.NumResources()))
-}
-
-// Wanted lists the resources, at their exact versions, that Envoy must acknowledge before e is
-// served. It is empty when Envoy does not carry e.
-func (c *Cache) Wanted(e registry.Entry) ([]Want, error) {
+// Publish translates e into its resources once, tells Envoy of them (the cluster first, so that
+// the listener's route finds it) and returns them at the versions Envoy must acknowledge.
+func (c *Cache) Publish(e registry.Entry) ([]registry.Expected, error) {
 	res, ok, err := envoyconfig.ForEntry(e, c.options)
 	if err != nil || !ok {
 		return nil, err
 	}
-	var wants []Want
+	c.metrics.translations.Inc()
+	var expected []registry.Expected
 	for _, r := range []struct {
 		typeURL string
-		name    string
-		res     types.Resource
+		res     types.ResourceWithName
+		cache   *cache.LinearCache
 	}{
-		{resource.ClusterType, res.Cluster.GetName(), res.Cluster},
-		{resource.ListenerType, res.Listener.GetName(), res.Listener},
+		{resource.ClusterType, res.Cluster, c.clusters},
+		{resource.ListenerType, res.Listener, c.listeners},
 	} {
 		version, err := contentVersion(r.res)
 		if err != nil {
 			return nil, err
 		}
-		wants = append(wants, Want{TypeURL: r.typeURL, Name: r.name, Version: version})
+		expected = append(expected, registry.Expected{TypeURL: r.typeURL, Name: r.res.GetName(), Version: version})
 	}
-	return wants, nil
+	// Every change is reported to the tracker before it can reach a stream.
+	for _, x := range expected {
+		c.tracker.Invalidate(x.TypeURL, x.Name, x.Version)
+	}
+	if err := c.clusters.UpdateResource(res.Cluster.GetName(), res.Cluster); err != nil {
+		return nil, fmt.Errorf("publish cluster %s: %w", res.Cluster.GetName(), err)
+	}
+	if err := c.listeners.UpdateResource(res.Listener.GetName(), res.Listener); err != nil {
+		return nil, fmt.Errorf("publish listener %s: %w", res.Listener.GetName(), err)
+	}
+	c.countResources()
+	return expected, nil
+}
+
+// Withdraw removes the resources of e, the listener first so that no new connection meets a
+// missing cluster, and returns them as Envoy must no longer hold them.
+func (c *Cache) Withdraw(e registry.Entry) []registry.Expected {
+	if e.Proto != mapping.TCP || e.Mode == registry.ModeShim {
+		return nil
+	}
+	expected := []registry.Expected{
+		{TypeURL: resource.ListenerType, Name: envoyconfig.ListenerName(e.Key)},
+		{TypeURL: resource.ClusterType, Name: envoyconfig.ClusterName(e.Key)},
+	}
+	for _, x := range expected {
+		c.tracker.Invalidate(x.TypeURL, x.Name, "")
+	}
+	// Errors here only come from notifying watches of a resource that failed to marshal, which
+	// cannot happen for a deletion; there is nothing to roll back.
+	_ = c.listeners.DeleteResource(expected[0].Name)
+	_ = c.clusters.DeleteResource(expected[1].Name)
+	c.countResources()
+	return expected
+}
+
+func (c *Cache) countResources() {
+	c.metrics.resources.WithLabelValues("listener").Set(float64(c.listeners.NumResources()))
+	c.metrics.resources.WithLabelValues("cluster").Set(float64(c.clusters.NumResources()))
 }
 
 // contentVersion is the version go-control-plane gives a resource in delta xDS: the hash of its

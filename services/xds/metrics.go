@@ -4,12 +4,13 @@ import "github.com/prometheus/client_golang/prometheus"
 
 // Metrics are the control plane's own Prometheus series.
 type Metrics struct {
-	pushes    *prometheus.CounterVec
-	acks      *prometheus.CounterVec
-	nacks     *prometheus.CounterVec
-	pushToAck *prometheus.HistogramVec
-	streams   prometheus.Gauge
-	resources *prometheus.GaugeVec
+	pushes       *prometheus.CounterVec
+	acks         *prometheus.CounterVec
+	nacks        *prometheus.CounterVec
+	pushToAck    *prometheus.HistogramVec
+	streams      prometheus.Gauge
+	resources    *prometheus.GaugeVec
+	translations prometheus.Counter
 }
 
 // NewMetrics registers the series with reg.
@@ -32,12 +33,15 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		streams: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "eds_xds_streams", Help: "Open ADS streams (connected Envoys).",
 		}),
+		translations: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "eds_xds_translations_total", Help: "Registrations translated into Envoy resources (once per published mapping).",
+		}),
 		resources: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "eds_xds_resources", Help: "Resources in the xDS cache, by kind.",
 		}, []string{"kind"}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.pushes, m.acks, m.nacks, m.pushToAck, m.streams, m.resources)
+		reg.MustRegister(m.pushes, m.acks, m.nacks, m.pushToAck, m.streams, m.resources, m.translations)
 	}
 	return m
 }

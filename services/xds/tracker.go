@@ -15,6 +15,8 @@ import (
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/server/v3"
 	"google.golang.org/protobuf/encoding/protowire"
+
+	"github.com/envoy-docker-shim/envoy-docker-shim/services/registry"
 )
 
 // ErrEnvoyNotConnected says no Envoy holds an ADS stream to this server.
@@ -420,7 +422,7 @@ func (t *Tracker) Connected() bool {
 // Wait returns nil once one connected Envoy has acknowledged every wanted resource at its exact
 // version (Version "" waits until it holds none), a *RejectedError when Envoy refused one of them, and ErrEnvoyNotConnected or the
 // context's error when ctx ends first.
-func (t *Tracker) Wait(ctx context.Context, wants []Want) error {
+func (t *Tracker) Wait(ctx context.Context, wants []registry.Expected) error {
 	for {
 		t.mu.Lock()
 		done, err := t.check(wants)
@@ -441,7 +443,7 @@ func (t *Tracker) Wait(ctx context.Context, wants []Want) error {
 	}
 }
 
-func (t *Tracker) check(wants []Want) (bool, error) {
+func (t *Tracker) check(wants []registry.Expected) (bool, error) {
 	settled := func(r *resourceState) bool { return r != nil && !r.changing && !r.inFlight }
 	// A resource the stream forgot (removed and settled) is held by no one.
 	held := func(r *resourceState) (string, bool) {

@@ -19,6 +19,10 @@ import (
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/registry"
 )
 
+func exp(typeURL, name, version string) registry.Expected {
+	return registry.Expected{TypeURL: typeURL, Name: name, Version: version}
+}
+
 func newTestTracker() *Tracker { return NewTracker(NewMetrics(nil)) }
 
 func deltaResponse(nonce, typeURL string, versions map[string]string, removed ...string) *discovery.DeltaDiscoveryResponse {
@@ -29,7 +33,7 @@ func deltaResponse(nonce, typeURL string, versions map[string]string, removed ..
 	return r
 }
 
-func waitNow(t *Tracker, wants []Want) error {
+func waitNow(t *Tracker, wants []registry.Expected) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 	defer cancel()
 	return t.Wait(ctx, wants)
@@ -38,15 +42,15 @@ func waitNow(t *Tracker, wants []Want) error {
 func TestTrackerDeltaAckAndNack(t *testing.T) {
 	tr := newTestTracker()
 	cb := tr.Callbacks()
-	a := Want{resource.ListenerType, "tcp_127.0.0.1_80", "v1"}
-	b := Want{resource.ListenerType, "tcp_127.0.0.1_81", "v1"}
+	a := exp(resource.ListenerType, "tcp_127.0.0.1_80", "v1")
+	b := exp(resource.ListenerType, "tcp_127.0.0.1_81", "v1")
 
-	if err := waitNow(tr, []Want{a}); !errors.Is(err, ErrEnvoyNotConnected) {
+	if err := waitNow(tr, []registry.Expected{a}); !errors.Is(err, ErrEnvoyNotConnected) {
 		t.Fatalf("no stream: Wait = %v, want ErrEnvoyNotConnected", err)
 	}
 	_ = cb.OnDeltaStreamOpen(context.Background(), 1, "")
 	cb.OnStreamDeltaResponse(1, nil, deltaResponse("1", resource.ListenerType, map[string]string{a.Name: "v1", b.Name: "v1"}))
-	if err := waitNow(tr, []Want{a}); err == nil || errors.Is(err, ErrEnvoyNotConnected) {
+	if err := waitNow(tr, []registry.Expected{a}); err == nil || errors.Is(err, ErrEnvoyNotConnected) {
 		t.Fatalf("before the ACK: Wait = %v, want a timeout", err)
 	}
 
@@ -54,11 +58,11 @@ func TestTrackerDeltaAckAndNack(t *testing.T) {
 	_ = cb.OnStreamDeltaRequest(1, &discovery.DeltaDiscoveryRequest{TypeUrl: resource.ListenerType, ResponseNonce: "1", ErrorDetail: &status.Status{
 		Message: "Error adding/updating listener(s) tcp_127.0.0.1_81: cannot bind '127.0.0.1:81': Address already in use\n",
 	}})
-	if err := waitNow(tr, []Want{a}); err != nil {
+	if err := waitNow(tr, []registry.Expected{a}); err != nil {
 		t.Fatalf("unblamed resource of a NACKed response: Wait = %v, want nil", err)
 	}
 	var rejected *RejectedError
-	if err := waitNow(tr, []Want{b}); !errors.As(err, &rejected) || rejected.Reason != "cannot bind '127.0.0.1:81': Address already in use" {
+	if err := waitNow(tr, []registry.Expected{b}); !errors.As(err, &rejected) || rejected.Reason != "cannot bind '127.0.0.1:81': Address already in use" {
 		t.Fatalf("blamed resource: Wait = %v", err)
 	}
 	if !tr.Connected() {
@@ -66,24 +70,24 @@ func TestTrackerDeltaAckAndNack(t *testing.T) {
 	}
 
 	// A new version of the rejected listener is judged on its own acknowledgement.
-	b2 := Want{b.TypeURL, b.Name, "v2"}
+	b2 := exp(b.TypeURL, b.Name, "v2")
 	cb.OnStreamDeltaResponse(1, nil, deltaResponse("2", resource.ListenerType, map[string]string{b.Name: "v2"}))
 	_ = cb.OnStreamDeltaRequest(1, &discovery.DeltaDiscoveryRequest{TypeUrl: resource.ListenerType, ResponseNonce: "2"})
-	if err := waitNow(tr, []Want{b2}); err != nil {
+	if err := waitNow(tr, []registry.Expected{b2}); err != nil {
 		t.Fatalf("ACKed new version: Wait = %v", err)
 	}
-	if err := waitNow(tr, []Want{b}); err == nil {
+	if err := waitNow(tr, []registry.Expected{b}); err == nil {
 		t.Fatal("an acknowledgement of v2 satisfied a wait for v1")
 	}
 
 	// A removal forgets the acknowledgement; a closed stream forgets everything.
 	cb.OnStreamDeltaResponse(1, nil, deltaResponse("3", resource.ListenerType, nil, a.Name))
 	_ = cb.OnStreamDeltaRequest(1, &discovery.DeltaDiscoveryRequest{TypeUrl: resource.ListenerType, ResponseNonce: "3"})
-	if err := waitNow(tr, []Want{a}); err == nil {
+	if err := waitNow(tr, []registry.Expected{a}); err == nil {
 		t.Fatal("a removed resource still counts as served")
 	}
 	cb.OnDeltaStreamClosed(1, nil)
-	if err := waitNow(tr, []Want{b2}); !errors.Is(err, ErrEnvoyNotConnected) {
+	if err := waitNow(tr, []registry.Expected{b2}); !errors.Is(err, ErrEnvoyNotConnected) {
 		t.Fatalf("after the stream closed: Wait = %v, want ErrEnvoyNotConnected", err)
 	}
 }
@@ -95,7 +99,7 @@ func TestTrackerUnattributedNackRejectsWholeResponse(t *testing.T) {
 	cb.OnStreamDeltaResponse(7, nil, deltaResponse("1", resource.ClusterType, map[string]string{"c1": "x"}))
 	_ = cb.OnStreamDeltaRequest(7, &discovery.DeltaDiscoveryRequest{ResponseNonce: "1", ErrorDetail: &status.Status{Message: "something odd"}})
 	var rejected *RejectedError
-	if err := waitNow(tr, []Want{{resource.ClusterType, "c1", "x"}}); !errors.As(err, &rejected) || rejected.Reason != "something odd" {
+	if err := waitNow(tr, []registry.Expected{exp(resource.ClusterType, "c1", "x")}); !errors.As(err, &rejected) || rejected.Reason != "something odd" {
 		t.Fatalf("Wait = %v, want the whole response rejected", err)
 	}
 }
@@ -106,7 +110,7 @@ func TestTrackerSotw(t *testing.T) {
 	tr := newTestTracker()
 	cb := tr.Callbacks()
 	_ = cb.OnStreamOpen(context.Background(), 3, resource.ListenerType)
-	mk := func(port uint16) (Want, *anypb.Any) {
+	mk := func(port uint16) (registry.Expected, *anypb.Any) {
 		e := registry.Entry{
 			Mapping: mapping.Mapping{Key: mapping.Key{Proto: mapping.TCP, HostIP: netip.MustParseAddr("127.0.0.1"), HostPort: port}, ContainerIP: netip.MustParseAddr("10.0.0.2"), ContainerPort: 80},
 			Service: registry.Service{Name: "s", Operation: "s", Mode: registry.ModeTCP},
@@ -116,18 +120,18 @@ func TestTrackerSotw(t *testing.T) {
 			t.Fatal(err)
 		}
 		b, _ := cache.MarshalResource(l)
-		return Want{resource.ListenerType, l.GetName(), cache.HashResource(b)}, &anypb.Any{TypeUrl: resource.ListenerType, Value: b}
+		return exp(resource.ListenerType, l.GetName(), cache.HashResource(b)), &anypb.Any{TypeUrl: resource.ListenerType, Value: b}
 	}
 	w1, a1 := mk(1)
 	w2, a2 := mk(2)
 	cb.OnStreamResponse(context.Background(), 3, nil, &discovery.DiscoveryResponse{Nonce: "9", TypeUrl: resource.ListenerType, Resources: []*anypb.Any{a1, a2}})
 	_ = cb.OnStreamRequest(3, &discovery.DiscoveryRequest{ResponseNonce: "9"})
-	if err := waitNow(tr, []Want{w1, w2}); err != nil {
+	if err := waitNow(tr, []registry.Expected{w1, w2}); err != nil {
 		t.Fatalf("Wait = %v", err)
 	}
 	cb.OnStreamResponse(context.Background(), 3, nil, &discovery.DiscoveryResponse{Nonce: "10", TypeUrl: resource.ListenerType, Resources: []*anypb.Any{a2}})
 	_ = cb.OnStreamRequest(3, &discovery.DiscoveryRequest{ResponseNonce: "10"})
-	if err := waitNow(tr, []Want{w1}); err == nil {
+	if err := waitNow(tr, []registry.Expected{w1}); err == nil {
 		t.Fatal("a listener missing from a full-state response still counts as served")
 	}
 }
@@ -147,12 +151,12 @@ func TestTrackerWakesWaiter(t *testing.T) {
 	tr := newTestTracker()
 	cb := tr.Callbacks()
 	_ = cb.OnDeltaStreamOpen(context.Background(), 1, "")
-	w := Want{resource.ClusterType, "c", "v"}
+	w := exp(resource.ClusterType, "c", "v")
 	done := make(chan error, 1)
 	go func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
-		done <- tr.Wait(ctx, []Want{w})
+		done <- tr.Wait(ctx, []registry.Expected{w})
 	}()
 	time.Sleep(20 * time.Millisecond)
 	cb.OnStreamDeltaResponse(1, nil, deltaResponse("1", resource.ClusterType, map[string]string{"c": "v"}))
@@ -173,17 +177,17 @@ func TestTrackerIgnoresAnswersToSupersededResponses(t *testing.T) {
 	tr := newTestTracker()
 	cb := tr.Callbacks()
 	_ = cb.OnDeltaStreamOpen(context.Background(), 1, "")
-	x := Want{resource.ListenerType, "x", "v"}
+	x := exp(resource.ListenerType, "x", "v")
 	cb.OnStreamDeltaResponse(1, nil, deltaResponse("1", x.TypeURL, map[string]string{"x": "v"}))
 	cb.OnStreamDeltaResponse(1, nil, deltaResponse("2", x.TypeURL, nil, "x"))
 	cb.OnStreamDeltaResponse(1, nil, deltaResponse("3", x.TypeURL, map[string]string{"x": "v"}))
 	_ = cb.OnStreamDeltaRequest(1, &discovery.DeltaDiscoveryRequest{ResponseNonce: "1"})
-	if err := waitNow(tr, []Want{x}); err == nil {
+	if err := waitNow(tr, []registry.Expected{x}); err == nil {
 		t.Fatal("the ACK of a superseded response satisfied the wait")
 	}
 	_ = cb.OnStreamDeltaRequest(1, &discovery.DeltaDiscoveryRequest{ResponseNonce: "2"})
 	_ = cb.OnStreamDeltaRequest(1, &discovery.DeltaDiscoveryRequest{ResponseNonce: "3"})
-	if err := waitNow(tr, []Want{x}); err != nil {
+	if err := waitNow(tr, []registry.Expected{x}); err != nil {
 		t.Fatalf("after the ACK of the latest response: %v", err)
 	}
 }
@@ -195,36 +199,36 @@ func TestTrackerInvalidate(t *testing.T) {
 	tr := newTestTracker()
 	cb := tr.Callbacks()
 	_ = cb.OnDeltaStreamOpen(context.Background(), 1, "")
-	x := Want{resource.ListenerType, "x", "v"}
+	x := exp(resource.ListenerType, "x", "v")
 	tr.Invalidate(x.TypeURL, "x", "v")
 	cb.OnStreamDeltaResponse(1, nil, deltaResponse("1", x.TypeURL, map[string]string{"x": "v"}))
 	_ = cb.OnStreamDeltaRequest(1, &discovery.DeltaDiscoveryRequest{ResponseNonce: "1", ErrorDetail: &status.Status{Message: "x: cannot bind"}})
 	var rejected *RejectedError
-	if err := waitNow(tr, []Want{x}); !errors.As(err, &rejected) {
+	if err := waitNow(tr, []registry.Expected{x}); !errors.As(err, &rejected) {
 		t.Fatalf("Wait = %v, want the rejection", err)
 	}
 
 	// Released after the rejection, then claimed again with the same content.
 	tr.Invalidate(x.TypeURL, "x", "")
-	if err := waitNow(tr, []Want{x}); errors.As(err, &rejected) || err == nil {
+	if err := waitNow(tr, []registry.Expected{x}); errors.As(err, &rejected) || err == nil {
 		t.Fatalf("after the release: Wait = %v, want a timeout", err)
 	}
 	cb.OnStreamDeltaResponse(1, nil, deltaResponse("2", x.TypeURL, nil, "x"))
 	_ = cb.OnStreamDeltaRequest(1, &discovery.DeltaDiscoveryRequest{ResponseNonce: "2"})
 	tr.Invalidate(x.TypeURL, "x", "v")
-	if err := waitNow(tr, []Want{x}); err == nil {
+	if err := waitNow(tr, []registry.Expected{x}); err == nil {
 		t.Fatal("claimed again: ready before the new content was sent")
 	}
 	cb.OnStreamDeltaResponse(1, nil, deltaResponse("3", x.TypeURL, map[string]string{"x": "v"}))
 	_ = cb.OnStreamDeltaRequest(1, &discovery.DeltaDiscoveryRequest{ResponseNonce: "3"})
-	if err := waitNow(tr, []Want{x}); err != nil {
+	if err := waitNow(tr, []registry.Expected{x}); err != nil {
 		t.Fatalf("after the new ACK: %v", err)
 	}
 
 	// Removed and re-added before go-control-plane sent anything: nothing will be sent.
 	tr.Invalidate(x.TypeURL, "x", "")
 	tr.Invalidate(x.TypeURL, "x", "v")
-	if err := waitNow(tr, []Want{x}); err != nil {
+	if err := waitNow(tr, []registry.Expected{x}); err != nil {
 		t.Fatalf("a change that cancelled out: %v", err)
 	}
 }
@@ -236,10 +240,10 @@ func TestTrackerInitialVersions(t *testing.T) {
 	cb := tr.Callbacks()
 	_ = cb.OnDeltaStreamOpen(context.Background(), 1, "")
 	_ = cb.OnStreamDeltaRequest(1, &discovery.DeltaDiscoveryRequest{TypeUrl: resource.ListenerType, InitialResourceVersions: map[string]string{"x": "v"}})
-	if err := waitNow(tr, []Want{{resource.ListenerType, "x", "v"}}); err != nil {
+	if err := waitNow(tr, []registry.Expected{exp(resource.ListenerType, "x", "v")}); err != nil {
 		t.Fatalf("resource Envoy already holds: %v", err)
 	}
-	if err := waitNow(tr, []Want{{resource.ListenerType, "x", "w"}}); err == nil {
+	if err := waitNow(tr, []registry.Expected{exp(resource.ListenerType, "x", "w")}); err == nil {
 		t.Fatal("another version counted as held")
 	}
 }
@@ -260,11 +264,11 @@ func TestTrackerReconnectAfterClaim(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			tr := newTestTracker()
 			cb := tr.Callbacks()
-			x := Want{resource.ListenerType, "x", "v"}
+			x := exp(resource.ListenerType, "x", "v")
 			_ = cb.OnDeltaStreamOpen(context.Background(), 1, "")
 			tr.Invalidate(x.TypeURL, x.Name, x.Version)
 			_ = cb.OnStreamDeltaRequest(1, &discovery.DeltaDiscoveryRequest{TypeUrl: x.TypeURL, InitialResourceVersions: map[string]string{"x": tc.held}})
-			err := waitNow(tr, []Want{x})
+			err := waitNow(tr, []registry.Expected{x})
 			if tc.wantReady && err != nil {
 				t.Fatalf("Wait = %v, want ready at once", err)
 			}
@@ -274,7 +278,7 @@ func TestTrackerReconnectAfterClaim(t *testing.T) {
 				}
 				cb.OnStreamDeltaResponse(1, nil, deltaResponse("1", x.TypeURL, map[string]string{"x": "v"}))
 				_ = cb.OnStreamDeltaRequest(1, &discovery.DeltaDiscoveryRequest{ResponseNonce: "1"})
-				if err := waitNow(tr, []Want{x}); err != nil {
+				if err := waitNow(tr, []registry.Expected{x}); err != nil {
 					t.Fatalf("after the push was acknowledged: %v", err)
 				}
 			}
@@ -292,7 +296,7 @@ func TestTrackerResponseOvertakenByChange(t *testing.T) {
 	tr.Invalidate(resource.ListenerType, "x", "v2")
 	cb.OnStreamDeltaResponse(1, nil, deltaResponse("1", resource.ListenerType, map[string]string{"x": "v1"}))
 	_ = cb.OnStreamDeltaRequest(1, &discovery.DeltaDiscoveryRequest{ResponseNonce: "1"})
-	if err := waitNow(tr, []Want{{resource.ListenerType, "x", "v1"}}); err == nil {
+	if err := waitNow(tr, []registry.Expected{exp(resource.ListenerType, "x", "v1")}); err == nil {
 		t.Fatal("v1 counted as settled while the cache holds v2")
 	}
 }
