@@ -124,7 +124,7 @@ func bracketed(ip netip.Addr) string {
 
 // ForEntry returns the resources carrying e, or false when Envoy does not carry it (shim mode).
 func ForEntry(e registry.Entry, opts Options) (Resources, bool, error) {
-	if e.Proto != mapping.TCP || e.Mode == registry.ModeShim {
+	if e.Proto != mapping.TCP || e.Mode == registry.ModeProxiedByShim {
 		return Resources{}, false, nil
 	}
 	c := Cluster(e)

@@ -155,9 +155,9 @@ func TestByteStable(t *testing.T) {
 
 func TestNotCarriedByEnvoy(t *testing.T) {
 	for _, e := range []registry.Entry{
-		entry(mapping.UDP, "0.0.0.0", registry.ModeShim),
+		entry(mapping.UDP, "0.0.0.0", registry.ModeProxiedByShim),
 		entry(mapping.SCTP, "0.0.0.0", registry.ModeHTTP),
-		entry(mapping.TCP, "0.0.0.0", registry.ModeShim),
+		entry(mapping.TCP, "0.0.0.0", registry.ModeProxiedByShim),
 	} {
 		if _, ok, err := ForEntry(e, Options{}); ok || err != nil {
 			t.Errorf("ForEntry(%s, %s) = %v, %v; want not carried", e.Key, e.Mode, ok, err)

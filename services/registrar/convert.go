@@ -7,16 +7,16 @@ import (
 )
 
 var modes = map[registry.Mode]pb.Mode{
-	registry.ModeHTTP: pb.Mode_MODE_HTTP,
-	registry.ModeTCP:  pb.Mode_MODE_TCP,
-	registry.ModeShim: pb.Mode_MODE_SHIM,
+	registry.ModeHTTP:          pb.Mode_MODE_HTTP,
+	registry.ModeTCP:           pb.Mode_MODE_TCP,
+	registry.ModeProxiedByShim: pb.Mode_MODE_SHIM,
 }
 
 // ToProto is the wire form of a registry entry.
 func ToProto(e registry.Entry) *pb.Registration {
 	r := &pb.Registration{
 		Mapping:       pb.FromMapping(e.Mapping),
-		Shim:          &pb.Shim{Pid: e.Shim.PID, Version: e.Shim.Version, ProxiesItself: e.Mode == registry.ModeShim},
+		Shim:          &pb.Shim{Pid: e.Shim.PID, Version: e.Shim.Version, ProxiesItself: e.Mode == registry.ModeProxiedByShim},
 		ContainerId:   e.ContainerID,
 		ContainerName: e.ContainerName,
 		Service:       e.Service.Name,
@@ -25,7 +25,7 @@ func ToProto(e registry.Entry) *pb.Registration {
 	if !e.ReadyAt.IsZero() {
 		r.ReadyUnixMs = e.ReadyAt.UnixMilli()
 	}
-	if e.Mode != registry.ModeShim {
+	if e.Mode != registry.ModeProxiedByShim {
 		r.Listener = envoyconfig.ListenerName(e.Key)
 		r.Cluster = envoyconfig.ClusterName(e.Key)
 	}

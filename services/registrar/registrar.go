@@ -192,7 +192,7 @@ func (s *Server) describe(ctx context.Context, m mapping.Mapping, proxiesItself 
 		return registry.Service{}, fmt.Errorf("container %s: %w", c.Name, err)
 	}
 	if m.Proto != mapping.TCP || proxiesItself {
-		service.Mode = registry.ModeShim
+		service.Mode = registry.ModeProxiedByShim
 	}
 	return service, nil
 }

@@ -305,7 +305,7 @@ func TestRestore(t *testing.T) {
 	if f.registry.Len() != 3 {
 		t.Fatalf("registry holds %d, want 3 (never the gone container)", f.registry.Len())
 	}
-	if e, _ := f.registry.Get(mapping.Key{Proto: mapping.UDP, HostIP: netip.MustParseAddr("127.0.0.1"), HostPort: 9001}); e.Mode != registry.ModeShim {
+	if e, _ := f.registry.Get(mapping.Key{Proto: mapping.UDP, HostIP: netip.MustParseAddr("127.0.0.1"), HostPort: 9001}); e.Mode != registry.ModeProxiedByShim {
 		t.Errorf("restored UDP mapping mode %q", e.Mode)
 	}
 	select {

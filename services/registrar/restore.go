@@ -51,7 +51,7 @@ func (s *Server) restore(ctx context.Context, open *pb.Open) (pb.Restored_Outcom
 		return pb.Restored_OUTCOME_SKIPPED, fmt.Sprintf("container %s: %v", c.Name, err)
 	}
 	if m.Proto != mapping.TCP || open.GetShim().GetProxiesItself() {
-		service.Mode = registry.ModeShim
+		service.Mode = registry.ModeProxiedByShim
 	}
 	_, err = s.Registry.Claim(registry.Entry{
 		Mapping: m,

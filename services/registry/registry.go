@@ -22,8 +22,8 @@ const (
 	ModeHTTP Mode = "http"
 	// ModeTCP: Envoy's TCP proxy, per-connection stats.
 	ModeTCP Mode = "tcp"
-	// ModeShim: the shim proxies the port itself (UDP); listed here, never configured in Envoy.
-	ModeShim Mode = "shim"
+	// ModeProxiedByShim: the shim proxies the port itself (UDP); listed here, never configured in Envoy.
+	ModeProxiedByShim Mode = "shim"
 )
 
 // Service is what the container's labels say about the mapping.

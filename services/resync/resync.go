@@ -25,7 +25,7 @@ import (
 
 // Config is every setting of resync.
 type Config struct {
-	Socket   string `envconfig:"EDS_SOCKET" default:"/run/envoy-docker-shim/server.sock" desc:"The server's registration socket."`
+	Socket   string `envconfig:"EDS_SOCKET" default:"/run/envoy-docker-shim/server.sock" desc:"The server's gRPC API socket (EDS_SOCKET of the server)."`
 	ProcRoot string `envconfig:"EDS_PROC_ROOT" default:"/proc" desc:"The host's process table (the resync container runs with pid: host)."`
 	ShimName string `envconfig:"EDS_SHIM_NAME" default:"envoy-docker-shim" desc:"File name of the shim binary, as dockerd runs it."`
 }

@@ -15,7 +15,7 @@ import (
 
 // Config is every setting of envoy-docker-server, read from the environment.
 type Config struct {
-	Socket             string        `envconfig:"EDS_SOCKET" default:"/run/envoy-docker-shim/server.sock" desc:"Unix socket of the registration API (mode 0600, root only). The shim reads the same variable."`
+	Socket             string        `envconfig:"EDS_SOCKET" default:"/run/envoy-docker-shim/server.sock" desc:"Unix socket of the server's gRPC API (mode 0600, root only): resync, the healthcheck, and shims of releases before the shim link. resync reads the same variable."`
 	ShimSocket         string        `envconfig:"EDS_SHIM_SOCKET" default:"/run/envoy-docker-shim/shim.sock" desc:"Unix socket (SOCK_SEQPACKET, mode 0600) on which the shims register their ports. The shim reads the same variable: set both when you move it."`
 	XDSAddr            string        `envconfig:"EDS_XDS_ADDR" default:"127.0.0.1:18000" desc:"Address of the xDS (ADS) gRPC server that Envoy connects to. Keep it on loopback."`
 	HTTPAddr           string        `envconfig:"EDS_HTTP_ADDR" default:"127.0.0.1:18001" desc:"Address of /healthz (200 once Envoy is connected), /metrics (Prometheus) and /registrations."`

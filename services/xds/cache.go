@@ -107,7 +107,7 @@ func (c *Cache) Publish(e registry.Entry) ([]registry.Expected, error) {
 // Withdraw removes the resources of e, the listener first so that no new connection meets a
 // missing cluster, and returns them as Envoy must no longer hold them.
 func (c *Cache) Withdraw(e registry.Entry) []registry.Expected {
-	if e.Proto != mapping.TCP || e.Mode == registry.ModeShim {
+	if e.Proto != mapping.TCP || e.Mode == registry.ModeProxiedByShim {
 		return nil
 	}
 	expected := []registry.Expected{

@@ -14,7 +14,7 @@ import (
 	"reflect"
 	"time"
 
-	"github.com/envoy-docker-shim/envoy-docker-shim/shim/handshake"
+	"github.com/envoy-docker-shim/envoy-docker-shim/shim/statuspipe"
 )
 
 // Prefix is the prefix of every variable the shim reads.
@@ -55,9 +55,9 @@ func Load() (Config, error) {
 			panic(fmt.Sprintf("config: field %s has a type Load does not read", f.Name))
 		}
 	}
-	if c.Timeout <= 0 || c.Timeout > handshake.MaxTimeout {
+	if c.Timeout <= 0 || c.Timeout > statuspipe.MaxTimeout {
 		return c, fmt.Errorf("invalid envoy-docker-shim environment: %s_SHIM_TIMEOUT=%s: must be more than 0 and at most %s (dockerd gives up at 16s)",
-			Prefix, c.Timeout, handshake.MaxTimeout)
+			Prefix, c.Timeout, statuspipe.MaxTimeout)
 	}
 	return c, nil
 }

@@ -1,7 +1,7 @@
 // Package logging is the shim's logger. Under dockerd the shim's stdout and stderr are /dev/null,
 // so records go where an operator will find them: as JSON to the local syslog (/dev/log, i.e.
 // journald or rsyslog) when there is one, and to envoy-docker-server over the registration stream
-// (through an Outbox the registrar drains). Stderr gets them too when it is not /dev/null (someone
+// (through a Relay the registration client drains). Stderr gets them too when it is not /dev/null (someone
 // running the shim by hand).
 //
 // Why not log/slog, as the server uses: the shim is one process per published port and must idle
@@ -51,17 +51,17 @@ type Line struct {
 	Message string
 }
 
-// Outbox holds lines for the server until the registrar sends them. When it is full (the server
+// Relay holds lines for the server until the registration client sends them. When it is full (the server
 // is away), new lines are dropped.
-type Outbox struct{ c chan Line }
+type Relay struct{ c chan Line }
 
-// NewOutbox returns an outbox holding up to n lines.
-func NewOutbox(n int) *Outbox { return &Outbox{c: make(chan Line, n)} }
+// NewRelay returns an relay holding up to n lines.
+func NewRelay(n int) *Relay { return &Relay{c: make(chan Line, n)} }
 
-// Lines is what the registrar drains.
-func (o *Outbox) Lines() <-chan Line { return o.c }
+// Lines is what the registration client drains.
+func (o *Relay) Lines() <-chan Line { return o.c }
 
-func (o *Outbox) put(l Line) {
+func (o *Relay) put(l Line) {
 	select {
 	case o.c <- l:
 	default:
@@ -77,13 +77,13 @@ type Logger struct {
 
 // output is what every Logger derived with With shares.
 type output struct {
-	sinks  []*asyncSink
-	outbox *Outbox
+	sinks []*asyncSink
+	relay *Relay
 }
 
 // New returns a logger writing to syslog (if reachable), to stderr (unless it is /dev/null) and to
-// outbox (if not nil). kv are on every record.
-func New(outbox *Outbox, kv ...any) *Logger {
+// relay (if not nil). kv are on every record.
+func New(relay *Relay, kv ...any) *Logger {
 	var sinks []*asyncSink
 	if w, err := dialSyslog("envoy-docker-shim"); err == nil {
 		sinks = append(sinks, newAsyncSink(w.write, w.close))
@@ -91,19 +91,19 @@ func New(outbox *Outbox, kv ...any) *Logger {
 	if !isDevNull(2) {
 		sinks = append(sinks, newAsyncSink(func(_ Level, line []byte) { os.Stderr.Write(line) }, nil))
 	}
-	return newLogger(outbox, sinks, kv)
+	return newLogger(relay, sinks, kv)
 }
 
-// NewWriter returns a logger writing JSON lines to w and to outbox (if not nil).
-func NewWriter(w io.Writer, outbox *Outbox, kv ...any) *Logger {
-	return newLogger(outbox, []*asyncSink{newAsyncSink(func(_ Level, line []byte) { w.Write(line) }, nil)}, kv)
+// NewWriter returns a logger writing JSON lines to w and to relay (if not nil).
+func NewWriter(w io.Writer, relay *Relay, kv ...any) *Logger {
+	return newLogger(relay, []*asyncSink{newAsyncSink(func(_ Level, line []byte) { w.Write(line) }, nil)}, kv)
 }
 
 // Discard returns a logger that writes nowhere.
 func Discard() *Logger { return newLogger(nil, nil, nil) }
 
-func newLogger(outbox *Outbox, sinks []*asyncSink, kv []any) *Logger {
-	return &Logger{out: &output{sinks: sinks, outbox: outbox}, attrs: kv}
+func newLogger(relay *Relay, sinks []*asyncSink, kv []any) *Logger {
+	return &Logger{out: &output{sinks: sinks, relay: relay}, attrs: kv}
 }
 
 // With returns a logger that adds kv to every record.
@@ -133,11 +133,11 @@ func (l *Logger) Log(level Level, msg string, kv ...any) {
 			s.put(level, b)
 		}
 	}
-	if l.out.outbox != nil {
+	if l.out.relay != nil {
 		b := append(make([]byte, 0, 128), "msg="...)
 		b = appendTextValue(b, msg)
 		b = appendPairs(b, l.attrs, kv, appendTextPair)
-		l.out.outbox.put(Line{Level: level, Message: string(b)})
+		l.out.relay.put(Line{Level: level, Message: string(b)})
 	}
 }
 

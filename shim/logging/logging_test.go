@@ -28,7 +28,7 @@ func (s *syncBuf) String() string              { s.mu.Lock(); defer s.mu.Unlock(
 
 func TestRecordsReachLocalSinkAsJSONAndServerAsText(t *testing.T) {
 	var buf syncBuf
-	out := NewOutbox(4)
+	out := NewRelay(4)
 	l := NewWriter(&buf, out, "mapping", "127.0.0.1:80/tcp")
 	l.With("attempt", 2).Warn("re-registering", "err", errors.New("EOF"), "took", 1500*time.Millisecond)
 	l.Close(time.Second)
@@ -53,7 +53,7 @@ func TestRecordsReachLocalSinkAsJSONAndServerAsText(t *testing.T) {
 // and the server's text quotes what needs quoting, as slog's text handler does.
 func TestValues(t *testing.T) {
 	var buf syncBuf
-	out := NewOutbox(4)
+	out := NewRelay(4)
 	l := NewWriter(&buf, out)
 	l.Info("odd \"msg\"\n\x00\u2028\xff",
 		"s", "a b", "empty", "", "eq", "k=v", "b", true, "i64", int64(-3), "u16", uint16(80), "f", 0.5, "nan", math.NaN(),
@@ -77,11 +77,11 @@ func TestValues(t *testing.T) {
 	}
 }
 
-// Logging must never block: a full outbox and a stuck sink drop lines instead.
+// Logging must never block: a full relay and a stuck sink drop lines instead.
 func TestLoggingNeverBlocks(t *testing.T) {
 	stuck := make(chan struct{})
 	defer close(stuck)
-	out := NewOutbox(1)
+	out := NewRelay(1)
 	l := newLogger(out, []*asyncSink{newAsyncSink(func(Level, []byte) { <-stuck }, nil)}, nil)
 	done := make(chan struct{})
 	go func() {
@@ -93,7 +93,7 @@ func TestLoggingNeverBlocks(t *testing.T) {
 	select {
 	case <-done:
 	case <-time.After(5 * time.Second):
-		t.Fatal("logging blocked on a stuck sink or a full outbox")
+		t.Fatal("logging blocked on a stuck sink or a full relay")
 	}
 	start := time.Now()
 	l.Close(50 * time.Millisecond)

@@ -2,11 +2,12 @@
 // starts one per published port and address family; the shim registers the port with
 // envoy-docker-server, which has Envoy serve it, and holds the registration until dockerd stops it.
 //
-// This file is the whole contract with dockerd (../../../../shared/docs/docker-proxy-contract.md):
+// This file is the whole contract with dockerd (docs/docker-proxy-contract.md at the top of the
+// repository):
 //   - argv: -proto -host-ip -host-port -container-ip -container-port [-use-listen-fd], -version;
 //     unknown flags are logged and ignored (package proxyargs);
 //   - fd 3: "0\n" once traffic reaches the container, else "1\n<reason>", within EDS_SHIM_TIMEOUT
-//     (package handshake);
+//     (package statuspipe);
 //   - fd 4, only with -use-listen-fd: the host socket dockerd bound (packages handover, udpproxy);
 //   - SIGINT and SIGTERM: deregister and exit 0 within a second.
 //
@@ -21,6 +22,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"strconv"
 
 	"syscall"
 	"time"
@@ -33,10 +35,10 @@ import (
 	"github.com/envoy-docker-shim/envoy-docker-shim/internal/mapping"
 	"github.com/envoy-docker-shim/envoy-docker-shim/shim/config"
 	"github.com/envoy-docker-shim/envoy-docker-shim/shim/handover"
-	"github.com/envoy-docker-shim/envoy-docker-shim/shim/handshake"
 	"github.com/envoy-docker-shim/envoy-docker-shim/shim/proxyargs"
-	"github.com/envoy-docker-shim/envoy-docker-shim/shim/registrar"
+	"github.com/envoy-docker-shim/envoy-docker-shim/shim/registration"
 	"github.com/envoy-docker-shim/envoy-docker-shim/shim/sctp"
+	"github.com/envoy-docker-shim/envoy-docker-shim/shim/statuspipe"
 	"github.com/envoy-docker-shim/envoy-docker-shim/shim/udpproxy"
 )
 
@@ -46,13 +48,20 @@ const listenFD = 4
 // stopWithin bounds the exit after SIGINT/SIGTERM: dockerd waits for its proxy without a timeout.
 const stopWithin = 900 * time.Millisecond
 
+// startedEnv carries the time the shim first started across oneProcessor's exec: dockerd's 16 s
+// run from then, and so does the shim's own deadline.
+const startedEnv = "EDS_SHIM_STARTED_UNIX_NANO"
+
 func main() {
+	start := time.Now()
+	if ns, err := strconv.ParseInt(os.Getenv(startedEnv), 10, 64); err == nil {
+		start = time.Unix(0, ns)
+	}
 	args, argsErr := proxyargs.Parse(os.Args[1:])
 	if args.Mapping.Proto != mapping.SCTP { // SCTP may exec docker-proxy, which keeps its own default
-		oneProcessor()
+		oneProcessor(start)
 	}
-	start := time.Now()
-	status, pipeErr := handshake.Inherited() // before anything can open a file as fd 3
+	status, pipeErr := statuspipe.Inherited() // before anything can open a file as fd 3
 	// From the start, so that a stop signal at any moment means "exit 0" (and not death by signal).
 	signals := make(chan os.Signal, 1)
 	signal.Notify(signals, os.Interrupt, syscall.SIGTERM)
@@ -68,14 +77,14 @@ func main() {
 // P count at start-up; runtime.GOMAXPROCS called later leaves the second P's memory behind about
 // half the time (measured), hence the exec. It runs before the shim touches fd 3 or fd 4, keeps
 // the PID dockerd waits for, and if it fails the shim simply goes on with every P.
-func oneProcessor() {
+func oneProcessor(start time.Time) {
 	if _, set := os.LookupEnv("GOMAXPROCS"); set {
 		return
 	}
-	_ = syscall.Exec("/proc/self/exe", os.Args, append(os.Environ(), "GOMAXPROCS=1"))
+	_ = syscall.Exec("/proc/self/exe", os.Args, append(os.Environ(), "GOMAXPROCS=1", startedEnv+"="+strconv.FormatInt(start.UnixNano(), 10)))
 }
 
-func shim(start time.Time, status *handshake.Pipe, pipeErr error, args proxyargs.Result, err error, signals <-chan os.Signal) int {
+func shim(start time.Time, status *statuspipe.Pipe, pipeErr error, args proxyargs.Result, err error, signals <-chan os.Signal) int {
 	switch {
 	case args.Help:
 		fmt.Print(proxyargs.Usage)
@@ -95,15 +104,15 @@ func shim(start time.Time, status *handshake.Pipe, pipeErr error, args proxyargs
 		if cfg.SCTPProxy == "" {
 			return fail(status, nil, 1, errors.New(sctp.Refusal))
 		}
-		fds := []int{handshake.FD}
+		fds := []int{statuspipe.FD}
 		if args.UseListenFD {
 			fds = append(fds, listenFD)
 		}
 		return fail(status, nil, 1, sctp.Delegate(cfg.SCTPProxy, os.Args[1:], fds...))
 	}
 
-	outbox := logging.NewOutbox(64)
-	log := logging.New(outbox, "mapping", m.String(), "pid", os.Getpid())
+	relay := logging.NewRelay(64)
+	log := logging.New(relay, "mapping", m.String(), "pid", os.Getpid())
 	defer log.Close(100 * time.Millisecond)
 	if pipeErr != nil {
 		log.Warn("no status pipe on fd 3; was the shim started by dockerd?")
@@ -111,10 +120,10 @@ func shim(start time.Time, status *handshake.Pipe, pipeErr error, args proxyargs
 	for _, a := range args.Ignored {
 		log.Warn("ignoring an argument this version does not know", "arg", a)
 	}
-	reg := registrar.New(registrar.Options{
-		Socket: cfg.ShimSocket, Open: registrar.NewOpen(m, m.Proto == mapping.UDP), Log: log, Outbox: outbox,
+	reg := registration.New(registration.Options{
+		Socket: cfg.ShimSocket, Open: registration.NewOpen(m, m.Proto == mapping.UDP), Log: log, Relay: relay,
 	})
-	deadline := start.Add(cfg.Timeout - 100*time.Millisecond) // leaves time to write the reason
+	deadline := start.Add(cfg.Timeout - 250*time.Millisecond) // leaves time to write the reason, even on a loaded host
 
 	var g run.Group
 	ctx, cancel := context.WithCancel(context.Background())
@@ -214,7 +223,7 @@ type registrationFailed struct{ err error }
 func (e registrationFailed) Error() string { return e.err.Error() }
 
 // fail reports err to dockerd (if it still waits for a status) and to the logs, and returns code.
-func fail(status *handshake.Pipe, log *logging.Logger, code int, err error) int {
+func fail(status *statuspipe.Pipe, log *logging.Logger, code int, err error) int {
 	if status.Sent() == "" {
 		status.Fail(err.Error())
 	}

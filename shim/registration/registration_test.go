@@ -1,4 +1,4 @@
-package registrar
+package registration
 
 import (
 	"context"
@@ -25,8 +25,8 @@ func open() shimlink.Open {
 	}
 }
 
-func newClient(socket string, out *logging.Outbox) *Client {
-	return New(Options{Socket: socket, Open: open(), Log: logging.Discard(), Outbox: out})
+func newClient(socket string, out *logging.Relay) *Client {
+	return New(Options{Socket: socket, Open: open(), Log: logging.Discard(), Relay: out})
 }
 
 func socketPath(t *testing.T) string { return filepath.Join(t.TempDir(), "server.sock") }
@@ -34,7 +34,7 @@ func socketPath(t *testing.T) string { return filepath.Join(t.TempDir(), "server
 func TestRegisterReadyHoldAndDeregister(t *testing.T) {
 	sock := socketPath(t)
 	srv := shimtest.StartRegistrar(t, sock, nil)
-	out := logging.NewOutbox(8)
+	out := logging.NewRelay(8)
 	c := newClient(sock, out)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()

@@ -1,4 +1,4 @@
-package handshake
+package statuspipe
 
 import (
 	"errors"

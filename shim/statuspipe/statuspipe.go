@@ -1,4 +1,4 @@
-// Package handshake owns fd 3, the pipe on which dockerd waits for its userland proxy to start.
+// Package statuspipe owns fd 3, the pipe on which dockerd waits for its userland proxy to start.
 //
 // The daemon reads 2 bytes once: exactly "0\n" means started; anything else makes it read to EOF
 // and show the rest as the error of `docker run`. So Ready writes "0\n" in a single write(2),
@@ -8,7 +8,7 @@
 // It never writes "0\n" on its own: the caller decides when traffic reaches the container. It
 // never closes or writes an fd 3 that is not a pipe (the shim was then not started by dockerd,
 // and fd 3 may belong to the Go runtime).
-package handshake
+package statuspipe
 
 import (
 	"errors"
@@ -75,7 +75,7 @@ func (p *Pipe) write(s string) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.sent != "" {
-		return errors.New("handshake: status already sent")
+		return errors.New("status pipe: status already sent")
 	}
 	p.sent = s
 	if p.fd < 0 {
@@ -96,7 +96,7 @@ func (p *Pipe) write(s string) error {
 			continue
 		}
 		if err == nil && n != len(s) {
-			err = errors.New("handshake: short write")
+			err = errors.New("status pipe: short write")
 		}
 		break
 	}

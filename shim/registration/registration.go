@@ -1,14 +1,14 @@
-// Package registrar is the shim's side of its registration with envoy-docker-server, over the
+// Package registration is the shim's side of its registration with envoy-docker-server, over the
 // link of package shimlink: the shim sends Open with its mapping, the server answers Ready once
 // Envoy serves the port or Failed with a reason for the user, and the connection stays open for
 // the shim's whole life; its end is the deregistration.
 //
-// The registrar owns that stream: it registers (bounded by the caller's deadline), holds the
+// The client owns that connection: it registers (bounded by the caller's deadline), holds the
 // registration, and when the server goes away it re-registers with backoff until the server is
 // back, without touching the port (Envoy keeps serving it meanwhile). It forwards the shim's log
 // lines on the stream. It never writes to fd 3 and never decides what the shim tells dockerd:
 // its errors are messages the caller can show.
-package registrar
+package registration
 
 import (
 	"context"
@@ -47,10 +47,10 @@ type Options struct {
 	Socket string
 	// Open is what the shim registers.
 	Open shimlink.Open
-	// Log receives the registrar's own records.
+	// Log receives the client's own records.
 	Log *logging.Logger
-	// Outbox, if not nil, holds log lines to forward to the server.
-	Outbox *logging.Outbox
+	// Relay, if not nil, holds log lines to forward to the server.
+	Relay *logging.Relay
 }
 
 // Client holds one registration. Register, then Hold, from one goroutine.
@@ -212,7 +212,7 @@ func (c *Client) open(ctx context.Context, open shimlink.Open) (*session, error)
 	}
 	s := &session{conn: conn, ready: ready, done: make(chan struct{}), stopLogs: make(chan struct{}), logsDone: make(chan struct{})}
 	go s.watch()
-	go s.sendLogs(c.opts.Outbox)
+	go s.sendLogs(c.opts.Relay)
 	return s, nil
 }
 
@@ -253,7 +253,7 @@ func (s *session) watch() {
 }
 
 // sendLogs forwards log lines; it is the only sender after Open.
-func (s *session) sendLogs(out *logging.Outbox) {
+func (s *session) sendLogs(out *logging.Relay) {
 	defer close(s.logsDone)
 	if out == nil {
 		<-s.stopLogs
