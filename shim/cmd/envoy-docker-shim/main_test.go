@@ -1,6 +1,6 @@
 // Contract tests: the shim binary, started exactly as dockerd starts its userland proxy (see
 // shimtest), against a fake registration server. Each test names the clause of
-// shared/docs/docker-proxy-contract.md (or of issue 4) it checks.
+// docs/docker-proxy-contract.md (or of issue 4) it checks.
 package main_test
 
 import (
