@@ -31,7 +31,6 @@ type Config struct {
 	UIPort         int    `envconfig:"ENVOY_UI_LISTEN_PORT" default:"8081" desc:"Port of the UI: every published port with its service, container and traffic, and Envoy's metrics (read-only; the admin interface is not reachable through it). 0 turns the UI off."`
 	UIAddress      string `envconfig:"ENVOY_UI_ADDRESS" default:"127.0.0.1" desc:"Address the UI listens on; loopback by default, 0.0.0.0 to reach it from other machines."`
 	XDSAddr        string `envconfig:"EDS_XDS_ADDR" default:"127.0.0.1:18000" desc:"Where envoy-docker-server serves xDS (same variable as the server's)."`
-	XDSAPI         string `envconfig:"ENVOY_XDS_API" default:"delta" desc:"xDS variant: delta (only changes are sent) or sotw (state of the world)."`
 	NodeID         string `envconfig:"ENVOY_NODE_ID" default:"envoy-docker-shim" desc:"Envoy node id reported to the server."`
 	Concurrency    int    `envconfig:"ENVOY_CONCURRENCY" default:"0" desc:"Envoy worker threads; 0 means one per CPU."`
 	LogLevel       string `envconfig:"ENVOY_LOG_LEVEL" default:"info" desc:"Envoy's log level (trace, debug, info, warning, error, critical, off)."`
@@ -53,9 +52,6 @@ func FromEnv() (Config, error) {
 func (c Config) Validate() error {
 	if c.AdminPort < 0 || c.AdminPort > 65535 {
 		return fmt.Errorf("ENVOY_PORT=%d: want a port 0-65535", c.AdminPort)
-	}
-	if c.XDSAPI != "delta" && c.XDSAPI != "sotw" {
-		return fmt.Errorf("ENVOY_XDS_API=%q: want delta or sotw", c.XDSAPI)
 	}
 	host, port, err := net.SplitHostPort(c.XDSAddr)
 	if err != nil || net.ParseIP(host) == nil {
@@ -92,7 +88,7 @@ admin:
     socket_address: { address: {{ .AdminAddress }}, port_value: {{ .AdminPort }} }
 dynamic_resources:
   ads_config:
-    api_type: {{ if eq .XDSAPI "sotw" }}GRPC{{ else }}DELTA_GRPC{{ end }}
+    api_type: DELTA_GRPC
     transport_api_version: V3
     set_node_on_first_message_only: true
     grpc_services:

@@ -13,7 +13,7 @@ import (
 
 func defaults(t *testing.T) Config {
 	t.Helper()
-	for _, k := range []string{"ENVOY_BASE_ID", "ENVOY_PORT", "ENVOY_ADMIN_ADDRESS", "EDS_XDS_ADDR", "ENVOY_XDS_API", "ENVOY_NODE_ID", "ENVOY_CONCURRENCY", "ENVOY_LOG_LEVEL", "ENVOY_MAX_CONNECTIONS", "ENVOY_BINARY", "ENVOY_CONFIG_PATH", "ENVOY_UI_LISTEN_PORT", "ENVOY_UI_ADDRESS"} {
+	for _, k := range []string{"ENVOY_BASE_ID", "ENVOY_PORT", "ENVOY_ADMIN_ADDRESS", "EDS_XDS_ADDR", "ENVOY_NODE_ID", "ENVOY_CONCURRENCY", "ENVOY_LOG_LEVEL", "ENVOY_MAX_CONNECTIONS", "ENVOY_BINARY", "ENVOY_CONFIG_PATH", "ENVOY_UI_LISTEN_PORT", "ENVOY_UI_ADDRESS"} {
 		t.Setenv(k, "")
 		os.Unsetenv(k)
 	}
@@ -26,7 +26,7 @@ func defaults(t *testing.T) Config {
 
 func TestDefaultsWorkWithEmptyEnvironment(t *testing.T) {
 	c := defaults(t)
-	if c.AdminPort != 9901 || c.AdminAddress != "127.0.0.1" || c.XDSAddr != "127.0.0.1:18000" || c.XDSAPI != "delta" {
+	if c.AdminPort != 9901 || c.AdminAddress != "127.0.0.1" || c.XDSAddr != "127.0.0.1:18000" {
 		t.Fatalf("defaults %+v", c)
 	}
 	y, err := Render(c)
@@ -45,7 +45,6 @@ func TestSeedVariablesKeepTheirMeaning(t *testing.T) {
 	defaults(t)
 	t.Setenv("ENVOY_BASE_ID", "3")
 	t.Setenv("ENVOY_PORT", "9911")
-	t.Setenv("ENVOY_XDS_API", "sotw")
 	t.Setenv("ENVOY_CONCURRENCY", "4")
 	c, err := FromEnv()
 	if err != nil {
@@ -59,8 +58,8 @@ func TestSeedVariablesKeepTheirMeaning(t *testing.T) {
 		}
 	}
 	y, _ := Render(c)
-	if !strings.Contains(string(y), "port_value: 9911") || !strings.Contains(string(y), "api_type: GRPC") {
-		t.Errorf("bootstrap ignores ENVOY_PORT or ENVOY_XDS_API:\n%s", y)
+	if !strings.Contains(string(y), "port_value: 9911") || !strings.Contains(string(y), "api_type: DELTA_GRPC") {
+		t.Errorf("bootstrap ignores ENVOY_PORT, or does not speak delta xDS:\n%s", y)
 	}
 }
 
@@ -105,7 +104,6 @@ func TestInvalidSettingsAreClearErrors(t *testing.T) {
 	tests := []struct {
 		env, value, want string
 	}{
-		{"ENVOY_XDS_API", "rest", "ENVOY_XDS_API=\"rest\": want delta or sotw"},
 		{"EDS_XDS_ADDR", "localhost:18000", "want IP:port"},
 		{"EDS_XDS_ADDR", "127.0.0.1:0", "port must be 1-65535"},
 		{"ENVOY_PORT", "70000", "ENVOY_PORT=70000"},
@@ -127,12 +125,11 @@ func TestInvalidSettingsAreClearErrors(t *testing.T) {
 	}
 }
 
-// TestEnvoyAcceptsBootstrap runs the real Envoy in validate mode on both xDS variants.
+// TestEnvoyAcceptsBootstrap runs the real Envoy in validate mode on the bootstrap.
 func TestEnvoyAcceptsBootstrap(t *testing.T) {
 	bin := testbed.EnvoyBinary(t)
-	for _, api := range []string{"delta", "sotw"} {
+	{
 		c := defaults(t)
-		c.XDSAPI = api
 		y, err := Render(c)
 		if err != nil {
 			t.Fatal(err)
@@ -143,7 +140,7 @@ func TestEnvoyAcceptsBootstrap(t *testing.T) {
 		}
 		out, err := exec.Command(bin, "--mode", "validate", "-c", path, "--disable-hot-restart").CombinedOutput()
 		if err != nil {
-			t.Fatalf("%s: envoy rejected the bootstrap: %v\n%s", api, err, out)
+			t.Fatalf("envoy rejected the bootstrap: %v\n%s", err, out)
 		}
 	}
 }

@@ -35,9 +35,9 @@ func TestE2EServer(t *testing.T) {
 		Env:    map[string]string{"ECHO_NAME": "pg-echo"},
 	})
 
-	for _, api := range []string{"delta", "sotw"} {
+	for _, api := range []string{"delta"} {
 		t.Run(api, func(t *testing.T) {
-			st := stack.Start(t, stack.Options{DockerHost: daemon.Host, XDSAPI: api, AccessLog: true})
+			st := stack.Start(t, stack.Options{DockerHost: daemon.Host, AccessLog: true})
 			t.Run("http mode serves the very next request and counts it under the labels", func(t *testing.T) {
 				testHTTPMode(t, st, web)
 			})
@@ -320,9 +320,9 @@ func TestE2EThousandRegistrations(t *testing.T) {
 // ports live: at each level, 200 extra registrations each become ready and are then closed, so the
 // live count stays at the level. Targets: p99 <= 100 ms at 1,000; p50 at 1,000 <= 2x p50 at 10.
 func BenchmarkRegisterToReady(b *testing.B) {
-	for _, api := range []string{"delta", "sotw"} {
+	for _, api := range []string{"delta"} {
 		b.Run(api, func(b *testing.B) {
-			st := stack.Start(b, stack.Options{XDSAPI: api})
+			st := stack.Start(b, stack.Options{})
 			upstream := stack.LoopbackHTTP(b)
 			// One measured pass: the levels build on each other, so the body must not repeat with b.N.
 			live := 0

@@ -78,7 +78,7 @@ func New(cfg Config, log *slog.Logger, engine dockerapi.Engine) (*Server, error)
 	}, nil
 }
 
-// bootID makes every boot's state-of-the-world versions unique.
+// bootID makes every boot's cache versions unique.
 func bootID() string {
 	b := make([]byte, 4)
 	_, _ = rand.Read(b)

@@ -30,7 +30,7 @@ type Cache struct {
 
 // NewCache makes the caches, empty but for the clusters every port's configuration may refer to
 // (the trace collector's, when tracing is on), so that they reach Envoy before any listener.
-// bootID prefixes every state-of-the-world version, so a restarted server never reuses a version
+// bootID prefixes every cache version, so a restarted server never reuses a version
 // Envoy saw from the previous one. Every change is reported to tracker before it can reach Envoy.
 func NewCache(bootID string, options envoyconfig.Options, metrics *Metrics, tracker *Tracker) (*Cache, error) {
 	c := &Cache{

@@ -8,8 +8,8 @@ import (
 	"google.golang.org/grpc"
 )
 
-// Register serves ADS (state of the world and delta) from c on g, reporting to tracker. Envoy's
-// bootstrap chooses the variant.
+// Register serves delta ADS from c on g, reporting to tracker (which refuses state-of-the-world
+// streams with a message saying so).
 func Register(ctx context.Context, g *grpc.Server, c *Cache, tracker *Tracker) {
 	srv := server.NewServer(ctx, c.Serving(), tracker.Callbacks())
 	discoverygrpc.RegisterAggregatedDiscoveryServiceServer(g, srv)

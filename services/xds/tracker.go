@@ -11,10 +11,8 @@ import (
 
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
-	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/server/v3"
-	"google.golang.org/protobuf/encoding/protowire"
 
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/registry"
 )
@@ -39,17 +37,12 @@ type Tracker struct {
 	now     func() time.Time
 
 	mu      sync.Mutex
-	streams map[streamKey]*streamState
+	streams map[int64]*streamState
 	// current is the cache's version of every resource it holds, as Invalidate reported it: what
 	// go-control-plane will make every stream converge to.
 	current map[string]map[string]string
 	// changed is closed and replaced whenever an acknowledgement or a stream changes, waking waiters.
 	changed chan struct{}
-}
-
-type streamKey struct {
-	delta bool
-	id    int64
 }
 
 type streamState struct {
@@ -82,7 +75,6 @@ type sentResponse struct {
 	typeURL   string
 	resources map[string]string // name -> content version
 	removed   []string
-	fullState bool
 	at        time.Time
 	seq       uint64
 }
@@ -94,38 +86,26 @@ type rejection struct {
 
 // NewTracker returns a tracker with no streams.
 func NewTracker(metrics *Metrics) *Tracker {
-	return &Tracker{metrics: metrics, now: time.Now, streams: make(map[streamKey]*streamState), current: make(map[string]map[string]string), changed: make(chan struct{})}
+	return &Tracker{metrics: metrics, now: time.Now, streams: make(map[int64]*streamState), current: make(map[string]map[string]string), changed: make(chan struct{})}
 }
+
+// ErrStateOfTheWorld refuses an Envoy that opens a state-of-the-world stream.
+var ErrStateOfTheWorld = errors.New("envoy-docker-server speaks delta xDS only: set api_type DELTA_GRPC in Envoy's ads_config (the envoy image's bootstrap does)")
 
 // Callbacks wires the tracker into go-control-plane's server.
 func (t *Tracker) Callbacks() server.Callbacks {
 	return server.CallbackFuncs{
-		StreamOpenFunc: func(_ context.Context, id int64, _ string) error {
-			t.open(streamKey{false, id})
-			return nil
-		},
-		StreamClosedFunc: func(id int64, _ *core.Node) { t.close(streamKey{false, id}) },
+		StreamOpenFunc: func(context.Context, int64, string) error { return ErrStateOfTheWorld },
 		DeltaStreamOpenFunc: func(_ context.Context, id int64, _ string) error {
-			t.open(streamKey{true, id})
+			t.open(id)
 			return nil
 		},
-		DeltaStreamClosedFunc: func(id int64, _ *core.Node) { t.close(streamKey{true, id}) },
-		StreamRequestFunc: func(id int64, req *discovery.DiscoveryRequest) error {
-			t.answered(streamKey{false, id}, req.GetNode(), req.GetResponseNonce(), req.GetErrorDetail().GetMessage(), req.GetErrorDetail() != nil)
-			return nil
-		},
-		StreamResponseFunc: func(_ context.Context, id int64, _ *discovery.DiscoveryRequest, resp *discovery.DiscoveryResponse) {
-			sent := sentResponse{typeURL: resp.GetTypeUrl(), resources: make(map[string]string, len(resp.GetResources())), fullState: true}
-			for _, r := range resp.GetResources() {
-				sent.resources[resourceName(r.GetValue())] = cache.HashResource(r.GetValue())
-			}
-			t.sent(streamKey{false, id}, resp.GetNonce(), sent)
-		},
+		DeltaStreamClosedFunc: func(id int64, _ *core.Node) { t.close(id) },
 		StreamDeltaRequestFunc: func(id int64, req *discovery.DeltaDiscoveryRequest) error {
 			if len(req.GetInitialResourceVersions()) > 0 {
-				t.alreadyHas(streamKey{true, id}, req.GetTypeUrl(), req.GetInitialResourceVersions())
+				t.alreadyHas(id, req.GetTypeUrl(), req.GetInitialResourceVersions())
 			}
-			t.answered(streamKey{true, id}, req.GetNode(), req.GetResponseNonce(), req.GetErrorDetail().GetMessage(), req.GetErrorDetail() != nil)
+			t.answered(id, req.GetNode(), req.GetResponseNonce(), req.GetErrorDetail().GetMessage(), req.GetErrorDetail() != nil)
 			return nil
 		},
 		StreamDeltaResponseFunc: func(id int64, _ *discovery.DeltaDiscoveryRequest, resp *discovery.DeltaDiscoveryResponse) {
@@ -133,37 +113,12 @@ func (t *Tracker) Callbacks() server.Callbacks {
 			for _, r := range resp.GetResources() {
 				sent.resources[r.GetName()] = r.GetVersion()
 			}
-			t.sent(streamKey{true, id}, resp.GetNonce(), sent)
+			t.sent(id, resp.GetNonce(), sent)
 		},
 	}
 }
 
-// resourceName reads field 1 (name) of an encoded Listener or Cluster without decoding the rest:
-// a state-of-the-world push carries every resource, and decoding them all would cost per port.
-func resourceName(b []byte) string {
-	for len(b) > 0 {
-		num, typ, n := protowire.ConsumeTag(b)
-		if n < 0 {
-			return ""
-		}
-		b = b[n:]
-		if num == 1 && typ == protowire.BytesType {
-			v, m := protowire.ConsumeBytes(b)
-			if m < 0 {
-				return ""
-			}
-			return string(v)
-		}
-		m := protowire.ConsumeFieldValue(num, typ, b)
-		if m < 0 {
-			return ""
-		}
-		b = b[m:]
-	}
-	return ""
-}
-
-func (t *Tracker) open(k streamKey) {
+func (t *Tracker) open(k int64) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	t.streams[k] = &streamState{responses: make(map[string]sentResponse), resources: make(map[string]map[string]*resourceState)}
@@ -171,7 +126,7 @@ func (t *Tracker) open(k streamKey) {
 	t.broadcast()
 }
 
-func (t *Tracker) close(k streamKey) {
+func (t *Tracker) close(k int64) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	delete(t.streams, k)
@@ -198,7 +153,7 @@ func (st *streamState) resource(typeURL, name string) *resourceState {
 // only acknowledgement they get on the new stream. Until the stream's first response, what the
 // cache changed meanwhile was measured against nothing; it is measured again here against what
 // Envoy holds, since that is what go-control-plane compares the cache with.
-func (t *Tracker) alreadyHas(k streamKey, typeURL string, versions map[string]string) {
+func (t *Tracker) alreadyHas(k int64, typeURL string, versions map[string]string) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	st, ok := t.streams[k]
@@ -249,7 +204,7 @@ func (t *Tracker) differs(typeURL, name, version string) bool {
 	return known && current != version
 }
 
-func (t *Tracker) sent(k streamKey, nonce string, s sentResponse) {
+func (t *Tracker) sent(k int64, nonce string, s sentResponse) {
 	s.at = t.now()
 	t.metrics.pushes.WithLabelValues(shortType(s.typeURL)).Inc()
 	t.mu.Lock()
@@ -272,17 +227,9 @@ func (t *Tracker) sent(k streamKey, nonce string, s sentResponse) {
 	for _, name := range s.removed {
 		carry(name, "")
 	}
-	if s.fullState {
-		// A state-of-the-world response removes every resource of its type that it does not carry.
-		for name, r := range st.resources[s.typeURL] {
-			if _, ok := s.resources[name]; !ok && r.sent != "" {
-				carry(name, "")
-			}
-		}
-	}
 }
 
-func (t *Tracker) answered(k streamKey, node *core.Node, nonce, detail string, nack bool) {
+func (t *Tracker) answered(k int64, node *core.Node, nonce, detail string, nack bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	st, ok := t.streams[k]
@@ -318,19 +265,11 @@ func (t *Tracker) answered(k streamKey, node *core.Node, nonce, detail string, n
 		}
 	}
 	byName := st.resources[s.typeURL]
-	for name, r := range byName {
-		if !s.fullState {
-			break // below: only the names the response carried, not every resource of the type
-		}
-		t.settle(byName, name, r, s, nack, blamed, detail)
+	for name := range s.resources {
+		t.settle(byName, name, byName[name], s, nack, blamed, detail)
 	}
-	if !s.fullState {
-		for name := range s.resources {
-			t.settle(byName, name, byName[name], s, nack, blamed, detail)
-		}
-		for _, name := range s.removed {
-			t.settle(byName, name, byName[name], s, nack, blamed, detail)
-		}
+	for _, name := range s.removed {
+		t.settle(byName, name, byName[name], s, nack, blamed, detail)
 	}
 	t.broadcast()
 }

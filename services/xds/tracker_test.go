@@ -3,19 +3,13 @@ package xds
 import (
 	"context"
 	"errors"
-	"net/netip"
 	"testing"
 	"time"
 
-	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
-	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"google.golang.org/genproto/googleapis/rpc/status"
-	"google.golang.org/protobuf/types/known/anypb"
 
-	"github.com/envoy-docker-shim/envoy-docker-shim/internal/mapping"
-	"github.com/envoy-docker-shim/envoy-docker-shim/services/envoyconfig"
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/registry"
 )
 
@@ -104,45 +98,12 @@ func TestTrackerUnattributedNackRejectsWholeResponse(t *testing.T) {
 	}
 }
 
-// TestTrackerSotw: a state-of-the-world response names its resources only inside their encoding,
-// and replaces what Envoy had of the type.
-func TestTrackerSotw(t *testing.T) {
+// TestTrackerRefusesStateOfTheWorld: the server speaks delta xDS only, and says so to an Envoy
+// configured otherwise, instead of serving it silently wrong.
+func TestTrackerRefusesStateOfTheWorld(t *testing.T) {
 	tr := newTestTracker()
-	cb := tr.Callbacks()
-	_ = cb.OnStreamOpen(context.Background(), 3, resource.ListenerType)
-	mk := func(port uint16) (registry.Expected, *anypb.Any) {
-		e := registry.Entry{
-			Mapping: mapping.Mapping{Key: mapping.Key{Proto: mapping.TCP, HostIP: netip.MustParseAddr("127.0.0.1"), HostPort: port}, ContainerIP: netip.MustParseAddr("10.0.0.2"), ContainerPort: 80},
-			Service: registry.Service{Name: "s", Operation: "s", Mode: registry.ModeTCP},
-		}
-		l, err := envoyconfig.TCPListener(e, envoyconfig.Options{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		b, _ := cache.MarshalResource(l)
-		return exp(resource.ListenerType, l.GetName(), cache.HashResource(b)), &anypb.Any{TypeUrl: resource.ListenerType, Value: b}
-	}
-	w1, a1 := mk(1)
-	w2, a2 := mk(2)
-	cb.OnStreamResponse(context.Background(), 3, nil, &discovery.DiscoveryResponse{Nonce: "9", TypeUrl: resource.ListenerType, Resources: []*anypb.Any{a1, a2}})
-	_ = cb.OnStreamRequest(3, &discovery.DiscoveryRequest{ResponseNonce: "9"})
-	if err := waitNow(tr, []registry.Expected{w1, w2}); err != nil {
-		t.Fatalf("Wait = %v", err)
-	}
-	cb.OnStreamResponse(context.Background(), 3, nil, &discovery.DiscoveryResponse{Nonce: "10", TypeUrl: resource.ListenerType, Resources: []*anypb.Any{a2}})
-	_ = cb.OnStreamRequest(3, &discovery.DiscoveryRequest{ResponseNonce: "10"})
-	if err := waitNow(tr, []registry.Expected{w1}); err == nil {
-		t.Fatal("a listener missing from a full-state response still counts as served")
-	}
-}
-
-func TestResourceName(t *testing.T) {
-	b, _ := cache.MarshalResource(&listener.Listener{Name: "tcp_[::]_80", StatPrefix: "x"})
-	if got := resourceName(b); got != "tcp_[::]_80" {
-		t.Fatalf("resourceName = %q", got)
-	}
-	for _, junk := range [][]byte{nil, {0xff}, {0x0a, 0x05, 'a'}} {
-		_ = resourceName(junk) // must not panic on truncated input
+	if err := tr.Callbacks().OnStreamOpen(context.Background(), 3, resource.ListenerType); !errors.Is(err, ErrStateOfTheWorld) {
+		t.Fatalf("OnStreamOpen = %v, want ErrStateOfTheWorld", err)
 	}
 }
 

@@ -30,8 +30,6 @@ type Options struct {
 	// DockerHost is the Docker API the server reads labels from (a testbed daemon's Host). Empty
 	// means no Docker at all: every container is unknown and named after its IP.
 	DockerHost string
-	// XDSAPI is "delta" (default) or "sotw".
-	XDSAPI string
 	// AccessLog turns on Envoy's access log (off by default to keep test logs short).
 	AccessLog bool
 	// Concurrency of Envoy's workers (default 2).
@@ -175,13 +173,9 @@ func (s *Stack) StopServer(t testing.TB) {
 // StartEnvoy runs a real Envoy with the appliance's own bootstrap, pointed at xdsAddr.
 func StartEnvoy(t testing.TB, xdsAddr string, opts Options) *testbed.Envoy {
 	t.Helper()
-	api := opts.XDSAPI
-	if api == "" {
-		api = "delta"
-	}
 	// Port 0 marks the admin port for the harness to fill in; no other port in it is 0.
 	yaml, err := bootstrap.Render(bootstrap.Config{
-		AdminAddress: "127.0.0.1", AdminPort: 0, XDSAddr: xdsAddr, XDSAPI: api,
+		AdminAddress: "127.0.0.1", AdminPort: 0, XDSAddr: xdsAddr,
 		NodeID: "test", LogLevel: "info", MaxConnections: 100000,
 		UIPort: opts.UIPort, UIAddress: "127.0.0.1",
 	})
