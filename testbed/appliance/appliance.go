@@ -34,6 +34,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/envoy-docker-shim/envoy-docker-shim/services/netfilter"
 	"github.com/envoy-docker-shim/envoy-docker-shim/testbed"
 )
 
@@ -67,6 +68,10 @@ type Appliance struct {
 	ShimPath string
 	// Socket is the registration socket as the host's shims reach it.
 	Socket string
+	// NetfilterTable is the server's nftables table (EDS_NETFILTER_TABLE), one per appliance so
+	// that appliances of parallel tests, and a real one, never meet. It lives in the host's
+	// ruleset: teardown removes it, since compose down keeps it by design.
+	NetfilterTable netfilter.Table
 	// Loopback addresses of the server's xDS and HTTP endpoints and Envoy's admin interface.
 	XDSAddr, HTTPAddr, AdminAddr, UIAddr string
 	Project                              string
@@ -108,6 +113,7 @@ func Start(t testing.TB, opts Options) *Appliance {
 		Project:         "edse2e" + randomHex(4),
 		compose:         composeCmd,
 	}
+	a.NetfilterTable = netfilter.Table{Name: "eds_" + a.Project}
 	if _, err := os.Stat(filepath.Join(repo, ShimPackage)); err == nil {
 		a.HasShim = true
 	} else {
@@ -191,6 +197,7 @@ func (a *Appliance) composeEnv(opts Options, goImage, envoyImage string) []strin
 		"EDS_XDS_ADDR="+a.XDSAddr,
 		"EDS_HTTP_ADDR="+a.HTTPAddr,
 		"EDS_LOG_LEVEL=debug",
+		"EDS_NETFILTER_TABLE="+a.NetfilterTable.Name,
 		"ENVOY_PORT="+portOf(a.AdminAddr),
 		"ENVOY_UI_LISTEN_PORT="+portOf(a.UIAddr),
 		"ENVOY_BASE_ID="+strconv.Itoa(envoyBaseIDOffset+slot),
@@ -463,6 +470,9 @@ func (a *Appliance) teardown(t testing.TB) {
 	ctx, cancel := context.WithTimeout(context.Background(), composeTimeout)
 	defer cancel()
 	if _, err := a.ComposeErr(ctx, "down", "-t", "2", "--remove-orphans"); err != nil {
+		t.Errorf("appliance teardown: %v", err)
+	}
+	if _, err := a.NetfilterTable.Remove(); err != nil {
 		t.Errorf("appliance teardown: %v", err)
 	}
 	t.Logf("appliance: torn down in %s", time.Since(start).Round(100*time.Millisecond))
