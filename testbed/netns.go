@@ -69,10 +69,15 @@ func StartOutside(t testing.TB, d *Daemon) *Outside {
 	o.NS = ns
 	t.Cleanup(func() { ns.Close() })
 
-	// The pair is made inside the namespace, its other end put into the test process's own (the
-	// host's): `netns PID` names the namespace of the process's main thread.
+	// The pair is made on the host with its other end straight in the namespace, named by the file
+	// the test holds (passed as fd 3). Not `netns PID` from inside: that names the namespace of the
+	// process's main thread, which may be a thread in some namespace of a test at that moment.
+	add := exec.Command("ip", "link", "add", o.Link, "type", "veth", "peer", "name", "eth0", "netns", "/proc/self/fd/3")
+	add.ExtraFiles = []*os.File{ns}
+	if out, err := add.CombinedOutput(); err != nil {
+		t.Fatalf("StartOutside: %s: %v: %s", add, err, strings.TrimSpace(string(out)))
+	}
 	inside := [][]string{
-		{"link", "add", "eth0", "type", "veth", "peer", "name", o.Link, "netns", strconv.Itoa(os.Getpid())},
 		{"link", "set", "lo", "up"},
 		{"addr", "add", netip.PrefixFrom(o.Addr4, 30).String(), "dev", "eth0"},
 		{"link", "set", "eth0", "up"},
