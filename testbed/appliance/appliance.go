@@ -64,6 +64,9 @@ type Appliance struct {
 	Daemon *testbed.Daemon
 	// The fake host's directories, as given to compose.
 	InstallDir, RunDir, DockerConfigDir string
+	// SysctlDir stands in for the host's /proc/sys/net (EDS_SYSCTL_NET_DIR): the server turns IP
+	// forwarding on there, not in the machine's kernel, which other tests share.
+	SysctlDir string
 	// ShimPath is where the installer puts the shim: the daemon's userland proxy.
 	ShimPath string
 	// Socket is the registration socket as the host's shims reach it.
@@ -106,6 +109,7 @@ func Start(t testing.TB, opts Options) *Appliance {
 		InstallDir:      filepath.Join(dir, "bin"),
 		RunDir:          filepath.Join(dir, "run"),
 		DockerConfigDir: filepath.Join(dir, "etc-docker"),
+		SysctlDir:       filepath.Join(dir, "proc-sys-net"),
 		XDSAddr:         loopback(testbed.FreePort(t)),
 		HTTPAddr:        loopback(testbed.FreePort(t)),
 		AdminAddr:       loopback(testbed.FreePort(t)),
@@ -125,6 +129,15 @@ func Start(t testing.TB, opts Options) *Appliance {
 	a.Socket = filepath.Join(a.RunDir, "server.sock")
 	for _, d := range []string{a.InstallDir, a.RunDir, a.DockerConfigDir} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, f := range []string{"ipv4/ip_forward", "ipv6/conf/all/forwarding", "ipv6/conf/default/forwarding"} {
+		p := filepath.Join(a.SysctlDir, f)
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(p, []byte("0\n"), 0o644); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -192,6 +205,7 @@ func (a *Appliance) composeEnv(opts Options, goImage, envoyImage string) []strin
 		"EDS_DOCKER_SOCKET="+a.Daemon.Socket,
 		"EDS_INSTALL_DIR="+a.InstallDir,
 		"EDS_DOCKER_CONFIG_DIR="+a.DockerConfigDir,
+		"EDS_SYSCTL_NET_DIR="+a.SysctlDir,
 		"EDS_CONFIGURE_DOCKERD="+strconv.FormatBool(opts.ConfigureDockerd),
 		"EDS_HEALTHCHECK_INTERVAL=1s",
 		"EDS_XDS_ADDR="+a.XDSAddr,

@@ -418,7 +418,8 @@ func checkNoLeftovers(t *testing.T, a *Appliance) {
 }
 
 // checkNetfilter checks the server's nftables table in the host: with rules for the daemon's
-// bridge (the server in its container has CAP_NET_ADMIN in the host's network namespace), or gone.
+// bridge (the server in its container has CAP_NET_ADMIN in the host's network namespace) and IP
+// forwarding on, or gone.
 func checkNetfilter(t *testing.T, a *Appliance, present bool) {
 	t.Helper()
 	testbed.WaitFor(t, 10*time.Second, fmt.Sprintf("table %s present=%v", a.NetfilterTable, present), func() error {
@@ -431,6 +432,10 @@ func checkNetfilter(t *testing.T, a *Appliance, present bool) {
 			return fmt.Errorf("table exists=%v:\n%s", exists, text)
 		case present && !strings.Contains(text, a.Daemon.Bridge+" (bridge): masquerade "+a.Daemon.Subnet.String()):
 			return fmt.Errorf("no masquerade of %s in:\n%s", a.Daemon.Subnet, text)
+		}
+		// The server turns IPv4 forwarding on, through its mount of the stand-in /proc/sys/net.
+		if b := readFile(t, filepath.Join(a.SysctlDir, "ipv4", "ip_forward")); present && string(b) != "1\n" {
+			return fmt.Errorf("ip_forward is %q", b)
 		}
 		return nil
 	})
