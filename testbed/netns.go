@@ -1,7 +1,6 @@
 package testbed
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -190,8 +189,8 @@ func (o *Outside) Ask(ctx context.Context, ns *os.File, proto string, addr netip
 	if err != nil {
 		return netip.Addr{}, err
 	}
-	line, _, _ := bufio.NewReader(strings.NewReader(string(reply))).ReadLine()
-	seen, perr := netip.ParseAddr(string(line))
+	line, _, _ := strings.Cut(string(reply), "\n")
+	seen, perr := netip.ParseAddr(line)
 	if perr != nil {
 		return netip.Addr{}, fmt.Errorf("outside host %s answered %q", target, reply)
 	}

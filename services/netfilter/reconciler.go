@@ -51,6 +51,9 @@ const (
 
 // Run reconciles until ctx ends, then removes the table unless KeepOnStop (or keeps it).
 func (r *Reconciler) Run(ctx context.Context) error {
+	if r.Log == nil {
+		r.Log = slog.New(slog.DiscardHandler)
+	}
 	if r.Off {
 		if removed, err := r.Table.Remove(); err != nil {
 			r.Log.Warn("EDS_NETFILTER=false: could not check for netfilter rules an earlier run kept", "table", r.Table.String(), "err", err)
@@ -68,10 +71,10 @@ func (r *Reconciler) Run(ctx context.Context) error {
 		if ctx.Err() != nil {
 			return nil
 		}
-		r.Log.Warn("docker network events interrupted; keeping the netfilter rules as they are and reconnecting", "err", err, "retry_in", backoff.String())
 		if time.Since(started) > maxBackoff {
 			backoff = time.Second // the stream was healthy for a while: a fresh failure
 		}
+		r.Log.Warn("docker network events interrupted; keeping the netfilter rules as they are and reconnecting", "err", err, "retry_in", backoff.String())
 		select {
 		case <-ctx.Done():
 			return nil
