@@ -232,6 +232,10 @@ func (d *Daemon) start(dockerd, proxy string, opts DaemonOptions) error {
 		"-H", d.Host,
 		"--bridge", d.Bridge,
 		"--iptables=false",
+		// Docker 27 and later keep ip6tables on when iptables is off: they would put IPv6 rules in
+		// the host's ruleset (with a FORWARD policy of drop) and leave them there when they stop.
+		// 20.10 takes the flag too.
+		"--ip6tables=false",
 		"--ip-forward=false",
 		"--ip-masq=false",
 		"--userland-proxy=true",

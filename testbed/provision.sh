@@ -19,7 +19,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # docker.io brings dockerd, containerd, runc and docker-proxy; the rest serve later suites
 # (compose for the appliance, protoc for `make generate`, wrk and iperf3 for benchmarks, chromium
 # for the UI test).
-PACKAGES=(docker.io docker-compose busybox-static protobuf-compiler wrk iperf3 iproute2 unzip chromium)
+PACKAGES=(docker.io docker-compose busybox-static protobuf-compiler wrk iperf3 iproute2 nftables unzip chromium)
 
 log() { printf 'provision: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }

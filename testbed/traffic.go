@@ -161,9 +161,13 @@ func deadlineConn(ctx context.Context, c net.Conn) (stop func() bool) {
 // server closes. Against the echo server that is payload itself, or the container's name and a
 // newline for "WHOAMI\n".
 func TCPEcho(ctx context.Context, addr string, payload []byte) ([]byte, error) {
+	return tcpEcho(ctx, func(ctx context.Context) (net.Conn, error) { return Dial(ctx, "tcp", addr) }, addr, payload)
+}
+
+func tcpEcho(ctx context.Context, dial func(context.Context) (net.Conn, error), addr string, payload []byte) ([]byte, error) {
 	ctx, cancel := withDefaultTimeout(ctx)
 	defer cancel()
-	c, err := Dial(ctx, "tcp", addr)
+	c, err := dial(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("tcp echo %s: %w", addr, err)
 	}
@@ -185,9 +189,13 @@ func TCPEcho(ctx context.Context, addr string, payload []byte) ([]byte, error) {
 // UDPEcho sends one datagram to addr and returns the first datagram that comes back. A closed
 // port shows as an error (ICMP port unreachable reads as "connection refused") or a timeout.
 func UDPEcho(ctx context.Context, addr string, payload []byte) ([]byte, error) {
+	return udpEcho(ctx, func(ctx context.Context) (net.Conn, error) { return Dial(ctx, "udp", addr) }, addr, payload)
+}
+
+func udpEcho(ctx context.Context, dial func(context.Context) (net.Conn, error), addr string, payload []byte) ([]byte, error) {
 	ctx, cancel := withDefaultTimeout(ctx)
 	defer cancel()
-	c, err := Dial(ctx, "udp", addr)
+	c, err := dial(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("udp echo %s: %w", addr, err)
 	}

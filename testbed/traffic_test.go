@@ -77,6 +77,13 @@ func TestHelpersRefuseForbiddenTargets(t *testing.T) {
 	if _, err := UDPEcho(ctx, "[2001:db8::1]:7", []byte("x")); !errors.Is(err, ErrForbiddenTarget) {
 		t.Errorf("UDPEcho to 2001:db8::1: %v, want ErrForbiddenTarget", err)
 	}
+	// From a container's namespace the same rule holds: refused before the namespace is entered.
+	if _, err := TCPEchoFrom(ctx, nil, "203.0.113.1:7", []byte("x")); !errors.Is(err, ErrForbiddenTarget) {
+		t.Errorf("TCPEchoFrom to 203.0.113.1: %v, want ErrForbiddenTarget", err)
+	}
+	if _, err := UDPEchoFrom(ctx, nil, "198.18.1.2:7", []byte("x")); !errors.Is(err, ErrForbiddenTarget) {
+		t.Errorf("UDPEchoFrom to an outside host no test started: %v, want ErrForbiddenTarget", err)
+	}
 }
 
 // recordingTB captures Fatalf instead of stopping the goroutine, so WaitFor's failure path can be

@@ -11,6 +11,7 @@ import (
 	"github.com/kelseyhightower/envconfig"
 
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/envoyconfig"
+	"github.com/envoy-docker-shim/envoy-docker-shim/services/netfilter"
 )
 
 // Config is every setting of envoy-docker-server, read from the environment.
@@ -27,6 +28,10 @@ type Config struct {
 	Zipkin             string        `envconfig:"EDS_ZIPKIN_ADDR" desc:"host:port of a trace collector speaking Zipkin's v2 API (Zipkin, Jaeger, or the OpenTelemetry Collector's zipkin receiver), e.g. 127.0.0.1:9411. When set, Envoy traces http-mode ports: one span per request, named after ServiceName, tagged with the service and container. Empty: no tracing."`
 	TraceSampling      float64       `envconfig:"EDS_TRACE_SAMPLING" default:"100" desc:"Percentage of requests traced when EDS_ZIPKIN_ADDR is set (requests arriving with a sampling decision keep it). Lower it for busy services."`
 	ConnectRetryWindow time.Duration `envconfig:"EDS_CONNECT_RETRY_WINDOW" default:"3s" desc:"How long Envoy keeps retrying to connect to a container that refuses the connection (its app is still starting) before it answers 503 (HTTP; access-log flags URX,UF) or closes the client's connection (TCP). Retries back off from 25 ms to 250 ms, jittered, as many as fit in this window even at their longest; a request is retried only if it never reached the container. 0: fail at the first refusal, as docker-proxy does."`
+	Netfilter          bool          `envconfig:"EDS_NETFILTER" default:"true" desc:"Give Docker's bridge networks back what \"iptables\": false takes away: outbound NAT (masquerade), forwarding, isolation between networks and from outside, in the nftables table EDS_NETFILTER_TABLE; no DNAT (published ports stay with Envoy). false: you manage the host's firewall; a table an earlier run kept is removed."`
+	NftTable           string        `envconfig:"EDS_NETFILTER_TABLE" default:"envoy_docker_shim" desc:"The nftables table (family inet) the server owns and replaces as a whole; it touches no other. Give each server its own when several follow different dockerds on one host. The installer's EDS_NETFILTER_TABLE must match."`
+	NftKeep            bool          `envconfig:"EDS_NETFILTER_KEEP" default:"true" desc:"Keep the rules while the server is stopped, so that a restart or an upgrade neither cuts containers' outbound connections nor opens their isolation. false: remove them at every stop. Uninstalling (EDS_UNINSTALL=true) removes them either way."`
+	SysctlNet          string        `envconfig:"EDS_SYSCTL_NET" default:"/proc/sys/net" desc:"The host's net sysctls, writable: where the server turns on IP forwarding when a network needs it. compose mounts the host's /proc/sys/net at /host/proc/sys/net, because /proc/sys is read-only in a container."`
 	LogLevel           string        `envconfig:"EDS_LOG_LEVEL" default:"info" desc:"debug, info, warn or error. Logs are JSON on stderr."`
 }
 
@@ -44,6 +49,11 @@ func ConfigFromEnv() (Config, error) {
 	}
 	if _, _, err := envoyconfig.TracingCluster(envoyconfig.Options{Zipkin: c.Zipkin}); err != nil {
 		return Config{}, fmt.Errorf("configuration: EDS_ZIPKIN_ADDR: %w", err)
+	}
+	if c.Netfilter || c.NftTable != "" {
+		if err := netfilter.CheckTable(c.NftTable); err != nil {
+			return Config{}, fmt.Errorf("configuration: EDS_NETFILTER_TABLE: %w", err)
+		}
 	}
 	if c.ReadyTimeout <= 0 || c.DockerTimeout <= 0 || c.RestartGrace < 0 || c.ConnectRetryWindow < 0 {
 		return Config{}, fmt.Errorf("configuration: EDS_READY_TIMEOUT and EDS_DOCKER_TIMEOUT must be positive, EDS_RESTART_GRACE and EDS_CONNECT_RETRY_WINDOW not negative")

@@ -25,6 +25,7 @@ import (
 
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/dockerapi"
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/envoyconfig"
+	"github.com/envoy-docker-shim/envoy-docker-shim/services/netfilter"
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/registrar"
 	pb "github.com/envoy-docker-shim/envoy-docker-shim/services/registration/registrationpb"
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/registry"
@@ -43,6 +44,7 @@ type Server struct {
 	metrics  *prometheus.Registry
 	engine   dockerapi.Engine
 	finder   registrar.ContainerFinder
+	firewall *netfilter.Reconciler // nil without a table name or a Docker API
 }
 
 // New builds a server. engine is the Docker Engine API; nil connects to cfg.DockerHost, or to no
@@ -66,7 +68,21 @@ func New(cfg Config, log *slog.Logger, engine dockerapi.Engine) (*Server, error)
 	if err != nil {
 		return nil, fmt.Errorf("configuration: EDS_ZIPKIN_ADDR: %w", err)
 	}
+	var firewall *netfilter.Reconciler
+	if _, noDocker := engine.(dockerapi.Unavailable); cfg.NftTable != "" && !noDocker {
+		firewall = &netfilter.Reconciler{
+			Docker:     engine,
+			Table:      netfilter.Table{Name: cfg.NftTable},
+			Sysctls:    netfilter.Sysctls{Dir: cfg.SysctlNet},
+			Off:        !cfg.Netfilter,
+			KeepOnStop: cfg.NftKeep,
+			MarkDir:    filepath.Dir(cfg.Socket),
+			Log:        log.With("component", "netfilter"),
+			Metrics:    netfilter.NewMetrics(metrics),
+		}
+	}
 	return &Server{
+		firewall: firewall,
 		cfg:      cfg,
 		log:      log,
 		registry: registry.New(c),
@@ -189,6 +205,11 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	watchCtx, stopWatch := context.WithCancel(ctx)
 	g.Add(func() error { return watcher.Run(watchCtx) }, func(error) { stopWatch() })
+
+	if s.firewall != nil {
+		fwCtx, stopFirewall := context.WithCancel(ctx)
+		g.Add(func() error { return s.firewall.Run(fwCtx) }, func(error) { stopFirewall() })
+	}
 
 	// A restarted server must not tell Envoy to drop what it serves before the registry is
 	// rebuilt: Envoy is answered once resync has run, or when the grace period ends.

@@ -131,9 +131,14 @@ func TestConfigFromEnv(t *testing.T) {
 	if err != nil || c.ReadyTimeout != 8*time.Second || c.Socket != "/run/envoy-docker-shim/server.sock" || c.Zipkin != "" || c.TraceSampling != 100 {
 		t.Fatalf("defaults: %+v, %v", c, err)
 	}
+	if !c.Netfilter || c.NftTable != "envoy_docker_shim" || !c.NftKeep || c.SysctlNet != "/proc/sys/net" {
+		t.Fatalf("netfilter defaults: %+v", c)
+	}
 	for _, tc := range []struct{ env, value, want string }{
 		{"EDS_ZIPKIN_ADDR", "zipkin", "EDS_ZIPKIN_ADDR: trace collector \"zipkin\": want host:port"},
 		{"EDS_TRACE_SAMPLING", "150", "EDS_TRACE_SAMPLING=150: want a percentage from 0 to 100"},
+		{"EDS_NETFILTER_TABLE", "my-table", "EDS_NETFILTER_TABLE: netfilter table \"my-table\": want a letter"},
+		{"EDS_NETFILTER_TABLE", "", "EDS_NETFILTER_TABLE: netfilter table \"\""},
 	} {
 		t.Setenv(tc.env, tc.value)
 		if _, err := ConfigFromEnv(); err == nil || !strings.Contains(err.Error(), tc.want) {

@@ -27,6 +27,8 @@ import (
 	"time"
 
 	"github.com/kelseyhightower/envconfig"
+
+	"github.com/envoy-docker-shim/envoy-docker-shim/services/netfilter"
 )
 
 // Config is every setting of the installer, read from the environment.
@@ -38,7 +40,9 @@ type Config struct {
 	ConfigureDockerd bool   `envconfig:"EDS_CONFIGURE_DOCKERD" default:"false" desc:"true: merge userland-proxy-path and \"iptables\": false into daemon.json (timestamped backup first; idempotent)."`
 	DaemonJSON       string `envconfig:"EDS_DAEMON_JSON" default:"/host/etc/docker/daemon.json" desc:"The host's daemon.json inside the installer container; mount its directory, not the file, so it can be replaced atomically."`
 	DaemonJSONHost   string `envconfig:"EDS_DAEMON_JSON_HOST" default:"/etc/docker/daemon.json" desc:"The same file as the host sees it, for messages."`
-	Uninstall        bool   `envconfig:"EDS_UNINSTALL" default:"false" desc:"true: restore the daemon.json values the installer changed and remove the shim."`
+	Uninstall        bool   `envconfig:"EDS_UNINSTALL" default:"false" desc:"true: restore the daemon.json values the installer changed, remove the shim, and remove envoy-docker-server's netfilter rules (the nftables table EDS_NETFILTER_TABLE)."`
+	NftTable         string `envconfig:"EDS_NETFILTER_TABLE" default:"envoy_docker_shim" desc:"envoy-docker-server's nftables table (family inet; the server's EDS_NETFILTER_TABLE), which uninstall removes."`
+	RunMount         string `envconfig:"EDS_RUN_MOUNT" default:"/run/envoy-docker-shim" desc:"envoy-docker-server's run directory (EDS_RUN_DIR on the host) inside the installer container: uninstall leaves a mark there so that a server still running does not restore its netfilter rules; install removes the mark."`
 }
 
 // ConfigFromEnv reads Config from the environment and checks it.
@@ -58,8 +62,11 @@ func (c Config) Validate() error {
 	if c.ShimName == "" || strings.ContainsAny(c.ShimName, "/\x00\n") || c.ShimName == "." || c.ShimName == ".." {
 		return fmt.Errorf("configuration: EDS_SHIM_NAME=%q: want a plain file name", c.ShimName)
 	}
-	if c.InstallMount == "" || c.DaemonJSON == "" || c.ShimSource == "" {
-		return errors.New("configuration: EDS_INSTALL_MOUNT, EDS_DAEMON_JSON and EDS_SHIM_SOURCE must not be empty")
+	if c.InstallMount == "" || c.DaemonJSON == "" || c.ShimSource == "" || c.RunMount == "" {
+		return errors.New("configuration: EDS_INSTALL_MOUNT, EDS_DAEMON_JSON, EDS_SHIM_SOURCE and EDS_RUN_MOUNT must not be empty")
+	}
+	if err := netfilter.CheckTable(c.NftTable); err != nil {
+		return fmt.Errorf("configuration: EDS_NETFILTER_TABLE: %w", err)
 	}
 	return nil
 }
@@ -84,6 +91,9 @@ const verifyTimeout = 10 * time.Second
 type Installer struct {
 	Config
 	Now func() time.Time
+	// RemoveTable removes envoy-docker-server's nftables table on uninstall and says whether there
+	// was one; nil leaves the host's nftables alone (unit tests).
+	RemoveTable func(name string) (removed bool, err error)
 }
 
 // Result says what a run did; Next turns it into instructions.
@@ -103,6 +113,11 @@ type Result struct {
 	Kept            []string   // uninstall: keys the user changed since install, left alone
 	IPTablesChanged bool       // install: iptables went from enabled (absent or true) to false
 	LiveRestore     bool
+
+	NftTable     string // envoy-docker-server's nftables table
+	TableChecked bool   // uninstall: looked for the table (and removed it if TableRemoved)
+	TableRemoved bool
+	MarkCleared  bool // install: an earlier uninstall's mark was removed
 }
 
 // Run installs (or, with Uninstall, removes) the shim and returns what it did.
@@ -118,10 +133,16 @@ func (in Installer) Run(ctx context.Context) (Result, error) {
 		ShimPath:       in.HostShimPath(),
 		DaemonJSON:     in.DaemonJSONHost,
 		ConfigureAsked: in.ConfigureDockerd,
+		NftTable:       in.NftTable,
 	}
 	if in.Uninstall {
 		return r, in.uninstall(&r)
 	}
+	cleared, err := netfilter.ClearUninstalled(in.RunMount)
+	if err != nil {
+		return r, err
+	}
+	r.MarkCleared = cleared
 	changed, version, err := installFile(ctx, in.ShimSource, in.target())
 	if err != nil {
 		return r, err
@@ -348,7 +369,25 @@ func (in Installer) uninstall(r *Result) error {
 	}
 	removed, err := removeShim(in.target())
 	r.ShimChanged = removed
-	return err
+	return errors.Join(err, in.removeRules(r))
+}
+
+// removeRules takes away envoy-docker-server's netfilter rules: the mark first, so that a server
+// still running (the operator stops it only after restarting dockerd) does not restore them, and
+// keeps none when it stops; then the table itself.
+func (in Installer) removeRules(r *Result) error {
+	if err := netfilter.MarkUninstalled(in.RunMount); err != nil {
+		return fmt.Errorf("%w: mount the host's envoy-docker-server run directory (EDS_RUN_DIR) at %s", err, in.RunMount)
+	}
+	if in.RemoveTable == nil {
+		return nil
+	}
+	removed, err := in.RemoveTable(in.NftTable)
+	if err != nil {
+		return err
+	}
+	r.TableChecked, r.TableRemoved = true, removed
+	return nil
 }
 
 func readOrNil(path string) []byte {

@@ -11,6 +11,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/envoy-docker-shim/envoy-docker-shim/services/netfilter"
 )
 
 // host is a fake host for one test: the directory the shim goes into, /etc/docker, and the image's
@@ -20,7 +22,10 @@ type host struct {
 	bin    string // the host's install directory, mounted into the "container" as is
 	docker string // the host's /etc/docker
 	source string // the shim inside the image
+	runDir string // envoy-docker-server's run directory
 	clock  time.Time
+	// tables are the nftables tables RemoveTable finds on this host.
+	tables map[string]bool
 }
 
 func newHost(t *testing.T) *host {
@@ -30,9 +35,11 @@ func newHost(t *testing.T) *host {
 		bin:    filepath.Join(dir, "bin"),
 		docker: filepath.Join(dir, "etc-docker"),
 		source: filepath.Join(dir, "image", "envoy-docker-shim"),
+		runDir: filepath.Join(dir, "run"),
 		clock:  time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC),
+		tables: map[string]bool{},
 	}
-	for _, d := range []string{h.bin, h.docker, filepath.Dir(h.source)} {
+	for _, d := range []string{h.bin, h.docker, filepath.Dir(h.source), h.runDir} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			t.Fatal(err)
 		}
@@ -63,6 +70,8 @@ func (h *host) config(configure, uninstall bool) Config {
 		DaemonJSON:       h.daemonJSON(),
 		DaemonJSONHost:   "/etc/docker/daemon.json",
 		Uninstall:        uninstall,
+		NftTable:         "envoy_docker_shim",
+		RunMount:         h.runDir,
 	}
 }
 
@@ -70,7 +79,13 @@ func (h *host) run(configure, uninstall bool) (Result, error) {
 	h.t.Helper()
 	h.clock = h.clock.Add(time.Second)
 	now := h.clock
-	return Installer{Config: h.config(configure, uninstall), Now: func() time.Time { return now }}.Run(context.Background())
+	return Installer{Config: h.config(configure, uninstall), Now: func() time.Time { return now }, RemoveTable: h.removeTable}.Run(context.Background())
+}
+
+func (h *host) removeTable(name string) (bool, error) {
+	had := h.tables[name]
+	delete(h.tables, name)
+	return had, nil
 }
 
 func (h *host) mustRun(configure, uninstall bool) Result {
@@ -337,7 +352,8 @@ func TestNextStepsLiveRestore(t *testing.T) {
 }
 
 func TestConfigValidate(t *testing.T) {
-	good := Config{InstallDir: "/usr/local/bin", InstallMount: "/host/bin", ShimName: "envoy-docker-shim", ShimSource: "/envoy-docker-shim", DaemonJSON: "/host/etc/docker/daemon.json"}
+	good := Config{InstallDir: "/usr/local/bin", InstallMount: "/host/bin", ShimName: "envoy-docker-shim", ShimSource: "/envoy-docker-shim", DaemonJSON: "/host/etc/docker/daemon.json",
+		NftTable: "envoy_docker_shim", RunMount: "/run/envoy-docker-shim"}
 	if err := good.Validate(); err != nil {
 		t.Fatal(err)
 	}
@@ -347,6 +363,9 @@ func TestConfigValidate(t *testing.T) {
 		func(c *Config) { c.ShimName = "a/b" },
 		func(c *Config) { c.ShimName = ".." },
 		func(c *Config) { c.DaemonJSON = "" },
+		func(c *Config) { c.RunMount = "" },
+		func(c *Config) { c.NftTable = "" },
+		func(c *Config) { c.NftTable = "x; flush ruleset" },
 	} {
 		c := good
 		mutate(&c)
@@ -360,7 +379,7 @@ func TestConfigValidate(t *testing.T) {
 }
 
 func TestConfigFromEnvDefaults(t *testing.T) {
-	for _, k := range []string{"EDS_INSTALL_DIR", "EDS_INSTALL_MOUNT", "EDS_SHIM_NAME", "EDS_SHIM_SOURCE", "EDS_CONFIGURE_DOCKERD", "EDS_DAEMON_JSON", "EDS_DAEMON_JSON_HOST", "EDS_UNINSTALL"} {
+	for _, k := range []string{"EDS_INSTALL_DIR", "EDS_INSTALL_MOUNT", "EDS_SHIM_NAME", "EDS_SHIM_SOURCE", "EDS_CONFIGURE_DOCKERD", "EDS_DAEMON_JSON", "EDS_DAEMON_JSON_HOST", "EDS_UNINSTALL", "EDS_NETFILTER_TABLE", "EDS_RUN_MOUNT"} {
 		t.Setenv(k, "")
 		os.Unsetenv(k)
 	}
@@ -368,11 +387,66 @@ func TestConfigFromEnvDefaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c.HostShimPath() != "/usr/local/bin/envoy-docker-shim" || c.ConfigureDockerd || c.Uninstall || c.DaemonJSON != "/host/etc/docker/daemon.json" {
+	if c.HostShimPath() != "/usr/local/bin/envoy-docker-shim" || c.ConfigureDockerd || c.Uninstall || c.DaemonJSON != "/host/etc/docker/daemon.json" ||
+		c.NftTable != "envoy_docker_shim" || c.RunMount != "/run/envoy-docker-shim" {
 		t.Errorf("defaults: %+v", c)
 	}
 	t.Setenv("EDS_CONFIGURE_DOCKERD", "true")
 	if c, err := ConfigFromEnv(); err != nil || !c.ConfigureDockerd {
 		t.Errorf("EDS_CONFIGURE_DOCKERD=true: %+v, %v", c, err)
+	}
+}
+
+// Uninstall removes envoy-docker-server's nftables table, after leaving the mark that keeps a
+// server still running from restoring it; installing again removes the mark. The table is
+// looked for even when dockerd was never configured by the installer: the server makes it
+// whenever it runs.
+func TestUninstallRemovesTheServersRules(t *testing.T) {
+	h := newHost(t)
+	h.mustRun(true, false)
+	h.tables["envoy_docker_shim"] = true
+	h.tables["someone_elses"] = true
+
+	r := h.mustRun(false, true)
+	if !r.TableChecked || !r.TableRemoved || h.tables["envoy_docker_shim"] || !h.tables["someone_elses"] {
+		t.Errorf("uninstall: checked=%v removed=%v, tables left %v", r.TableChecked, r.TableRemoved, h.tables)
+	}
+	if !netfilter.Uninstalled(h.runDir) {
+		t.Error("uninstall left no mark for a server still running")
+	}
+	if done := strings.Join(r.Done(), "\n"); !strings.Contains(done, "removed the nftables table inet envoy_docker_shim") {
+		t.Errorf("uninstall does not say it removed the rules:\n%s", done)
+	}
+
+	r = h.mustRun(false, true)
+	if !r.TableChecked || r.TableRemoved {
+		t.Errorf("second uninstall: checked=%v removed=%v", r.TableChecked, r.TableRemoved)
+	}
+	if done := strings.Join(r.Done(), "\n"); !strings.Contains(done, "no nftables table inet envoy_docker_shim to remove") {
+		t.Errorf("second uninstall:\n%s", done)
+	}
+
+	r = h.mustRun(false, false)
+	if !r.MarkCleared || netfilter.Uninstalled(h.runDir) {
+		t.Errorf("install after uninstall: mark cleared=%v, still marked=%v", r.MarkCleared, netfilter.Uninstalled(h.runDir))
+	}
+	if done := strings.Join(r.Done(), "\n"); !strings.Contains(done, "restores its netfilter rules again") {
+		t.Errorf("install after uninstall does not say the rules come back:\n%s", done)
+	}
+	if r = h.mustRun(false, false); r.MarkCleared {
+		t.Error("a second install reports clearing a mark again")
+	}
+}
+
+// Without the run directory the mark cannot be left: uninstall says what to mount.
+func TestUninstallWithoutRunDirectory(t *testing.T) {
+	h := newHost(t)
+	h.mustRun(true, false)
+	if err := os.Remove(h.runDir); err != nil {
+		t.Fatal(err)
+	}
+	_, err := h.run(false, true)
+	if err == nil || !strings.Contains(err.Error(), "EDS_RUN_DIR") {
+		t.Errorf("uninstall without the run directory: %v", err)
 	}
 }

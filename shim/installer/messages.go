@@ -25,6 +25,12 @@ func (r Result) Done() []string {
 		} else {
 			out = append(out, r.ShimPath+" was not installed")
 		}
+		switch {
+		case r.TableRemoved:
+			out = append(out, fmt.Sprintf("removed the nftables table inet %s: containers' outbound NAT, forwarding and isolation rules (dockerd makes its own again once it restarts with iptables on)", r.NftTable))
+		case r.TableChecked:
+			out = append(out, fmt.Sprintf("no nftables table inet %s to remove", r.NftTable))
+		}
 		return out
 	}
 	if r.ShimChanged {
@@ -57,6 +63,9 @@ func (r Result) Done() []string {
 		out = append(out, r.DaemonJSON+": already makes dockerd run the shim (EDS_CONFIGURE_DOCKERD is not true, so it was not touched)")
 	default:
 		out = append(out, r.DaemonJSON+": not changed (EDS_CONFIGURE_DOCKERD is not true)")
+	}
+	if r.MarkCleared {
+		out = append(out, fmt.Sprintf("envoy-docker-server restores its netfilter rules again (nftables table inet %s): the mark of an earlier uninstall is gone", r.NftTable))
 	}
 	if !r.ShimChanged && !r.DaemonChanged && r.Configured {
 		out = append(out, "nothing changed: nothing to restart")

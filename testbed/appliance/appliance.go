@@ -34,6 +34,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/envoy-docker-shim/envoy-docker-shim/services/netfilter"
 	"github.com/envoy-docker-shim/envoy-docker-shim/testbed"
 )
 
@@ -63,10 +64,17 @@ type Appliance struct {
 	Daemon *testbed.Daemon
 	// The fake host's directories, as given to compose.
 	InstallDir, RunDir, DockerConfigDir string
+	// SysctlDir stands in for the host's /proc/sys/net (EDS_SYSCTL_NET_DIR): the server turns IP
+	// forwarding on there, not in the machine's kernel, which other tests share.
+	SysctlDir string
 	// ShimPath is where the installer puts the shim: the daemon's userland proxy.
 	ShimPath string
 	// Socket is the registration socket as the host's shims reach it.
 	Socket string
+	// NetfilterTable is the server's nftables table (EDS_NETFILTER_TABLE), one per appliance so
+	// that appliances of parallel tests, and a real one, never meet. It lives in the host's
+	// ruleset: teardown removes it, since compose down keeps it by design.
+	NetfilterTable netfilter.Table
 	// Loopback addresses of the server's xDS and HTTP endpoints and Envoy's admin interface.
 	XDSAddr, HTTPAddr, AdminAddr, UIAddr string
 	Project                              string
@@ -101,6 +109,7 @@ func Start(t testing.TB, opts Options) *Appliance {
 		InstallDir:      filepath.Join(dir, "bin"),
 		RunDir:          filepath.Join(dir, "run"),
 		DockerConfigDir: filepath.Join(dir, "etc-docker"),
+		SysctlDir:       filepath.Join(dir, "proc-sys-net"),
 		XDSAddr:         loopback(testbed.FreePort(t)),
 		HTTPAddr:        loopback(testbed.FreePort(t)),
 		AdminAddr:       loopback(testbed.FreePort(t)),
@@ -108,6 +117,7 @@ func Start(t testing.TB, opts Options) *Appliance {
 		Project:         "edse2e" + randomHex(4),
 		compose:         composeCmd,
 	}
+	a.NetfilterTable = netfilter.Table{Name: "eds_" + a.Project}
 	if _, err := os.Stat(filepath.Join(repo, ShimPackage)); err == nil {
 		a.HasShim = true
 	} else {
@@ -119,6 +129,15 @@ func Start(t testing.TB, opts Options) *Appliance {
 	a.Socket = filepath.Join(a.RunDir, "server.sock")
 	for _, d := range []string{a.InstallDir, a.RunDir, a.DockerConfigDir} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, f := range []string{"ipv4/ip_forward", "ipv6/conf/all/forwarding", "ipv6/conf/default/forwarding"} {
+		p := filepath.Join(a.SysctlDir, f)
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(p, []byte("0\n"), 0o644); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -186,11 +205,13 @@ func (a *Appliance) composeEnv(opts Options, goImage, envoyImage string) []strin
 		"EDS_DOCKER_SOCKET="+a.Daemon.Socket,
 		"EDS_INSTALL_DIR="+a.InstallDir,
 		"EDS_DOCKER_CONFIG_DIR="+a.DockerConfigDir,
+		"EDS_SYSCTL_NET_DIR="+a.SysctlDir,
 		"EDS_CONFIGURE_DOCKERD="+strconv.FormatBool(opts.ConfigureDockerd),
 		"EDS_HEALTHCHECK_INTERVAL=1s",
 		"EDS_XDS_ADDR="+a.XDSAddr,
 		"EDS_HTTP_ADDR="+a.HTTPAddr,
 		"EDS_LOG_LEVEL=debug",
+		"EDS_NETFILTER_TABLE="+a.NetfilterTable.Name,
 		"ENVOY_PORT="+portOf(a.AdminAddr),
 		"ENVOY_UI_LISTEN_PORT="+portOf(a.UIAddr),
 		"ENVOY_BASE_ID="+strconv.Itoa(envoyBaseIDOffset+slot),
@@ -463,6 +484,9 @@ func (a *Appliance) teardown(t testing.TB) {
 	ctx, cancel := context.WithTimeout(context.Background(), composeTimeout)
 	defer cancel()
 	if _, err := a.ComposeErr(ctx, "down", "-t", "2", "--remove-orphans"); err != nil {
+		t.Errorf("appliance teardown: %v", err)
+	}
+	if _, err := a.NetfilterTable.Remove(); err != nil {
 		t.Errorf("appliance teardown: %v", err)
 	}
 	t.Logf("appliance: torn down in %s", time.Since(start).Round(100*time.Millisecond))

@@ -52,6 +52,7 @@ func TestE2EAppliance(t *testing.T) {
 		}
 	}
 	checkDaemonJSON(t, a)
+	checkNetfilter(t, a, true)
 	backups := backupsOf(t, a)
 	if len(backups) != 1 || !bytes.Equal(readFile(t, backups[0]), []byte(userDaemonJSON)) {
 		t.Fatalf("daemon.json backups %q, want one holding the original", backups)
@@ -101,6 +102,7 @@ func TestE2EAppliance(t *testing.T) {
 	if left := a.Containers(t, ""); len(left) != 0 {
 		t.Fatalf("containers left after compose down: %q", left)
 	}
+	checkNetfilter(t, a, true) // kept while the server is down (EDS_NETFILTER_KEEP)
 	a.Up(t)
 	requestThroughEnvoy(t, a, url, web.Name)
 	if got := a.Registrations(t); !reflect.DeepEqual(got, regs) {
@@ -145,6 +147,13 @@ func TestE2EAppliance(t *testing.T) {
 	if !strings.Contains(out, "systemctl restart docker") {
 		t.Error("uninstall did not say to restart dockerd")
 	}
+	if !strings.Contains(out, "removed the nftables table inet "+a.NetfilterTable.Name) {
+		t.Error("uninstall did not say it removed the server's netfilter rules")
+	}
+	checkNetfilter(t, a, false)
+	// compose down after uninstall keeps nothing (the uninstall mark overrides EDS_NETFILTER_KEEP).
+	a.Down(t)
+	checkNetfilter(t, a, false)
 	t.Logf("TestE2EAppliance: %s in all", time.Since(start).Round(100*time.Millisecond))
 }
 
@@ -406,6 +415,30 @@ func checkNoLeftovers(t *testing.T, a *Appliance) {
 			t.Errorf("%s holds %q, want %q", dir, names, want)
 		}
 	}
+}
+
+// checkNetfilter checks the server's nftables table in the host: with rules for the daemon's
+// bridge (the server in its container has CAP_NET_ADMIN in the host's network namespace) and IP
+// forwarding on, or gone.
+func checkNetfilter(t *testing.T, a *Appliance, present bool) {
+	t.Helper()
+	testbed.WaitFor(t, 10*time.Second, fmt.Sprintf("table %s present=%v", a.NetfilterTable, present), func() error {
+		lines, exists, err := a.NetfilterTable.Current()
+		text := strings.Join(lines, "\n")
+		switch {
+		case err != nil:
+			return err
+		case exists != present:
+			return fmt.Errorf("table exists=%v:\n%s", exists, text)
+		case present && !strings.Contains(text, a.Daemon.Bridge+" (bridge): masquerade "+a.Daemon.Subnet.String()):
+			return fmt.Errorf("no masquerade of %s in:\n%s", a.Daemon.Subnet, text)
+		}
+		// The server turns IPv4 forwarding on, through its mount of the stand-in /proc/sys/net.
+		if b := readFile(t, filepath.Join(a.SysctlDir, "ipv4", "ip_forward")); present && string(b) != "1\n" {
+			return fmt.Errorf("ip_forward is %q", b)
+		}
+		return nil
+	})
 }
 
 type fileIdentity struct {

@@ -47,6 +47,10 @@ type Options struct {
 	// Zipkin is the server's EDS_ZIPKIN_ADDR (default empty: no tracing), with EDS_TRACE_SAMPLING
 	// at 100%.
 	Zipkin string
+	// NetfilterTable turns on the server's netfilter rules (EDS_NETFILTER) in this nftables table
+	// of the host; empty leaves them off. NetfilterKeep is EDS_NETFILTER_KEEP.
+	NetfilterTable string
+	NetfilterKeep  bool
 }
 
 // Stack is a running server and Envoy.
@@ -87,6 +91,10 @@ func Start(t testing.TB, opts Options) *Stack {
 		TraceSampling: 100,
 		// The shipped default (EDS_CONNECT_RETRY_WINDOW), so tests see what users get.
 		ConnectRetryWindow: 3 * time.Second,
+		Netfilter:          opts.NetfilterTable != "",
+		NftTable:           opts.NetfilterTable,
+		NftKeep:            opts.NetfilterKeep,
+		SysctlNet:          "/proc/sys/net",
 	}
 	s := &Stack{Config: cfg, LogPath: filepath.Join(dir, "server.log"), done: make(chan error, 1)}
 	s.StartServer(t)

@@ -14,6 +14,7 @@ import (
 	"syscall"
 
 	"github.com/envoy-docker-shim/envoy-docker-shim/internal/buildinfo"
+	"github.com/envoy-docker-shim/envoy-docker-shim/services/netfilter"
 	"github.com/envoy-docker-shim/envoy-docker-shim/shim/installer"
 )
 
@@ -34,7 +35,8 @@ func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	fmt.Printf("envoy-docker-shim-install %s\n", buildinfo.String())
-	r, err := installer.Installer{Config: cfg}.Run(ctx)
+	removeTable := func(name string) (bool, error) { return netfilter.Table{Name: name}.Remove() }
+	r, err := installer.Installer{Config: cfg, RemoveTable: removeTable}.Run(ctx)
 	if err != nil {
 		// Only the shim's line is known to be true after a failure; the error says the rest.
 		if !r.Uninstall && r.Version != "" {
