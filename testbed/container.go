@@ -93,10 +93,44 @@ func (d *Daemon) waitEchoServing(ctx context.Context, c *Container) error {
 // instead of failing the test. A container whose start failed stays behind in the Created state,
 // as with docker itself; teardown removes it.
 func (d *Daemon) RunErr(ctx context.Context, opts RunOptions) (*Container, error) {
+	id, name, err := d.startContainer(ctx, opts)
+	if err != nil {
+		return nil, err
+	}
+	info, err := d.Docker(ctx, "inspect", "-f", "{{.Name}} {{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}", id)
+	if err != nil {
+		return nil, err
+	}
+	c := &Container{ID: id, Name: name}
+	if fields := strings.Fields(info); len(fields) > 0 {
+		c.Name = strings.TrimPrefix(fields[0], "/")
+		for _, f := range fields[1:] {
+			ip, err := netip.ParseAddr(f)
+			switch {
+			case err != nil:
+			case d.Subnet.Contains(ip):
+				c.IP = ip
+			case d.AddressPool.Contains(ip) && !c.IP.IsValid():
+				c.IP = ip
+			}
+		}
+	}
+	return c, nil
+}
+
+// Start is `docker run -d` and nothing more: it returns the container's ID and name as soon as
+// docker does, without inspecting the container or waiting for the echo server, so that a request
+// sent next races the application's start as a user's would. Defaults are those of RunErr. On
+// error the name is still returned: a container whose start failed stays behind, Created.
+func (d *Daemon) Start(ctx context.Context, opts RunOptions) (id, name string, err error) {
+	return d.startContainer(ctx, opts)
+}
+
+func (d *Daemon) startContainer(ctx context.Context, opts RunOptions) (id, name string, err error) {
 	if opts.Image == "" {
 		tag, err := d.echoImage(ctx)
 		if err != nil {
-			return nil, fmt.Errorf("building the echo image: %w", err)
+			return "", "", fmt.Errorf("building the echo image: %w", err)
 		}
 		opts.Image = tag
 	}
@@ -116,28 +150,9 @@ func (d *Daemon) RunErr(ctx context.Context, opts RunOptions) (*Container, error
 	}
 	out, err := d.Docker(ctx, runArgs(opts)...)
 	if err != nil {
-		return nil, err
+		return "", opts.Name, err
 	}
-	id := lastLine(out)
-	info, err := d.Docker(ctx, "inspect", "-f", "{{.Name}} {{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}", id)
-	if err != nil {
-		return nil, err
-	}
-	c := &Container{ID: id, Name: opts.Name}
-	if fields := strings.Fields(info); len(fields) > 0 {
-		c.Name = strings.TrimPrefix(fields[0], "/")
-		for _, f := range fields[1:] {
-			ip, err := netip.ParseAddr(f)
-			switch {
-			case err != nil:
-			case d.Subnet.Contains(ip):
-				c.IP = ip
-			case d.AddressPool.Contains(ip) && !c.IP.IsValid():
-				c.IP = ip
-			}
-		}
-	}
-	return c, nil
+	return lastLine(out), opts.Name, nil
 }
 
 // runArgs builds the docker run command line, with labels and environment in a stable order so

@@ -340,6 +340,30 @@ func (d *Daemon) MustDocker(t testing.TB, args ...string) string {
 	return out
 }
 
+// Command prepares a process that belongs to this daemon's instance, such as a server its
+// proxies talk to: it carries the instance's marker, so if the test process dies without stopping
+// it, the stale cleaning kills it with the rest of the instance (as teardown does with whatever is
+// still running). The caller starts and stops it.
+func (d *Daemon) Command(name string, args ...string) *exec.Cmd {
+	cmd := exec.Command(name, args...)
+	cmd.Env = toolEnv(markerEnv + "=" + d.Root)
+	return cmd
+}
+
+// Processes lists the live processes of this daemon's instance whose program file is named
+// program (e.g. "docker-proxy"): found the way teardown finds what to kill, so they include the
+// userland proxies dockerd runs.
+func (d *Daemon) Processes(program string) []int {
+	var pids []int
+	for _, p := range instanceProcs(d.Root, d.inst.state.CgroupParent) {
+		argv0, _, _ := strings.Cut(string(readFile(fmt.Sprintf("/proc/%d/cmdline", p.pid))), "\x00")
+		if filepath.Base(argv0) == program {
+			pids = append(pids, p.pid)
+		}
+	}
+	return pids
+}
+
 func (d *Daemon) running() bool {
 	if d.cmd == nil {
 		return false

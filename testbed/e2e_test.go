@@ -136,3 +136,52 @@ func containsSuffix(list []string, suffix string) bool {
 	}
 	return false
 }
+
+// TestStartRacesTheApp proves what the soak suite relies on: Start returns while the application
+// in the container is still starting, ECHO_LISTEN_DELAY keeps the echo server's ports closed that
+// long (docker-proxy, already listening, can only drop the client), and Processes finds the
+// daemon's userland proxies and sees them go with the container.
+func TestStartRacesTheApp(t *testing.T) {
+	t.Parallel()
+	d := StartDaemon(t, DaemonOptions{})
+	d.EchoImage(t)
+	port := FreePort(t)
+	const delay = 5 * time.Second
+	started := time.Now()
+	id, name, err := d.Start(t.Context(), RunOptions{
+		Publish: []string{fmt.Sprintf("127.0.0.1:%d:80", port)},
+		Env:     map[string]string{"ECHO_LISTEN_DELAY": delay.String()},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	url := fmt.Sprintf("http://127.0.0.1:%d/", port)
+	status, body, err := HTTPGet(t.Context(), url)
+	if answered := time.Since(started); answered >= delay {
+		t.Fatalf("the first request was answered %v after docker run started, past the %v listen delay: the test proves nothing on a machine this slow", answered, delay)
+	}
+	if err == nil {
+		t.Fatalf("GET %s before the app listens: %d %q, want an error", url, status, body)
+	}
+	if pids := d.Processes("docker-proxy"); len(pids) != 1 {
+		t.Fatalf("docker-proxy processes of the daemon: %v, want 1", pids)
+	}
+	c := &Container{ID: id, Name: name}
+	if err := d.waitEchoServing(t.Context(), c); err != nil {
+		t.Fatal(err)
+	}
+	if serving := time.Since(started); serving < delay {
+		t.Fatalf("echo server reported serving %v after docker run started, before its %v listen delay", serving, delay)
+	}
+	got, err := echoName(t, url)
+	if err != nil || got != name {
+		t.Fatalf("GET %s once the app serves: %q, %v; want %q", url, got, err, name)
+	}
+	d.Remove(t, c)
+	WaitFor(t, 5*time.Second, "docker-proxy gone with its container", func() error {
+		if pids := d.Processes("docker-proxy"); len(pids) != 0 {
+			return fmt.Errorf("docker-proxy processes %v", pids)
+		}
+		return nil
+	})
+}

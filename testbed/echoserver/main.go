@@ -6,6 +6,10 @@
 // Echo is byte-exact so tests can count bytes through a proxy; the only exception is the WHOAMI
 // probe, which must be the very first bytes of a TCP stream or a whole UDP datagram.
 //
+// ECHO_LISTEN_DELAY (a Go duration, e.g. 300ms) makes it wait that long before it binds any port,
+// like an application that takes a while to start: a request that arrives meanwhile finds nothing
+// listening in the container, which is what the soak suite's first requests race against.
+//
 // As PID 1 in a container it gets no default signal handling, so it handles SIGTERM and SIGINT
 // itself and exits 0 at once: a slow exit would make every `docker stop` in the suite wait.
 package main
@@ -36,7 +40,12 @@ type config struct {
 	http     []int
 	tcp      []int
 	udp      []int
+	delay    time.Duration // before binding any port
 }
+
+// maxListenDelay bounds ECHO_LISTEN_DELAY: a longer start would only be a typo that makes every
+// test using the container wait.
+const maxListenDelay = time.Minute
 
 func main() {
 	log.SetFlags(0)
@@ -48,6 +57,16 @@ func main() {
 
 	stop := make(chan os.Signal, 1)
 	signal.Notify(stop, syscall.SIGTERM, syscall.SIGINT)
+
+	if cfg.delay > 0 {
+		log.Printf("%s waiting %v before listening", cfg.name, cfg.delay)
+		select {
+		case sig := <-stop:
+			log.Printf("%v: exiting", sig)
+			os.Exit(0)
+		case <-time.After(cfg.delay):
+		}
+	}
 
 	errs := make(chan error, 1)
 	for _, p := range cfg.http {
@@ -108,6 +127,13 @@ func loadConfig(lookup func(string) (string, bool)) (config, error) {
 			return config{}, fmt.Errorf("%s=%q: %w", l.env, v, err)
 		}
 		*l.dest = ports
+	}
+	if v, ok := lookup("ECHO_LISTEN_DELAY"); ok && v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil || d < 0 || d > maxListenDelay {
+			return config{}, fmt.Errorf("ECHO_LISTEN_DELAY=%q: want a duration from 0 to %v, e.g. 300ms", v, maxListenDelay)
+		}
+		cfg.delay = d
 	}
 	return cfg, nil
 }

@@ -5,6 +5,7 @@ import (
 	"io"
 	"slices"
 	"testing"
+	"time"
 )
 
 func TestParsePorts(t *testing.T) {
@@ -47,6 +48,39 @@ func TestLoadConfig(t *testing.T) {
 	}
 	if _, err := loadConfig(func(k string) (string, bool) { return "x", k == "ECHO_UDP_PORTS" }); err == nil {
 		t.Error("loadConfig accepted ECHO_UDP_PORTS=x")
+	}
+}
+
+func TestLoadConfigListenDelay(t *testing.T) {
+	tests := []struct {
+		in      string
+		set     bool
+		want    time.Duration
+		wantErr bool
+	}{
+		{set: false, want: 0},
+		{in: "", set: true, want: 0},
+		{in: "300ms", set: true, want: 300 * time.Millisecond},
+		{in: "0s", set: true, want: 0},
+		{in: "1m", set: true, want: time.Minute},
+		{in: "61s", set: true, wantErr: true},
+		{in: "-1ms", set: true, wantErr: true},
+		{in: "300", set: true, wantErr: true},
+	}
+	for _, tt := range tests {
+		cfg, err := loadConfig(func(k string) (string, bool) {
+			if k == "ECHO_LISTEN_DELAY" {
+				return tt.in, tt.set
+			}
+			return "", false
+		})
+		if (err != nil) != tt.wantErr {
+			t.Errorf("ECHO_LISTEN_DELAY=%q: error = %v, want error %v", tt.in, err, tt.wantErr)
+			continue
+		}
+		if err == nil && cfg.delay != tt.want {
+			t.Errorf("ECHO_LISTEN_DELAY=%q: delay = %v, want %v", tt.in, cfg.delay, tt.want)
+		}
 	}
 }
 
