@@ -71,6 +71,12 @@ func (d *Daemon) Logs(ctx context.Context, id string) (string, error) {
 	return string(out), nil
 }
 
+// WaitEchoServing waits until the echo server in the container started by Start reports that it
+// listens on every port (what Run waits for), 15 s at most.
+func (d *Daemon) WaitEchoServing(ctx context.Context, id string) error {
+	return d.waitEchoServing(ctx, &Container{ID: id, Name: id})
+}
+
 // waitEchoServing waits for the echo server's "serving" line, which it logs once every listener
 // is bound.
 func (d *Daemon) waitEchoServing(ctx context.Context, c *Container) error {
