@@ -54,8 +54,9 @@ type armResult struct {
 	Leftovers  leftovers
 	LeftDetail []string
 
-	StartTimes, FirstTimes, RemoveTimes []time.Duration
-	Wall                                time.Duration
+	StartTimes, RemoveTimes []time.Duration
+	FirstTimes              map[string][]time.Duration // of the answered first requests, by mode
+	Wall                    time.Duration
 
 	Before, After serverSample
 	SampleErr     string
@@ -65,7 +66,7 @@ func newArmResult(name string, controlPlane bool) *armResult {
 	return &armResult{
 		Name: name, ControlPlane: controlPlane,
 		Cycles: map[string]int{}, StartKinds: map[string]int{}, FirstFailed: map[string]int{},
-		FirstKinds: map[string]int{}, RemoveKinds: map[string]int{},
+		FirstKinds: map[string]int{}, RemoveKinds: map[string]int{}, FirstTimes: map[string][]time.Duration{},
 	}
 }
 
@@ -80,7 +81,7 @@ func (r *armResult) add(c cycleResult) {
 		r.FirstFailed[c.mode]++
 		r.FirstKinds[c.mode+": "+errorKind(c.firstErr)]++
 	default:
-		r.FirstTimes = append(r.FirstTimes, c.firstDur)
+		r.FirstTimes[c.mode] = append(r.FirstTimes[c.mode], c.firstDur)
 	}
 	r.UDPResends += c.resends
 	if c.rmErr != nil {
@@ -247,7 +248,9 @@ func table(cfg config, arms []*armResult) string {
 		return fmt.Sprintf("%d (%d) of %d", a.Steady.Errors, a.Steady.Reconnects, a.Steady.Requests)
 	})
 	row("`docker run -d`: median / p95 / max", func(a *armResult) string { return quantiles(a.StartTimes) })
-	row("first request answered: median / p95 / max", func(a *armResult) string { return quantiles(a.FirstTimes) })
+	for _, m := range modes {
+		row("first "+m.name+" request answered in: median / p95 / max", func(a *armResult) string { return quantiles(a.FirstTimes[m.name]) })
+	}
 	row("`docker rm -f`: median / p95 / max", func(a *armResult) string { return quantiles(a.RemoveTimes) })
 	row("**leftover** proxy processes", func(a *armResult) string { return fmt.Sprint(a.Leftovers.Proxies) })
 	row("**leftover** Envoy listeners / clusters", cp(func(a *armResult) string {
