@@ -233,7 +233,7 @@ func (s *serverProc) sampleAfterGC(ctx context.Context) (serverSample, error) {
 }
 
 const (
-	gcSamples = 5
+	gcSamples = 9
 	gcSettle  = 50 * time.Millisecond
 )
 
