@@ -70,6 +70,7 @@ func startDockerProxyArm(t *testing.T, cfg config) *arm {
 
 // cycleResult is one container's life: started, asked once, removed.
 type cycleResult struct {
+	i        int
 	mode     string
 	delay    time.Duration
 	port     int
@@ -86,7 +87,7 @@ type cycleResult struct {
 // port is the host port to publish on, 0 to let dockerd choose.
 func (a *arm) cycle(ctx context.Context, i, port int) cycleResult {
 	m := modes[i%len(modes)]
-	r := cycleResult{mode: m.name, port: port}
+	r := cycleResult{i: i, mode: m.name, port: port}
 	if a.cfg.DelayMax > 0 {
 		// Seeded per cycle, so a run's delays do not depend on which worker took which cycle.
 		rng := rand.New(rand.NewPCG(a.cfg.Seed, uint64(i)))

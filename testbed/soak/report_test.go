@@ -33,6 +33,7 @@ const (
 type steadyResult struct {
 	Requests, Errors, Reconnects int64
 	Kinds                        map[string]int
+	Examples                     []string // the first errors in full, with when they happened
 }
 
 // armResult is everything one arm measured.
@@ -48,7 +49,8 @@ type armResult struct {
 	UDPResends    int
 	FailedRemoves int
 	RemoveKinds   map[string]int
-	Aborted       string // why the arm stopped early, if it did
+	Aborted       string   // why the arm stopped early, if it did
+	Examples      []string // the first few errors in full, to tell why
 
 	Steady     steadyResult
 	Leftovers  leftovers
@@ -70,6 +72,15 @@ func newArmResult(name string, controlPlane bool) *armResult {
 	}
 }
 
+// maxExamples bounds the errors kept in full.
+const maxExamples = 5
+
+func (r *armResult) example(c cycleResult, what string, err error) {
+	if len(r.Examples) < maxExamples {
+		r.Examples = append(r.Examples, fmt.Sprintf("cycle %d (%s, port %d, listen delay %v) %s: %v", c.i, c.mode, c.port, c.delay, what, err))
+	}
+}
+
 func (r *armResult) add(c cycleResult) {
 	r.Cycles[c.mode]++
 	r.StartTimes = append(r.StartTimes, c.startDur)
@@ -77,9 +88,11 @@ func (r *armResult) add(c cycleResult) {
 	case c.startErr != nil:
 		r.FailedStarts++
 		r.StartKinds[errorKind(c.startErr)]++
+		r.example(c, "docker run", c.startErr)
 	case c.firstErr != nil:
 		r.FirstFailed[c.mode]++
 		r.FirstKinds[c.mode+": "+errorKind(c.firstErr)]++
+		r.example(c, "first request", c.firstErr)
 	default:
 		r.FirstTimes[c.mode] = append(r.FirstTimes[c.mode], c.firstDur)
 	}
@@ -87,6 +100,7 @@ func (r *armResult) add(c cycleResult) {
 	if c.rmErr != nil {
 		r.FailedRemoves++
 		r.RemoveKinds[errorKind(c.rmErr)]++
+		r.example(c, "docker rm", c.rmErr)
 	}
 	r.RemoveTimes = append(r.RemoveTimes, c.rmDur)
 }
@@ -118,7 +132,7 @@ func (r *armResult) problems() []string {
 		out = append(out, "the steady load sent no request")
 	}
 	if r.Steady.Errors > 0 || r.Steady.Reconnects > 0 {
-		out = append(out, fmt.Sprintf("steady load: %d errors, %d reconnects: %s", r.Steady.Errors, r.Steady.Reconnects, kindList(r.Steady.Kinds)))
+		out = append(out, fmt.Sprintf("steady load: %d errors, %d reconnects: %s; the first: %s", r.Steady.Errors, r.Steady.Reconnects, kindList(r.Steady.Kinds), strings.Join(r.Steady.Examples, " | ")))
 	}
 	if r.Leftovers.total() > 0 {
 		out = append(out, fmt.Sprintf("leftovers %+v: %s", r.Leftovers, strings.Join(r.LeftDetail, "; ")))
@@ -135,6 +149,9 @@ func (r *armResult) problems() []string {
 				out = append(out, fmt.Sprintf("server heap in use %s after, %s before: more than the margin of %s", mib(r.After.HeapInuse), mib(r.Before.HeapInuse), mib(heapMargin)))
 			}
 		}
+	}
+	if len(out) > 0 && len(r.Examples) > 0 {
+		out = append(out, "the first errors in full: "+strings.Join(r.Examples, " | "))
 	}
 	return out
 }

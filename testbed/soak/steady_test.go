@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -30,6 +31,8 @@ type steadyLoad struct {
 	reconnects atomic.Int64
 	mu         sync.Mutex
 	kinds      map[string]int
+	examples   []string
+	began      time.Time
 	stop       context.CancelFunc
 	done       sync.WaitGroup
 }
@@ -54,7 +57,7 @@ func startSteady(t *testing.T, d *testbed.Daemon, clients int, interval time.Dur
 // runSteady starts clients that each send a request to addr every interval until stopped, or
 // until the test's deadline, whichever comes first; the answers must name name.
 func runSteady(t *testing.T, addr, name string, clients int, interval time.Duration) *steadyLoad {
-	s := &steadyLoad{name: name, kinds: map[string]int{}}
+	s := &steadyLoad{name: name, kinds: map[string]int{}, began: time.Now()}
 	// Bounded in time by the test's own deadline (go test -timeout), and in count by it too.
 	until := time.Now().Add(3 * time.Hour)
 	if dl, ok := t.Deadline(); ok {
@@ -146,6 +149,9 @@ func (s *steadyLoad) fail(what string, err error) {
 	s.errors.Add(1)
 	s.mu.Lock()
 	s.kinds[what+": "+errorKind(err)]++
+	if len(s.examples) < maxExamples {
+		s.examples = append(s.examples, fmt.Sprintf("%v in: %s: %v", time.Since(s.began).Round(time.Millisecond), what, err))
+	}
 	s.mu.Unlock()
 }
 
@@ -156,5 +162,5 @@ func (s *steadyLoad) result() steadyResult {
 	for k, v := range s.kinds {
 		kinds[k] = v
 	}
-	return steadyResult{Requests: s.requests.Load(), Errors: s.errors.Load(), Reconnects: s.reconnects.Load(), Kinds: kinds}
+	return steadyResult{Requests: s.requests.Load(), Errors: s.errors.Load(), Reconnects: s.reconnects.Load(), Kinds: kinds, Examples: slices.Clone(s.examples)}
 }
