@@ -150,6 +150,12 @@ func (r *armResult) problems() []string {
 			}
 		}
 	}
+	return out
+}
+
+// report is problems, and the first errors in full when there are any.
+func (r *armResult) report() []string {
+	out := r.problems()
 	if len(out) > 0 && len(r.Examples) > 0 {
 		out = append(out, "the first errors in full: "+strings.Join(r.Examples, " | "))
 	}
@@ -298,7 +304,7 @@ func table(cfg config, arms []*armResult) string {
 		"Only the shim is held to them; docker-proxy is measured for comparison and is known to fail first requests " +
 		"while the app starts (it accepts the connection, finds the container's port closed, and drops the client).\n")
 	for _, a := range arms {
-		p := a.problems()
+		p := a.report()
 		if len(p) == 0 {
 			continue
 		}

@@ -104,7 +104,7 @@ func TestSoak(t *testing.T) {
 	t.Run("envoy-docker-shim", func(t *testing.T) {
 		r := soakArm(t, cfg, startShimArm(t, cfg))
 		results = append(results, r)
-		for _, p := range r.problems() {
+		for _, p := range r.report() {
 			t.Error(p)
 		}
 	})

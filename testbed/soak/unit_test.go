@@ -148,8 +148,13 @@ func TestProblems(t *testing.T) {
 			}
 		})
 	}
+	r := cleanResult()
+	r.add(cycleResult{i: 7, mode: "http", port: 20001, delay: 120 * time.Millisecond, firstErr: boom})
+	if got, want := r.report(), "the first errors in full: cycle 7 (http, port 20001, listen delay 120ms) first request: boom"; len(got) != 2 || got[1] != want {
+		t.Errorf("report = %q, want the problem and then %q", got, want)
+	}
 	// docker-proxy has no server: its figures are not judged.
-	r := newArmResult("docker-proxy", false)
+	r = newArmResult("docker-proxy", false)
 	r.Steady.Requests = 1
 	r.After.Goroutines = 1000
 	if p := r.problems(); len(p) != 0 {
