@@ -49,9 +49,9 @@ type arm struct {
 // own binary, and a real Envoy with the appliance's bootstrap.
 func startShimArm(t *testing.T, cfg config) *arm {
 	shim := testbed.BuildStatic(t, shimPkg, "envoy-docker-shim")
-	socket := filepath.Join(t.TempDir(), "eds.sock")
-	d := testbed.StartDaemon(t, testbed.DaemonOptions{UserlandProxyPath: shim, Env: []string{"EDS_SOCKET=" + socket}})
-	s := startServer(t, d, socket)
+	shimSocket := filepath.Join(t.TempDir(), "shim.sock")
+	d := testbed.StartDaemon(t, testbed.DaemonOptions{UserlandProxyPath: shim, Env: []string{"EDS_SHIM_SOCKET=" + shimSocket}})
+	s := startServer(t, d, shimSocket)
 	e := stack.StartEnvoy(t, s.XDSAddr, stack.Options{})
 	testbed.WaitFor(t, 15*time.Second, "envoy connected to the server", func() error {
 		status, body, err := testbed.HTTPGet(context.Background(), "http://"+s.HTTPAddr+"/healthz")

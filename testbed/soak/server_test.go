@@ -40,9 +40,9 @@ type serverProc struct {
 	exited  chan struct{}
 }
 
-// startServer runs the server for d's shims on socket, logging to a file that is printed if the
-// test fails, and stops it with SIGTERM when the test ends.
-func startServer(t testing.TB, d *testbed.Daemon, socket string) *serverProc {
+// startServer runs the server for d's shims, which register on shimSocket, logging to a file that
+// is printed if the test fails, and stops it with SIGTERM when the test ends.
+func startServer(t testing.TB, d *testbed.Daemon, shimSocket string) *serverProc {
 	t.Helper()
 	bin := testbed.BuildStatic(t, serverPkg, "envoy-docker-server")
 	s := &serverProc{
@@ -58,7 +58,8 @@ func startServer(t testing.TB, d *testbed.Daemon, socket string) *serverProc {
 	defer logf.Close()
 	cmd := d.Command(bin)
 	cmd.Env = append(cmd.Env,
-		"EDS_SOCKET="+socket,
+		"EDS_SHIM_SOCKET="+shimSocket,
+		"EDS_SOCKET="+filepath.Join(filepath.Dir(s.LogPath), "server.sock"),
 		"EDS_XDS_ADDR="+s.XDSAddr,
 		"EDS_HTTP_ADDR="+s.HTTPAddr,
 		"DOCKER_HOST="+d.Host,
@@ -86,13 +87,13 @@ func startServer(t testing.TB, d *testbed.Daemon, socket string) *serverProc {
 			t.Logf("server log %s (last 6 KiB):\n%s", s.LogPath, tail(string(b), 6<<10))
 		}
 	})
-	testbed.WaitFor(t, 15*time.Second, "the server's registration socket and HTTP endpoint", func() error {
+	testbed.WaitFor(t, 15*time.Second, "the server's shim socket and HTTP endpoint", func() error {
 		select {
 		case <-s.exited:
 			t.Fatalf("envoy-docker-server exited during start (%v); its log:\n%s", s.waitErr, readTail(s.LogPath))
 		default:
 		}
-		c, err := net.Dial("unix", socket)
+		c, err := net.Dial("unixpacket", shimSocket)
 		if err != nil {
 			return err
 		}
