@@ -1,7 +1,6 @@
 package shimlink
 
 import (
-	"context"
 	"errors"
 	"io"
 	"net/netip"
@@ -86,7 +85,7 @@ func TestConn(t *testing.T) {
 		}
 		accepted <- NewConn(uc)
 	}()
-	client, err := Dial(context.Background(), path)
+	client, err := Dial(path)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -196,7 +196,7 @@ type session struct {
 }
 
 func (c *Client) open(ctx context.Context, open shimlink.Open) (*session, error) {
-	conn, err := shimlink.Dial(ctx, c.opts.Socket)
+	conn, err := shimlink.Dial(c.opts.Socket)
 	if err != nil {
 		return nil, err
 	}
