@@ -5,6 +5,15 @@
 // holds the container's lock in the middle of `docker start`, and inspect blocks until the start
 // finishes, which deadlocks with the shim's own handshake. Network inspection and the container
 // list answer at once and carry what we need.
+//
+// A network inspect lists each endpoint under the ID of the container whose sandbox it has joined,
+// or, before the daemon has recorded that join, under "ep-<endpoint ID>". dockerd 20.10 starts the
+// userland proxy after the join is recorded, so a starting container is listed under its ID;
+// dockerd 29 (seen on API 1.56) starts it before, so the endpoint of a starting container is keyed
+// "ep-..." there. Both shapes come from the same code in every version since (moby's
+// buildContainerAttachments), so the Finder handles both whatever the daemon's version: an ID key
+// is looked up by ID, an "ep-" key by the endpoint's name, which the daemon always gives the
+// container's name.
 package dockerapi
 
 import (
@@ -12,6 +21,8 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"regexp"
+	"slices"
 	"strings"
 	"time"
 
@@ -59,31 +70,85 @@ func (f *Finder) FindByIP(ctx context.Context, ip netip.Addr) (labels.Container,
 		ctx, cancel = context.WithTimeout(ctx, f.Timeout)
 		defer cancel()
 	}
-	id, name, err := f.endpointOwner(ctx, ip.Unmap())
+	ep, err := f.endpointByIP(ctx, ip.Unmap())
 	if err != nil {
 		return labels.Container{}, err
 	}
-	list, err := f.Engine.ContainerList(ctx, container.ListOptions{All: true, Filters: filters.NewArgs(filters.Arg("id", id))})
+	list, err := f.Engine.ContainerList(ctx, container.ListOptions{All: true, Filters: ep.listFilter()})
 	if err != nil {
-		return labels.Container{}, fmt.Errorf("list container %s: %w", id, err)
+		return labels.Container{}, fmt.Errorf("list containers for %s: %w", ep, err)
 	}
 	for _, c := range list {
-		if c.ID == id {
-			n := name
-			if len(c.Names) > 0 {
-				n = c.Names[0]
-			}
-			return labels.Container{ID: c.ID, Name: strings.TrimPrefix(n, "/"), Labels: c.Labels}, nil
+		if ep.ownedBy(c) {
+			return labels.Container{ID: c.ID, Name: strings.TrimPrefix(c.Names[0], "/"), Labels: c.Labels}, nil
 		}
 	}
 	// Listed on a network but not in the container list: it was removed in between.
-	return labels.Container{}, fmt.Errorf("container %s: %w", id, ErrNotFound)
+	return labels.Container{}, fmt.Errorf("%s: %w", ep, ErrNotFound)
 }
 
-func (f *Finder) endpointOwner(ctx context.Context, ip netip.Addr) (id, name string, err error) {
+// endpoint is a network inspect's entry for one container's attachment.
+type endpoint struct {
+	key     string // the container ID, or "ep-<endpoint ID>" before the daemon records the join
+	network string // the network's name, the key of a container's own record of it
+	network.EndpointResource
+}
+
+// endpointKeyPrefix marks an endpoint listed under its own ID rather than its container's.
+const endpointKeyPrefix = "ep-"
+
+func (e endpoint) String() string {
+	if e.containerID() != "" {
+		return "container " + e.key
+	}
+	return fmt.Sprintf("endpoint %s (named %q) on network %s", e.EndpointID, e.Name, e.network)
+}
+
+// containerID is the key when it is a container ID, else "".
+func (e endpoint) containerID() string {
+	if strings.HasPrefix(e.key, endpointKeyPrefix) {
+		return ""
+	}
+	return e.key
+}
+
+// listFilter asks the container list for the endpoint's container: by ID when the network says
+// which, else by name. The daemon matches a name filter as a regular expression against the name
+// with and without its leading "/", so it is anchored and quoted to match this name only.
+func (e endpoint) listFilter() filters.Args {
+	if id := e.containerID(); id != "" {
+		return filters.NewArgs(filters.Arg("id", id))
+	}
+	return filters.NewArgs(filters.Arg("name", "^/?"+regexp.QuoteMeta(e.Name)+"$"))
+}
+
+// ownedBy reports whether c is the container of the endpoint. Keyed by container ID, the ID
+// decides. Keyed by endpoint, the name does (names are unique among a daemon's containers), unless
+// the container's own record already names another endpoint on this network: then the endpoint is
+// a stale one and c merely shares its name. While the container starts, its record has no
+// endpoint ID yet.
+func (e endpoint) ownedBy(c container.Summary) bool {
+	if len(c.Names) == 0 {
+		return false
+	}
+	if id := e.containerID(); id != "" {
+		return c.ID == id
+	}
+	if e.Name == "" || !slices.Contains(c.Names, "/"+e.Name) {
+		return false
+	}
+	if c.NetworkSettings != nil {
+		if n := c.NetworkSettings.Networks[e.network]; n != nil && n.EndpointID != "" && n.EndpointID != e.EndpointID {
+			return false
+		}
+	}
+	return true
+}
+
+func (f *Finder) endpointByIP(ctx context.Context, ip netip.Addr) (endpoint, error) {
 	nets, err := f.Engine.NetworkList(ctx, network.ListOptions{})
 	if err != nil {
-		return "", "", fmt.Errorf("list networks: %w", err)
+		return endpoint{}, fmt.Errorf("list networks: %w", err)
 	}
 	for _, n := range nets {
 		if n.Driver == "host" || n.Driver == "null" {
@@ -92,17 +157,17 @@ func (f *Finder) endpointOwner(ctx context.Context, ip netip.Addr) (id, name str
 		detail, err := f.Engine.NetworkInspect(ctx, n.ID, network.InspectOptions{})
 		if err != nil {
 			if ctx.Err() != nil {
-				return "", "", fmt.Errorf("inspect network %s: %w", n.Name, err)
+				return endpoint{}, fmt.Errorf("inspect network %s: %w", n.Name, err)
 			}
 			continue // removed since the list: not where our container is
 		}
-		for cid, ep := range detail.Containers {
+		for key, ep := range detail.Containers {
 			if addressIs(ep.IPv4Address, ip) || addressIs(ep.IPv6Address, ip) {
-				return cid, ep.Name, nil
+				return endpoint{key: key, network: detail.Name, EndpointResource: ep}, nil
 			}
 		}
 	}
-	return "", "", fmt.Errorf("container IP %s: %w", ip, ErrNotFound)
+	return endpoint{}, fmt.Errorf("container IP %s: %w", ip, ErrNotFound)
 }
 
 // addressIs compares an endpoint address in CIDR form ("172.17.0.2/16") with ip.

@@ -6,11 +6,15 @@ import (
 	"net"
 	"net/netip"
 	"path/filepath"
+	"regexp"
+	"slices"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/docker/docker/api/types/container"
 	"github.com/docker/docker/api/types/events"
+	"github.com/docker/docker/api/types/filters"
 	"github.com/docker/docker/api/types/network"
 )
 
@@ -18,6 +22,7 @@ type fakeEngine struct {
 	networks   []network.Inspect
 	containers []container.Summary
 	inspected  []string
+	listed     []filters.Args
 	events     chan events.Message
 }
 
@@ -39,12 +44,24 @@ func (f *fakeEngine) NetworkInspect(_ context.Context, id string, _ network.Insp
 	return network.Inspect{}, errors.New("no such network")
 }
 
+// ContainerList filters like dockerd: "id" by exact ID, "name" as a regular expression matched
+// against each name with and without its leading "/".
 func (f *fakeEngine) ContainerList(_ context.Context, o container.ListOptions) ([]container.Summary, error) {
+	f.listed = append(f.listed, o.Filters)
 	var out []container.Summary
 	for _, c := range f.containers {
-		if o.Filters.ExactMatch("id", c.ID) || len(o.Filters.Get("id")) == 0 {
-			out = append(out, c)
+		if ids := o.Filters.Get("id"); len(ids) > 0 && !o.Filters.ExactMatch("id", c.ID) {
+			continue
 		}
+		if patterns := o.Filters.Get("name"); len(patterns) > 0 && !slices.ContainsFunc(c.Names, func(n string) bool {
+			return slices.ContainsFunc(patterns, func(p string) bool {
+				re := regexp.MustCompile(p)
+				return re.MatchString(n) || re.MatchString(strings.TrimPrefix(n, "/"))
+			})
+		}) {
+			continue
+		}
+		out = append(out, c)
 	}
 	return out, nil
 }
@@ -101,6 +118,83 @@ func TestFindByIP(t *testing.T) {
 	c, _ := (&Finder{Engine: engine()}).FindByIP(context.Background(), netip.MustParseAddr("10.5.0.3"))
 	if c.Name != "db" || c.Labels["ProxyMode"] != "tcp" {
 		t.Errorf("container %+v", c)
+	}
+}
+
+// summary is a container list entry; endpointID is its own record of its endpoint on network
+// "bridge", empty while the daemon starts it.
+func summary(id, name, endpointID string, labels map[string]string) container.Summary {
+	return container.Summary{
+		ID: id, Names: []string{"/" + name}, State: "created", Labels: labels,
+		NetworkSettings: &container.NetworkSettingsSummary{Networks: map[string]*network.EndpointSettings{
+			"bridge": {EndpointID: endpointID},
+		}},
+	}
+}
+
+// TestFindByIPWhileStarting: the two shapes in which a network inspect lists a container that
+// the daemon is starting, as dockerd 20.10 and dockerd 29 answer them (captured from both with a
+// probe in the userland proxy's place): 20.10 keys the endpoint by container ID, 29 by
+// "ep-<endpoint ID>" with the container's name as the endpoint's Name. In both, the container
+// list already has the labels but no endpoint ID yet.
+func TestFindByIPWhileStarting(t *testing.T) {
+	const (
+		id    = "92a707a29706e252ccb3cdd6ccd115df58b120c231c7d73926a2276c947f3db7"
+		epID  = "dc6c3c5457547ac10431628551693d658d3bd033188008083d1d22d7d5f90d2e"
+		other = "0be3c1d6ae3f0b3a3b7b0f5a6d1c1c7d7f2b0e9a8c6d5e4f3a2b1c0d9e8f7a6b"
+	)
+	web := map[string]string{"ServiceName": "web", "ProxyMode": "tcp"}
+	bridge := func(key, name string) network.Inspect {
+		return network.Inspect{ID: "b", Name: "bridge", Driver: "bridge", Containers: map[string]network.EndpointResource{
+			key: {Name: name, EndpointID: epID, IPv4Address: "172.29.8.2/24"},
+		}}
+	}
+	tests := []struct {
+		name       string
+		network    network.Inspect
+		containers []container.Summary
+		wantID     string // empty: ErrNotFound
+	}{
+		{"20.10: keyed by container ID", bridge(id, "probe-web"),
+			[]container.Summary{summary(id, "probe-web", "", web)}, id},
+		{"29: keyed by endpoint, found by its name", bridge("ep-"+epID, "probe-web"),
+			[]container.Summary{summary(id, "probe-web", "", web)}, id},
+		{"29: the name is matched exactly, not as a pattern", bridge("ep-"+epID, "probe.web"),
+			[]container.Summary{
+				summary(other, "probeXweb", "", nil), summary(other, "probe.web2", "", nil), summary(other, "a-probe.web", "", nil),
+				summary(id, "probe.web", "", web),
+			}, id},
+		{"29: a container whose record names this endpoint", bridge("ep-"+epID, "probe-web"),
+			[]container.Summary{summary(id, "probe-web", epID, web)}, id},
+		{"29: a container with the name but another endpoint on the network", bridge("ep-"+epID, "probe-web"),
+			[]container.Summary{summary(id, "probe-web", other, web)}, ""},
+		{"29: no container of that name (removed meanwhile)", bridge("ep-"+epID, "probe-web"),
+			[]container.Summary{summary(other, "probe-web2", "", web)}, ""},
+		{"29: an endpoint without a name", bridge("ep-"+epID, ""),
+			[]container.Summary{summary(id, "probe-web", "", web)}, ""},
+		{"20.10: the ID is not in the list (removed meanwhile)", bridge(id, "probe-web"),
+			[]container.Summary{summary(other, "probe-web", "", web)}, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			e := &fakeEngine{networks: []network.Inspect{tt.network}, containers: tt.containers}
+			c, err := (&Finder{Engine: e, Timeout: time.Second}).FindByIP(context.Background(), netip.MustParseAddr("172.29.8.2"))
+			if tt.wantID == "" {
+				if !errors.Is(err, ErrNotFound) {
+					t.Fatalf("FindByIP = %+v, %v; want ErrNotFound", c, err)
+				}
+				return
+			}
+			if err != nil || c.ID != tt.wantID || c.Labels["ServiceName"] != "web" || c.Labels["ProxyMode"] != "tcp" {
+				t.Fatalf("FindByIP = %+v, %v; want %s with its labels", c, err, tt.wantID)
+			}
+			if len(e.listed) != 1 {
+				t.Fatalf("%d container lists, want 1 (filtered)", len(e.listed))
+			}
+			if f := e.listed[0]; f.Len() != 1 {
+				t.Errorf("container list filters %v, want exactly one (id or name)", f)
+			}
+		})
 	}
 }
 
