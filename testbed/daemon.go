@@ -34,8 +34,10 @@ const (
 
 // DaemonOptions configure a private dockerd.
 type DaemonOptions struct {
+	// Generation is the dockerd to run: Docker20 (the default) or Docker29.
+	Generation Generation
 	// UserlandProxyPath is the proxy dockerd runs for published ports; default is the stock
-	// docker-proxy.
+	// docker-proxy of the daemon's generation.
 	UserlandProxyPath string
 	// Env is added to dockerd's environment, which the proxies it runs inherit.
 	Env []string
@@ -45,6 +47,9 @@ type DaemonOptions struct {
 
 // Daemon is a private dockerd with its own bridge, data, sockets, containerd and cgroups.
 type Daemon struct {
+	Generation Generation
+	// Version is what the daemon reports, e.g. "20.10.24+dfsg1 (API 1.41)".
+	Version string
 	Root    string // instance directory
 	Socket  string // the API's unix socket
 	Host    string // "unix://" + Socket, for DOCKER_HOST
@@ -62,6 +67,9 @@ type Daemon struct {
 	exited   chan struct{}
 	allowed  bool
 	logShown bool // the start error already carried dockerd's log
+	// containerd is the private containerd the harness starts for Docker 29 (dockerd 20.10
+	// starts and stops its own).
+	containerd *process
 
 	imageMu sync.Mutex
 	echoTag string
@@ -73,20 +81,15 @@ type Daemon struct {
 // dockerd, and then removes whatever is left (processes, mounts, cgroups, bridges, the directory).
 func StartDaemon(t testing.TB, opts DaemonOptions) *Daemon {
 	t.Helper()
-	RequireDocker(t)
+	if opts.Generation == "" {
+		opts.Generation = Docker20
+	}
+	bins := generationBinaries(t, opts.Generation)
 	proxy := opts.UserlandProxyPath
 	if proxy == "" {
-		p, err := lookDockerProxy()
-		if err != nil {
-			missing(t, err.Error(), provisionHint+" (Debian package docker.io)")
-		}
-		proxy = p
+		proxy = bins.proxy
 	} else if err := checkExecutable(proxy); err != nil {
 		t.Fatalf("StartDaemon: userland proxy: %v", err)
-	}
-	dockerd, err := lookTool("dockerd")
-	if err != nil {
-		t.Fatalf("StartDaemon: %v", err)
 	}
 	docker, err := lookTool("docker")
 	if err != nil {
@@ -109,6 +112,7 @@ func StartDaemon(t testing.TB, opts DaemonOptions) *Daemon {
 	}
 	subnet := netip.MustParsePrefix(inst.state.Subnet)
 	d := &Daemon{
+		Generation:  opts.Generation,
 		Root:        inst.dir,
 		Socket:      filepath.Join(inst.dir, "docker.sock"),
 		Bridge:      inst.state.Bridge,
@@ -123,11 +127,50 @@ func StartDaemon(t testing.TB, opts DaemonOptions) *Daemon {
 	d.Host = "unix://" + d.Socket
 	d.cliEnv = dockerCLIEnv(filepath.Join(inst.dir, "cli"))
 	t.Cleanup(func() { d.teardown(t) })
-	t.Logf("testbed: dockerd instance %s on bridge %s (%s)", d.Root, d.Bridge, d.Subnet)
-	if err := d.start(dockerd, proxy, opts); err != nil {
+	t.Logf("testbed: %s dockerd instance %s on bridge %s (%s)", d.Generation, d.Root, d.Bridge, d.Subnet)
+	if err := d.start(bins, proxy, opts); err != nil {
 		t.Fatalf("StartDaemon: %v", err)
 	}
+	t.Logf("testbed: %s dockerd %s is up", d.Generation, d.Version)
 	return d
+}
+
+// daemonBinaries are the programs of one daemon generation.
+type daemonBinaries struct {
+	dockerd string
+	proxy   string // the stock docker-proxy
+	// containerd is empty when dockerd starts its own (20.10), else the harness starts it.
+	containerd string
+	// pathFirst goes first on dockerd's and containerd's PATH, where they find runc and the
+	// containerd shim.
+	pathFirst string
+}
+
+func generationBinaries(t testing.TB, gen Generation) daemonBinaries {
+	t.Helper()
+	switch gen {
+	case Docker20:
+		RequireDocker(t)
+		proxy, err := lookDockerProxy()
+		if err != nil {
+			missing(t, err.Error(), provisionHint+" (Debian package docker.io)")
+		}
+		dockerd, err := lookTool("dockerd")
+		if err != nil {
+			t.Fatalf("StartDaemon: %v", err)
+		}
+		return daemonBinaries{dockerd: dockerd, proxy: proxy}
+	case Docker29:
+		dir := RequireDocker29(t)
+		return daemonBinaries{
+			dockerd:    filepath.Join(dir, "dockerd"),
+			proxy:      filepath.Join(dir, "docker-proxy"),
+			containerd: filepath.Join(dir, "containerd"),
+			pathFirst:  dir,
+		}
+	}
+	t.Fatalf("StartDaemon: unknown daemon generation %q (want one of %v)", gen, AllGenerations)
+	return daemonBinaries{}
 }
 
 // chooseDaemonSlot derives a daemon's bridge and subnets from its slot, rejecting the slot if
@@ -199,7 +242,7 @@ func dockerCLIEnv(configDir string) []string {
 	return append(env, "DOCKER_CONFIG="+configDir, "DOCKER_BUILDKIT=0", "DOCKER_CLI_HINTS=false")
 }
 
-func (d *Daemon) start(dockerd, proxy string, opts DaemonOptions) error {
+func (d *Daemon) start(bins daemonBinaries, proxy string, opts DaemonOptions) error {
 	in := d.inst
 	in.state.CgroupParent = cgroupPrefix + filepath.Base(in.dir)
 	in.state.Namespace = "eds-" + filepath.Base(in.dir)
@@ -245,15 +288,29 @@ func (d *Daemon) start(dockerd, proxy string, opts DaemonOptions) error {
 		"--cgroup-parent", in.state.CgroupParent,
 		"--default-address-pool", "base=" + d.AddressPool.String() + ",size=27",
 	}
+	env := toolEnv(append([]string{markerEnv + "=" + in.dir}, opts.Env...)...)
+	if bins.pathFirst != "" {
+		env = prependPath(env, bins.pathFirst)
+	}
+	if bins.containerd != "" {
+		// Docker 29 uses a containerd it is given; its own defaults (/run/containerd) are the
+		// host's, so it gets a private one like dockerd 20.10 starts for itself. No ip6tables
+		// either: from 27 on it defaults to true, and --iptables=false does not turn it off.
+		sock, err := d.startContainerd(bins.containerd, env)
+		if err != nil {
+			return err
+		}
+		args = append(args, "--containerd", sock, "--ip6tables=false")
+	}
 	args = append(args, opts.ExtraArgs...)
 	logf, err := os.OpenFile(d.LogPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		return err
 	}
 	defer logf.Close()
-	cmd := exec.Command(dockerd, args...)
+	cmd := exec.Command(bins.dockerd, args...)
 	cmd.Dir = in.dir
-	cmd.Env = toolEnv(append([]string{markerEnv + "=" + in.dir}, opts.Env...)...)
+	cmd.Env = env
 	cmd.Stdout, cmd.Stderr = logf, logf
 	// Its own process group: a ^C meant for go test must not stop dockerd before teardown does.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
@@ -276,7 +333,7 @@ func (d *Daemon) start(dockerd, proxy string, opts DaemonOptions) error {
 	for {
 		err := d.ping()
 		if err == nil {
-			return nil
+			return d.readVersion()
 		}
 		select {
 		case <-d.exited:
@@ -308,6 +365,18 @@ func (d *Daemon) ping() error {
 	if resp.StatusCode != http.StatusOK {
 		return fmt.Errorf("/_ping: %s", resp.Status)
 	}
+	return nil
+}
+
+// readVersion asks the daemon what it is, for the test's log.
+func (d *Daemon) readVersion() error {
+	ctx, cancel := context.WithTimeout(context.Background(), dockerCommandTimeout)
+	defer cancel()
+	v, err := d.Docker(ctx, "version", "--format", "{{.Server.Version}} (API {{.Server.APIVersion}})")
+	if err != nil {
+		return err
+	}
+	d.Version = v
 	return nil
 }
 
@@ -386,8 +455,16 @@ func (d *Daemon) teardown(t testing.TB) {
 			t.Errorf("testbed: stopping dockerd %s: %v", d.Root, err)
 		}
 	}
+	if d.containerd != nil {
+		if err := d.containerd.stop(daemonStopTimeout); err != nil {
+			t.Errorf("testbed: stopping containerd of %s: %v", d.Root, err)
+		}
+	}
 	if t.Failed() && !d.logShown {
 		t.Logf("testbed: dockerd log %s, last lines:\n%s", d.LogPath, tailFile(d.LogPath, 60))
+		if d.containerd != nil {
+			t.Logf("testbed: containerd log %s, last lines:\n%s", d.containerd.logPath, tailFile(d.containerd.logPath, 30))
+		}
 	}
 	if err := d.inst.release(t.Logf); err != nil {
 		t.Errorf("testbed: removing daemon instance %s: %v", d.Root, err)

@@ -51,12 +51,21 @@ func proxyArgs(d *Daemon) []string {
 	return out
 }
 
-// TestStockDockerProxy proves the harness with the proxy the shim replaces: every published
-// protocol answers through loopback with the right container's name, and stopping the container
-// closes the ports.
+// TestStockDockerProxy proves the harness with the proxy the shim replaces, for each daemon
+// generation with its own docker-proxy: every published protocol answers through loopback with
+// the right container's name, and stopping the container closes the ports.
 func TestStockDockerProxy(t *testing.T) {
 	t.Parallel()
-	d := StartDaemon(t, DaemonOptions{})
+	for _, gen := range Generations(t) {
+		t.Run(string(gen), func(t *testing.T) {
+			t.Parallel()
+			testStockDockerProxy(t, gen)
+		})
+	}
+}
+
+func testStockDockerProxy(t *testing.T, gen Generation) {
+	d := StartDaemon(t, DaemonOptions{Generation: gen})
 	httpPort, tcpPort, udpPort := FreePort(t), FreePort(t), FreePort(t)
 	c := d.Run(t, RunOptions{Publish: []string{
 		fmt.Sprintf("127.0.0.1:%d:80", httpPort),
@@ -68,6 +77,10 @@ func TestStockDockerProxy(t *testing.T) {
 	}
 	proxies := proxyArgs(d)
 	wantProxy := fmt.Sprintf("docker-proxy -proto udp -host-ip 127.0.0.1 -host-port %d -container-ip %s -container-port 7", udpPort, c.IP)
+	if gen == Docker29 {
+		// 28 and later bind the port themselves and pass it on fd 4.
+		wantProxy += " -use-listen-fd"
+	}
 	if len(proxies) != 3 || !containsSuffix(proxies, wantProxy) {
 		t.Fatalf("userland proxies = %q, want 3 including %q", proxies, wantProxy)
 	}

@@ -22,6 +22,7 @@ import (
 const (
 	childModeEnv = "EDS_TESTBED_LEFTOVER_CHILD" // "fail", "hang" or "badstart"
 	childInfoEnv = "EDS_TESTBED_LEFTOVER_INFO"  // where the child writes its instanceProbe
+	childGenEnv  = "EDS_TESTBED_LEFTOVER_GEN"   // the child's daemon generation
 )
 
 // instanceProbe records what a daemon + Envoy + container instance consists of, so that its
@@ -34,16 +35,19 @@ type instanceProbe struct {
 	UserBridge   string // of a user-defined network
 	CgroupParent string
 	DockerdPid   int
-	EnvoyPid     int
-	ContainerPid int
-	ProxyPids    []int
-	ShimSocket   string
-	EnvoyShm     string
+	// ContainerdPid is the containerd the harness starts for Docker 29 (dockerd 20.10's own is
+	// found among the instance's processes).
+	ContainerdPid int
+	EnvoyPid      int
+	ContainerPid  int
+	ProxyPids     []int
+	ShimSocket    string
+	EnvoyShm      string
 }
 
 // startEverything starts one of each thing the harness can leave behind and checks it all exists.
-func startEverything(t *testing.T) instanceProbe {
-	d := StartDaemon(t, DaemonOptions{})
+func startEverything(t *testing.T, gen Generation) instanceProbe {
+	d := StartDaemon(t, DaemonOptions{Generation: gen})
 	c := d.Run(t, RunOptions{Publish: []string{fmt.Sprintf("127.0.0.1:%d:7", FreePort(t))}})
 	e := StartEnvoy(t, EnvoyOptions{Bootstrap: TCPProxyBootstrap("echo", netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(FreePort(t))), netip.AddrPortFrom(c.IP, 7))})
 	netID := d.MustDocker(t, "network", "create", "eds-user-net")
@@ -65,10 +69,14 @@ func startEverything(t *testing.T) instanceProbe {
 		DockerdPid:   d.cmd.Process.Pid,
 		EnvoyPid:     e.Pid(),
 		ContainerPid: pid,
-		ShimSocket: shimSocketPath(filepath.Join(d.Root, daemonExecDir, "containerd", "containerd.sock"),
-			d.inst.state.Namespace, c.ID),
-		EnvoyShm: envoyShmPath(e.BaseID),
+		EnvoyShm:     envoyShmPath(e.BaseID),
 	}
+	address := filepath.Join(d.Root, daemonExecDir, "containerd", "containerd.sock")
+	if d.containerd != nil {
+		address = filepath.Join(d.Root, containerdDir, "containerd.sock")
+		p.ContainerdPid = d.containerd.cmd.Process.Pid
+	}
+	p.ShimSocket = shimSocketPath(address, d.inst.state.Namespace, c.ID)
 	for _, pr := range instanceProcs(d.Root, "") {
 		if strings.Contains(pr.comm, "docker-proxy") {
 			p.ProxyPids = append(p.ProxyPids, pr.pid)
@@ -119,7 +127,7 @@ func (p instanceProbe) check(present bool) []string {
 			}
 		}
 	}
-	for _, pid := range append([]int{p.DockerdPid, p.EnvoyPid, p.ContainerPid}, p.ProxyPids...) {
+	for _, pid := range append([]int{p.DockerdPid, p.ContainerdPid, p.EnvoyPid, p.ContainerPid}, p.ProxyPids...) {
 		if pid > 0 {
 			note(alive(pid), "process %d (%s)", pid, strings.TrimSpace(string(readFile(fmt.Sprintf("/proc/%d/comm", pid)))))
 		}
@@ -158,11 +166,12 @@ func TestLeftoversChild(t *testing.T) {
 	if mode == "" {
 		t.Skip("helper: runs only as the child process of TestNoLeftovers")
 	}
+	gen := Generation(os.Getenv(childGenEnv))
 	if mode == "badstart" {
-		StartDaemon(t, DaemonOptions{ExtraArgs: []string{"--no-such-flag"}})
+		StartDaemon(t, DaemonOptions{Generation: gen, ExtraArgs: []string{"--no-such-flag"}})
 		t.Fatal("dockerd accepted --no-such-flag")
 	}
-	p := startEverything(t)
+	p := startEverything(t, gen)
 	b, err := json.Marshal(p)
 	if err != nil {
 		t.Fatal(err)
@@ -186,10 +195,10 @@ func TestLeftoversChild(t *testing.T) {
 }
 
 // startChild runs TestLeftoversChild in a new process of this test binary.
-func startChild(t *testing.T, mode string) (cmd *exec.Cmd, info string, output *bytes.Buffer) {
+func startChild(t *testing.T, gen Generation, mode string) (cmd *exec.Cmd, info string, output *bytes.Buffer) {
 	info = filepath.Join(t.TempDir(), "probe.json")
 	cmd = exec.Command(os.Args[0], "-test.run=^TestLeftoversChild$", "-test.count=1", "-test.v", "-test.timeout=3m")
-	cmd.Env = append(os.Environ(), childModeEnv+"="+mode, childInfoEnv+"="+info)
+	cmd.Env = append(os.Environ(), childModeEnv+"="+mode, childInfoEnv+"="+info, childGenEnv+"="+string(gen))
 	output = &bytes.Buffer{}
 	cmd.Stdout, cmd.Stderr = output, output
 	if err := cmd.Start(); err != nil {
@@ -218,17 +227,22 @@ func assertNothingLeft(t *testing.T, p instanceProbe, after string) {
 	}
 }
 
-// TestNoLeftovers checks that an instance vanishes completely: after a passing test, after a
-// failing one, after a StartDaemon that failed halfway, and, through the next StartDaemon's stale
-// cleaning, after its test process was SIGKILLed.
+// TestNoLeftovers checks, for each daemon generation, that an instance vanishes completely: after
+// a passing test, after a failing one, after a StartDaemon that failed halfway, and, through the
+// next StartDaemon's stale cleaning, after its test process was SIGKILLed.
 func TestNoLeftovers(t *testing.T) {
 	RequireDocker(t)
 	EnvoyBinary(t)
+	for _, gen := range Generations(t) {
+		t.Run(string(gen), func(t *testing.T) { testNoLeftovers(t, gen) })
+	}
+}
 
+func testNoLeftovers(t *testing.T, gen Generation) {
 	t.Run("after a passing test", func(t *testing.T) {
 		t.Parallel()
 		var p instanceProbe
-		t.Run("instance", func(t *testing.T) { p = startEverything(t) })
+		t.Run("instance", func(t *testing.T) { p = startEverything(t, gen) })
 		if p.DaemonDir == "" {
 			t.Fatal("the instance did not start")
 		}
@@ -237,7 +251,7 @@ func TestNoLeftovers(t *testing.T) {
 
 	t.Run("after a failing test", func(t *testing.T) {
 		t.Parallel()
-		cmd, info, output := startChild(t, "fail")
+		cmd, info, output := startChild(t, gen, "fail")
 		err := cmd.Wait()
 		var exit *exec.ExitError
 		if !errors.As(err, &exit) || !strings.Contains(output.String(), "failing midway on purpose") {
@@ -248,7 +262,7 @@ func TestNoLeftovers(t *testing.T) {
 
 	t.Run("after a failed start", func(t *testing.T) {
 		t.Parallel()
-		cmd, _, output := startChild(t, "badstart")
+		cmd, _, output := startChild(t, gen, "badstart")
 		err := cmd.Wait()
 		m := regexp.MustCompile(`dockerd instance (\S+) on bridge (\S+) `).FindStringSubmatch(output.String())
 		if err == nil || m == nil || !strings.Contains(output.String(), "dockerd exited during start") {
@@ -260,7 +274,7 @@ func TestNoLeftovers(t *testing.T) {
 
 	t.Run("after a killed test", func(t *testing.T) {
 		t.Parallel()
-		cmd, info, output := startChild(t, "hang")
+		cmd, info, output := startChild(t, gen, "hang")
 		exited := make(chan error, 1)
 		go func() { exited <- cmd.Wait() }()
 		WaitFor(t, 2*time.Minute, "the child to start its instance", func() error {
@@ -290,7 +304,7 @@ func TestNoLeftovers(t *testing.T) {
 			t.Fatal(err)
 		}
 
-		d := StartDaemon(t, DaemonOptions{})
+		d := StartDaemon(t, DaemonOptions{Generation: gen})
 		if d.Root == p.DaemonDir {
 			t.Fatalf("new daemon reuses the dead one's directory %s", d.Root)
 		}

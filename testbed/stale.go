@@ -223,22 +223,23 @@ func linkUnder(link, dir string) bool {
 // removeShimSockets deletes the sockets that containerd's runc shims keep in /run/containerd/s,
 // outside the instance directory. A shim removes its own on a clean exit; a SIGKILLed one cannot.
 func removeShimSockets(dir string, logf func(string, ...any)) {
-	address := filepath.Join(dir, daemonExecDir, "containerd", "containerd.sock")
-	tasks := filepath.Join(dir, daemonExecDir, "containerd", "daemon", "io.containerd.runtime.v2.task")
-	namespaces, _ := os.ReadDir(tasks)
-	for _, ns := range namespaces {
-		ids, _ := os.ReadDir(filepath.Join(tasks, ns.Name()))
-		for _, id := range ids {
-			sock := shimSocketPath(address, ns.Name(), id.Name())
-			if err := os.Remove(sock); err == nil {
-				logf("testbed: removed leftover shim socket %s", sock)
+	for _, c := range containerdLayouts(dir) {
+		tasks := filepath.Join(c.state, "io.containerd.runtime.v2.task")
+		namespaces, _ := os.ReadDir(tasks)
+		for _, ns := range namespaces {
+			ids, _ := os.ReadDir(filepath.Join(tasks, ns.Name()))
+			for _, id := range ids {
+				sock := shimSocketPath(c.address, ns.Name(), id.Name())
+				if err := os.Remove(sock); err == nil {
+					logf("testbed: removed leftover shim socket %s", sock)
+				}
 			}
 		}
 	}
 }
 
-// shimSocketPath repeats containerd's (1.5 to 1.7) shim.SocketAddress: the socket is named after a
-// hash of containerd's address, the namespace and the task ID.
+// shimSocketPath repeats containerd's (1.5 to 2.x) shim.SocketAddress: the socket is named after a
+// hash of containerd's address, the namespace and the task ID, in /run/containerd/s for root.
 func shimSocketPath(address, namespace, id string) string {
 	sum := sha256.Sum256([]byte(filepath.Join(address, namespace, id)))
 	return filepath.Join("/run/containerd/s", hex.EncodeToString(sum[:]))
