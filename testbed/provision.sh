@@ -5,6 +5,7 @@
 #
 #   testbed/provision.sh          install what is missing
 #   testbed/provision.sh --check  exit 0 if nothing is missing, 1 otherwise; changes nothing
+#   testbed/provision.sh --env    print ENVOY_BIN=... and DOCKER29_DIR=... (where the tests look)
 #
 # Environment: ENVOY_VERSION (default 1.40.0), ENVOY_CACHE (default /var/cache/envoy-docker-shim),
 # DOCKER29_DIR (default: see below).
@@ -82,6 +83,14 @@ docker29_ok() {
 	done
 	go version -m "$dir/runc" | grep -q -- '-tags=.*seccomp'
 }
+
+# A preset ENVOY_BIN (another Envoy binary for the tests) is kept, as the tests keep it.
+print_env() { printf 'ENVOY_BIN=%q\nDOCKER29_DIR=%q\n' "${ENVOY_BIN:-$ENVOY_BIN_PATH}" "$DOCKER29_DIR"; }
+
+if [ "${1:-}" = "--env" ]; then
+	print_env
+	exit 0
+fi
 
 if [ "${1:-}" = "--check" ]; then
 	ok=0
@@ -201,5 +210,4 @@ install_docker29
 log "Go modules"
 (cd "$REPO" && go mod download)
 log "ready: $(dockerd --version); $("$DOCKER29_DIR/dockerd" --version); $("$ENVOY_BIN_PATH" --version | sed -n 's/.*version: //p')"
-echo "ENVOY_BIN=$ENVOY_BIN_PATH"
-echo "DOCKER29_DIR=$DOCKER29_DIR"
+print_env

@@ -9,5 +9,6 @@ if [ "$(id -u)" -ne 0 ]; then
 	exec sudo -E env "PATH=$PATH" "$0" "$@"
 fi
 testbed/provision.sh --check 2>/dev/null || testbed/provision.sh
-export ENVOY_BIN="${ENVOY_BIN:-/var/cache/envoy-docker-shim/envoy-${ENVOY_VERSION:-1.40.0}/envoy}"
+eval "$(testbed/provision.sh --env)"
+export ENVOY_BIN DOCKER29_DIR
 exec make e2e "$@"
