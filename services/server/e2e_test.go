@@ -22,10 +22,17 @@ import (
 )
 
 // TestE2EServer drives the real server and a real Envoy with a gRPC client in the shim's place,
-// against containers of a private dockerd, once per xDS variant.
+// against containers of a private dockerd of each generation (labels are read from its API), once
+// per xDS variant.
 func TestE2EServer(t *testing.T) {
 	testbed.RequireDocker(t)
-	daemon := testbed.StartDaemon(t, testbed.DaemonOptions{})
+	for _, gen := range testbed.Generations(t) {
+		t.Run(string(gen), func(t *testing.T) { testE2EServer(t, gen) })
+	}
+}
+
+func testE2EServer(t *testing.T, gen testbed.Generation) {
+	daemon := testbed.StartDaemon(t, testbed.DaemonOptions{Generation: gen})
 	web := daemon.Run(t, testbed.RunOptions{
 		Labels: map[string]string{"ServiceName": "web", "EnvironmentName": "test"},
 		Env:    map[string]string{"ECHO_NAME": "web-echo"},

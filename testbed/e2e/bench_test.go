@@ -16,12 +16,19 @@ import (
 )
 
 // BenchmarkPublishVsDockerProxy compares, in one run, the shim with the stock docker-proxy it
-// replaces: the wall time of `docker run -d -p` (median of 10; target shim <= 1.3x) and the
-// memory of an idle userland proxy, RSS and PSS (target shim <= docker-proxy), for a TCP port
-// (which Envoy serves) and for a UDP port (which the shim proxies itself).
+// replaces, under each daemon generation with that generation's own docker-proxy: the wall time of
+// `docker run -d -p` (median of 10; target shim <= 1.3x) and the memory of an idle userland proxy,
+// RSS and PSS (target shim <= docker-proxy), for a TCP port (which Envoy serves) and for a UDP
+// port (which the shim proxies itself).
 func BenchmarkPublishVsDockerProxy(b *testing.B) {
-	stock := testbed.StartDaemon(b, testbed.DaemonOptions{})
-	s := startB(b)
+	for _, gen := range testbed.Generations(b) {
+		b.Run(string(gen), func(b *testing.B) { benchmarkPublishVsDockerProxy(b, gen) })
+	}
+}
+
+func benchmarkPublishVsDockerProxy(b *testing.B, gen testbed.Generation) {
+	stock := testbed.StartDaemon(b, testbed.DaemonOptions{Generation: gen})
+	s := startB(b, gen)
 	// Ten published ports live at once, as on a real host: code pages of the same binary are
 	// shared between its processes, so PSS (proportional set size) is what each port really costs.
 	measure := func(d *testbed.Daemon, proxyName, publish string) (run time.Duration, rss, pss int) {
@@ -80,11 +87,18 @@ func BenchmarkPublishVsDockerProxy(b *testing.B) {
 }
 
 // BenchmarkUDPVsDockerProxy compares UDP echo round trips per second through the shim and through
-// docker-proxy, measured alternately in one run: 8 clients, each sending 1,000-byte datagrams
-// one after the other to one published port (target shim >= docker-proxy).
+// docker-proxy, under each daemon generation with its own docker-proxy, measured alternately in
+// one run: 8 clients, each sending 1,000-byte datagrams one after the other to one published port
+// (target shim >= docker-proxy).
 func BenchmarkUDPVsDockerProxy(b *testing.B) {
-	stock := testbed.StartDaemon(b, testbed.DaemonOptions{})
-	s := startB(b)
+	for _, gen := range testbed.Generations(b) {
+		b.Run(string(gen), func(b *testing.B) { benchmarkUDPVsDockerProxy(b, gen) })
+	}
+}
+
+func benchmarkUDPVsDockerProxy(b *testing.B, gen testbed.Generation) {
+	stock := testbed.StartDaemon(b, testbed.DaemonOptions{Generation: gen})
+	s := startB(b, gen)
 	const clients, perClient = 8, 3000
 	roundTrips := func(d *testbed.Daemon) float64 {
 		port := testbed.FreePort(b)

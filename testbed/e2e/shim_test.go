@@ -46,9 +46,9 @@ type setup struct {
 	status string
 }
 
-func start(t *testing.T) *setup { return startB(t) }
+func start(t *testing.T, gen testbed.Generation) *setup { return startB(t, gen) }
 
-func startB(t testing.TB) *setup {
+func startB(t testing.TB, gen testbed.Generation) *setup {
 	testbed.RequireDocker(t)
 	dir := t.TempDir()
 	s := &setup{shim: testbed.BuildStatic(t, shimPkg, "envoy-docker-shim"), status: filepath.Join(dir, "exits")}
@@ -58,6 +58,7 @@ func startB(t testing.TB) *setup {
 	}
 	socket := filepath.Join(dir, "shim.sock")
 	s.daemon = testbed.StartDaemon(t, testbed.DaemonOptions{
+		Generation:        gen,
 		UserlandProxyPath: wrapper,
 		Env:               []string{"EDS_SHIM_SOCKET=" + socket, "EDS_TEST_SHIM=" + s.shim, "EDS_TEST_SHIM_STATUS=" + s.status},
 	})
@@ -170,24 +171,41 @@ func freeRange(t *testing.T, n int) int {
 	return 0
 }
 
+// TestE2EShimUnderDockerd runs the shim under each daemon generation: 20.10, where the shim binds
+// the published port, and 29, which binds it and passes it on fd 4.
 func TestE2EShimUnderDockerd(t *testing.T) {
-	s := start(t)
+	for _, gen := range testbed.Generations(t) {
+		t.Run(string(gen), func(t *testing.T) { testShimUnderDockerd(t, gen) })
+	}
+}
+
+func testShimUnderDockerd(t *testing.T, gen testbed.Generation) {
+	s := start(t, gen)
 	d := s.daemon
 
-	t.Run("first request after docker run is answered and counted under the labels", func(t *testing.T) {
+	t.Run("1,000 requests right after docker run are answered and counted under the labels", func(t *testing.T) {
 		port := testbed.FreePort(t)
 		c := d.Run(t, testbed.RunOptions{
 			Publish: []string{fmt.Sprintf("127.0.0.1:%d:80", port)},
 			Labels:  map[string]string{"ServiceName": "web", "EnvironmentName": "test"},
 		})
-		// No retry: docker run returned, so the port must serve.
-		status, body, err := testbed.HTTPGet(context.Background(), fmt.Sprintf("http://127.0.0.1:%d/", port))
-		if err != nil || status != 200 || echoName(body) != c.Name {
-			t.Fatalf("first request: %d %q %v", status, body, err)
+		// No retry: docker run returned, so the port must serve, from the first request on.
+		const requests = 1000
+		for i := range requests {
+			status, body, err := testbed.HTTPGet(context.Background(), fmt.Sprintf("http://127.0.0.1:%d/%d", port, i))
+			if err != nil || status != 200 || echoName(body) != c.Name {
+				t.Fatalf("request %d of %d: %d %q %v", i+1, requests, status, body, err)
+			}
+		}
+		// The server found the container while dockerd was starting it: labels, not its IP.
+		for _, r := range s.listed(t, port) {
+			if r.GetService() != "web-test" || r.GetMode() != pb.Mode_MODE_HTTP || r.GetContainerId() != c.ID {
+				t.Fatalf("registration %v; want service web-test, http mode, container %s", r, c.ID)
+			}
 		}
 		testbed.WaitFor(t, 5*time.Second, "stats named web-test", func() error {
-			if v, _ := s.stack.Envoy.Stat(t, "http.web-test.downstream_rq_total"); v < 1 {
-				return fmt.Errorf("http.web-test.downstream_rq_total = %d", v)
+			if v, _ := s.stack.Envoy.Stat(t, "http.web-test.downstream_rq_total"); v < requests {
+				return fmt.Errorf("http.web-test.downstream_rq_total = %d, want %d", v, requests)
 			}
 			return nil
 		})
@@ -216,12 +234,17 @@ func TestE2EShimUnderDockerd(t *testing.T) {
 		}
 	})
 
-	t.Run("tcp mode", func(t *testing.T) {
+	t.Run("ProxyMode=tcp is honoured", func(t *testing.T) {
 		port := testbed.FreePort(t)
 		d.Run(t, testbed.RunOptions{
 			Publish: []string{fmt.Sprintf("127.0.0.1:%d:7", port)},
 			Labels:  map[string]string{"ServiceName": "db", "EnvironmentName": "test", "ProxyMode": "tcp"},
 		})
+		for _, r := range s.listed(t, port) {
+			if r.GetService() != "db-test" || r.GetMode() != pb.Mode_MODE_TCP {
+				t.Fatalf("registration %v; want service db-test in tcp mode", r)
+			}
+		}
 		payload := []byte(strings.Repeat("tcp-mode ", 500))
 		got, err := testbed.TCPEcho(context.Background(), fmt.Sprintf("127.0.0.1:%d", port), payload)
 		if err != nil || string(got) != string(payload) {
@@ -233,6 +256,10 @@ func TestE2EShimUnderDockerd(t *testing.T) {
 			}
 			return nil
 		})
+	})
+
+	t.Run("tight connection loop while the port is published: none refused or reset once it is open", func(t *testing.T) {
+		testConnectionLoop(t, s)
 	})
 
 	t.Run("port range", func(t *testing.T) {
