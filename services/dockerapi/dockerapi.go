@@ -10,10 +10,11 @@
 // or, before the daemon has recorded that join, under "ep-<endpoint ID>". dockerd 20.10 starts the
 // userland proxy after the join is recorded, so a starting container is listed under its ID;
 // dockerd 29 (seen on API 1.56) starts it before, so the endpoint of a starting container is keyed
-// "ep-..." there. Both shapes come from the same code in every version since (moby's
-// buildContainerAttachments), so the Finder handles both whatever the daemon's version: an ID key
-// is looked up by ID, an "ep-" key by the endpoint's name, which the daemon always gives the
-// container's name.
+// "ep-..." there. The keying itself is the same code from 20.10 to 29 (moby's
+// buildDetailedNetworkResources, later buildContainerAttachments); only the moment the proxy
+// starts moved. So the Finder takes either shape from any version: an ID key is looked up by ID,
+// an "ep-" key by the endpoint's name, which dockerd sets to the container's name when it creates
+// the endpoint.
 package dockerapi
 
 import (
@@ -80,11 +81,22 @@ func (f *Finder) FindByIP(ctx context.Context, ip netip.Addr) (labels.Container,
 	}
 	for _, c := range list {
 		if ep.ownedBy(c) {
-			return labels.Container{ID: c.ID, Name: strings.TrimPrefix(c.Names[0], "/"), Labels: c.Labels}, nil
+			return labels.Container{ID: c.ID, Name: containerName(c.Names), Labels: c.Labels}, nil
 		}
 	}
 	// Listed on a network but not in the container list: it was removed in between.
 	return labels.Container{}, fmt.Errorf("%s: %w", ep, ErrNotFound)
+}
+
+// containerName picks the container's own name from the list's names, which also hold the names
+// other containers link to it by ("/web/db").
+func containerName(names []string) string {
+	for _, n := range names {
+		if rest, ok := strings.CutPrefix(n, "/"); ok && !strings.Contains(rest, "/") {
+			return rest
+		}
+	}
+	return strings.TrimPrefix(names[0], "/")
 }
 
 // endpoint is a network inspect's entry for one container's attachment.

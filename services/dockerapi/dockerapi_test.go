@@ -121,6 +121,22 @@ func TestFindByIP(t *testing.T) {
 	}
 }
 
+func TestContainerName(t *testing.T) {
+	tests := []struct {
+		names []string
+		want  string
+	}{
+		{[]string{"/db"}, "db"},
+		{[]string{"/web/db", "/db"}, "db"}, // linked to by web as db
+		{[]string{"/web/db"}, "web/db"},
+	}
+	for _, tt := range tests {
+		if got := containerName(tt.names); got != tt.want {
+			t.Errorf("containerName(%q) = %q, want %q", tt.names, got, tt.want)
+		}
+	}
+}
+
 // summary is a container list entry; endpointID is its own record of its endpoint on network
 // "bridge", empty while the daemon starts it.
 func summary(id, name, endpointID string, labels map[string]string) container.Summary {
