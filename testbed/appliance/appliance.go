@@ -51,11 +51,18 @@ const (
 
 // Options shape one appliance.
 type Options struct {
+	// Generation is the daemon the appliance runs on (default testbed.Docker20).
+	Generation testbed.Generation
 	// DaemonJSON is the fake host's /etc/docker/daemon.json before the installer runs; empty means
 	// the file does not exist.
 	DaemonJSON string
 	// ConfigureDockerd is the installer's EDS_CONFIGURE_DOCKERD.
 	ConfigureDockerd bool
+	// Images is an archive of the appliance's images written by SaveImages, loaded instead of
+	// building them: the images are the same whatever daemon runs them, and a build costs minutes
+	// (several on Docker 29, whose containerd image store makes each of the classic builder's
+	// layer commits slow). Empty: build them on this daemon.
+	Images string
 }
 
 // Appliance is compose.yaml running against a private daemon.
@@ -154,27 +161,56 @@ func Start(t testing.TB, opts Options) *Appliance {
 	}
 
 	a.Daemon = testbed.StartDaemon(t, testbed.DaemonOptions{
+		Generation:        opts.Generation,
 		UserlandProxyPath: a.ShimPath,
 		Env:               []string{"EDS_SHIM_SOCKET=" + filepath.Join(a.RunDir, "shim.sock")},
 	})
 	t.Cleanup(func() { a.teardown(t) })
 
-	goImage, envoyImage := ImportStandins(t, a.Daemon, GoStandin(t, repo), EnvoyStandin(t, envoyBin))
-	a.env = a.composeEnv(opts, goImage, envoyImage)
-
 	start := time.Now()
 	ctx, cancel := context.WithTimeout(context.Background(), buildTimeout)
 	defer cancel()
-	out, err := a.ComposeErr(ctx, append([]string{"build"}, a.services...)...)
-	if err != nil {
-		t.Fatalf("building the images: %v", err)
-	}
-	t.Logf("appliance: images built in %s", time.Since(start).Round(100*time.Millisecond))
-	if testing.Verbose() {
-		t.Logf("appliance: build output:\n%s", tail(out, 12))
+	if opts.Images != "" {
+		// No base images either: with nothing to build, compose never asks for them.
+		a.env = a.composeEnv(opts, "", "")
+		if _, err := a.Daemon.Docker(ctx, "load", "-q", "-i", opts.Images); err != nil {
+			t.Fatalf("loading the images: %v", err)
+		}
+		t.Logf("appliance: images loaded from %s in %s", opts.Images, time.Since(start).Round(100*time.Millisecond))
+	} else {
+		goImage, envoyImage := ImportStandins(t, a.Daemon, GoStandin(t, repo), EnvoyStandin(t, envoyBin))
+		a.env = a.composeEnv(opts, goImage, envoyImage)
+		start = time.Now()
+		out, err := a.ComposeErr(ctx, append([]string{"build"}, a.services...)...)
+		if err != nil {
+			t.Fatalf("building the images: %v", err)
+		}
+		t.Logf("appliance: images built in %s", time.Since(start).Round(100*time.Millisecond))
+		if testing.Verbose() {
+			t.Logf("appliance: build output:\n%s", tail(out, 12))
+		}
 	}
 	a.Up(t)
 	return a
+}
+
+// imageVersion is the tag (EDS_VERSION) of the images the appliance builds and runs.
+const imageVersion = "e2e"
+
+// SaveImages writes the appliance's images into an archive at path, for Options.Images.
+func (a *Appliance) SaveImages(t testing.TB, path string) {
+	t.Helper()
+	services := a.services
+	if services == nil {
+		services = []string{"server", "envoy", "installer", "resync"}
+	}
+	args := []string{"save", "-o", path}
+	for _, svc := range services {
+		args = append(args, "envoy-docker-shim/"+svc+":"+imageVersion)
+	}
+	start := time.Now()
+	a.Daemon.MustDocker(t, args...)
+	t.Logf("appliance: images saved in %s", time.Since(start).Round(100*time.Millisecond))
 }
 
 // composeEnv is the environment compose runs in: the test's, without anything that would point
@@ -195,7 +231,7 @@ func (a *Appliance) composeEnv(opts Options, goImage, envoyImage string) []strin
 		"DOCKER_BUILDKIT=0", // no buildx here: the classic builder
 		"DOCKER_CLI_HINTS=false",
 		"COMPOSE_PROJECT_NAME="+a.Project,
-		"EDS_VERSION=e2e",
+		"EDS_VERSION="+imageVersion,
 		"EDS_GO_IMAGE="+goImage,
 		"EDS_ENVOY_IMAGE="+envoyImage,
 		"EDS_RUNTIME_IMAGE=scratch",

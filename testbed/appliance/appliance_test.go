@@ -27,14 +27,29 @@ const userDaemonJSON = `{
 }
 `
 
-// TestE2EAppliance proves the appliance offline on a private dockerd: the four images build from
-// this repository with stand-in base images; `compose up -d` installs the shim the daemon uses,
-// configures the fake host's daemon.json, and brings server and Envoy up healthy; a labelled
-// container published with -p answers through Envoy under its labels' name; a second installer
-// run changes nothing; `compose down` and `up` come back to the same state. The UI serves.
+// TestE2EAppliance proves the appliance offline on a private dockerd of each generation: the four
+// images build from this repository with stand-in base images (on the first daemon; the others
+// load them); `compose up -d` installs the shim the daemon uses, configures the fake host's
+// daemon.json, and brings server and Envoy up healthy; a labelled container published with -p
+// answers through Envoy under its labels' name; a second installer run changes nothing; `compose
+// down` and `up` come back to the same state. The UI serves.
 func TestE2EAppliance(t *testing.T) {
-	start := time.Now()
-	a := Start(t, Options{DaemonJSON: userDaemonJSON, ConfigureDockerd: true})
+	archive := filepath.Join(t.TempDir(), "images.tar")
+	images := ""
+	for _, gen := range testbed.Generations(t) {
+		t.Run(string(gen), func(t *testing.T) {
+			start := time.Now()
+			a := Start(t, Options{Generation: gen, DaemonJSON: userDaemonJSON, ConfigureDockerd: true, Images: images})
+			if images == "" {
+				a.SaveImages(t, archive)
+				images = archive
+			}
+			testAppliance(t, a, start)
+		})
+	}
+}
+
+func testAppliance(t *testing.T, a *Appliance, start time.Time) {
 	if !a.HasShim {
 		t.Fatalf("the shim (%s) is missing from the installer image", ShimPackage)
 	}
