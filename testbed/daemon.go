@@ -293,9 +293,10 @@ func (d *Daemon) start(bins daemonBinaries, proxy string, opts DaemonOptions) er
 		env = prependPath(env, bins.pathFirst)
 	}
 	if bins.containerd != "" {
-		// Docker 29 uses a containerd it is given; its own defaults (/run/containerd) are the
-		// host's, so it gets a private one like dockerd 20.10 starts for itself. No ip6tables
-		// either: from 27 on it defaults to true, and --iptables=false does not turn it off.
+		// Docker 29 gets a containerd of its own, started here with a private configuration:
+		// without --containerd, dockerd would use any containerd listening on the host's default
+		// socket (Debian's 1.6 is too old for it). No ip6tables either: it defaults to true
+		// from 27 on, and --iptables=false does not turn it off.
 		sock, err := d.startContainerd(bins.containerd, env)
 		if err != nil {
 			return err
