@@ -33,7 +33,7 @@ import (
 // docker-proxy just as through the shim.
 func testConnectionLoop(t *testing.T, s *setup) {
 	d := s.daemon
-	inside := "inside-" + strconv.Itoa(testbed.FreePort(t))
+	const inside = "loop-internal"
 	d.MustDocker(t, "network", "create", "--internal", inside)
 	port := testbed.FreePort(t)
 	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
