@@ -295,13 +295,12 @@ func (d *Daemon) start(bins daemonBinaries, proxy string, opts DaemonOptions) er
 	if bins.containerd != "" {
 		// Docker 29 gets a containerd of its own, started here with a private configuration:
 		// without --containerd, dockerd would use any containerd listening on the host's default
-		// socket (Debian's 1.6 is too old for it). No ip6tables either: it defaults to true
-		// from 27 on, and --iptables=false does not turn it off.
+		// socket (Debian's 1.6 is too old for it).
 		sock, err := d.startContainerd(bins.containerd, env)
 		if err != nil {
 			return err
 		}
-		args = append(args, "--containerd", sock, "--ip6tables=false")
+		args = append(args, "--containerd", sock)
 	}
 	args = append(args, opts.ExtraArgs...)
 	logf, err := os.OpenFile(d.LogPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
