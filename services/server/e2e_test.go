@@ -22,8 +22,7 @@ import (
 )
 
 // TestE2EServer drives the real server and a real Envoy with a gRPC client in the shim's place,
-// against containers of a private dockerd of each generation (labels are read from its API), once
-// per xDS variant.
+// against containers of a private dockerd of each generation (labels are read from its API).
 func TestE2EServer(t *testing.T) {
 	testbed.RequireDocker(t)
 	for _, gen := range testbed.Generations(t) {
@@ -42,25 +41,21 @@ func testE2EServer(t *testing.T, gen testbed.Generation) {
 		Env:    map[string]string{"ECHO_NAME": "pg-echo"},
 	})
 
-	for _, api := range []string{"delta"} {
-		t.Run(api, func(t *testing.T) {
-			st := stack.Start(t, stack.Options{DockerHost: daemon.Host, AccessLog: true})
-			t.Run("http mode serves the very next request and counts it under the labels", func(t *testing.T) {
-				testHTTPMode(t, st, web)
-			})
-			t.Run("tcp mode echoes and counts bytes", func(t *testing.T) { testTCPMode(t, st, db) })
-			t.Run("closing the registration closes the port within 1s", func(t *testing.T) { testClose(t, st, web) })
-			t.Run("a clean deregistration ends once Envoy has let the port go", func(t *testing.T) { testCleanDeregistration(t, st, web) })
-			t.Run("port in use is reported and leaves nothing behind", func(t *testing.T) { testPortInUse(t, st, web) })
-			t.Run("0.0.0.0 and :: on one port coexist", func(t *testing.T) { testDualStack(t, st, web) })
-			t.Run("long-lived connection survives 100 other ports coming and going", func(t *testing.T) {
-				testLongLived(t, st, db, web)
-			})
-			t.Run("a connection the app refuses is retried while it starts, within the window", func(t *testing.T) {
-				testConnectRetries(t, st, daemon, web, db)
-			})
-		})
-	}
+	st := stack.Start(t, stack.Options{DockerHost: daemon.Host, AccessLog: true})
+	t.Run("http mode serves the very next request and counts it under the labels", func(t *testing.T) {
+		testHTTPMode(t, st, web)
+	})
+	t.Run("tcp mode echoes and counts bytes", func(t *testing.T) { testTCPMode(t, st, db) })
+	t.Run("closing the registration closes the port within 1s", func(t *testing.T) { testClose(t, st, web) })
+	t.Run("a clean deregistration ends once Envoy has let the port go", func(t *testing.T) { testCleanDeregistration(t, st, web) })
+	t.Run("port in use is reported and leaves nothing behind", func(t *testing.T) { testPortInUse(t, st, web) })
+	t.Run("0.0.0.0 and :: on one port coexist", func(t *testing.T) { testDualStack(t, st, web) })
+	t.Run("long-lived connection survives 100 other ports coming and going", func(t *testing.T) {
+		testLongLived(t, st, db, web)
+	})
+	t.Run("a connection the app refuses is retried while it starts, within the window", func(t *testing.T) {
+		testConnectRetries(t, st, daemon, web, db)
+	})
 }
 
 func ready(t testing.TB, resp *pb.RegisterResponse) *pb.Registration {
@@ -327,41 +322,37 @@ func TestE2EThousandRegistrations(t *testing.T) {
 // ports live: at each level, 200 extra registrations each become ready and are then closed, so the
 // live count stays at the level. Targets: p99 <= 100 ms at 1,000; p50 at 1,000 <= 2x p50 at 10.
 func BenchmarkRegisterToReady(b *testing.B) {
-	for _, api := range []string{"delta"} {
-		b.Run(api, func(b *testing.B) {
-			st := stack.Start(b, stack.Options{})
-			upstream := stack.LoopbackHTTP(b)
-			// One measured pass: the levels build on each other, so the body must not repeat with b.N.
-			live := 0
-			var p50At10 time.Duration
-			{
-				for _, level := range []int{10, 100, 1000} {
-					for ; live < level; live++ {
-						ready(b, first(st.Register(b, stack.TCP(testbed.FreePort(b), "127.0.0.1", upstream))))
-					}
-					var samples []time.Duration
-					ports := make([]int, 200)
-					for i := range ports {
-						ports[i] = testbed.FreePort(b)
-					}
-					for _, port := range ports {
-						start := time.Now()
-						resp, end := st.Register(b, stack.TCP(port, "127.0.0.1", upstream))
-						samples = append(samples, time.Since(start))
-						ready(b, resp)
-						end()
-					}
-					slices.Sort(samples)
-					p50, p99 := samples[len(samples)/2], samples[len(samples)*99/100]
-					if level == 10 {
-						p50At10 = p50
-					}
-					b.ReportMetric(float64(p50.Microseconds())/1000, "p50-ms-at-"+strconv.Itoa(level))
-					b.ReportMetric(float64(p99.Microseconds())/1000, "p99-ms-at-"+strconv.Itoa(level))
-					b.Logf("%s: %4d live ports: p50 %v p99 %v (p50 ratio to 10 ports: %.2f)", api, level, p50, p99, float64(p50)/float64(p50At10))
-				}
+	st := stack.Start(b, stack.Options{})
+	upstream := stack.LoopbackHTTP(b)
+	// One measured pass: the levels build on each other, so the body must not repeat with b.N.
+	live := 0
+	var p50At10 time.Duration
+	{
+		for _, level := range []int{10, 100, 1000} {
+			for ; live < level; live++ {
+				ready(b, first(st.Register(b, stack.TCP(testbed.FreePort(b), "127.0.0.1", upstream))))
 			}
-		})
+			var samples []time.Duration
+			ports := make([]int, 200)
+			for i := range ports {
+				ports[i] = testbed.FreePort(b)
+			}
+			for _, port := range ports {
+				start := time.Now()
+				resp, end := st.Register(b, stack.TCP(port, "127.0.0.1", upstream))
+				samples = append(samples, time.Since(start))
+				ready(b, resp)
+				end()
+			}
+			slices.Sort(samples)
+			p50, p99 := samples[len(samples)/2], samples[len(samples)*99/100]
+			if level == 10 {
+				p50At10 = p50
+			}
+			b.ReportMetric(float64(p50.Microseconds())/1000, "p50-ms-at-"+strconv.Itoa(level))
+			b.ReportMetric(float64(p99.Microseconds())/1000, "p99-ms-at-"+strconv.Itoa(level))
+			b.Logf("%4d live ports: p50 %v p99 %v (p50 ratio to 10 ports: %.2f)", level, p50, p99, float64(p50)/float64(p50At10))
+		}
 	}
 }
 
