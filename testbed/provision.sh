@@ -18,8 +18,11 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 # docker.io brings dockerd, containerd, runc and docker-proxy; the rest serve later suites
 # (compose for the appliance, protoc for `make generate`, wrk and iperf3 for benchmarks, chromium
-# for the UI test).
-PACKAGES=(docker.io docker-compose busybox-static protobuf-compiler wrk iperf3 iproute2 unzip chromium)
+# for the UI test, vagrant and its libvirt provider for `vagrant validate` of testbed/Vagrantfile).
+PACKAGES=(docker.io docker-compose busybox-static protobuf-compiler wrk iperf3 iproute2 unzip chromium vagrant vagrant-libvirt)
+# Installed without their recommendations: through vagrant-libvirt these are an NFS server and
+# libguestfs, which `vagrant validate` does not need.
+LEAN_PACKAGES=(vagrant vagrant-libvirt)
 
 log() { printf 'provision: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -73,7 +76,12 @@ install_packages() {
 		made_policy=1
 	fi
 	log "installing ${want[*]}"
-	if ! apt-get install -y -q "${want[@]}"; then
+	local lean=() rest=()
+	for p in "${want[@]}"; do
+		case " ${LEAN_PACKAGES[*]} " in *" $p "*) lean+=("$p") ;; *) rest+=("$p") ;; esac
+	done
+	if ! { [ "${#rest[@]}" -eq 0 ] || apt-get install -y -q "${rest[@]}"; } ||
+		! { [ "${#lean[@]}" -eq 0 ] || apt-get install -y -q --no-install-recommends "${lean[@]}"; }; then
 		[ -z "$made_policy" ] || rm -f /usr/sbin/policy-rc.d
 		die "apt-get install failed"
 	fi
