@@ -134,13 +134,16 @@ func cached(logf Logf, name, key string, build func(staging, tarPath string) err
 	return path, nil
 }
 
-func hashFiles(h io.Writer, paths ...string) error {
+// hashFiles hashes each file's name and content. name gives the name to hash for a path: the
+// path itself where it matters (a library's place), or less where the same file may be found in
+// different places (the repository's go.mod, wherever the repository is).
+func hashFiles(h io.Writer, name func(path string) string, paths ...string) error {
 	for _, p := range paths {
 		f, err := os.Open(p)
 		if err != nil {
 			return err
 		}
-		fmt.Fprintf(h, "%s\n", p)
+		fmt.Fprintf(h, "%s\n", name(p))
 		_, err = io.Copy(h, f)
 		f.Close()
 		if err != nil {
@@ -170,12 +173,10 @@ func Go(ctx context.Context, repo string, logf Logf) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	h := sha256.New()
-	fmt.Fprintf(h, "%s\n%s\n%s\n", recipe, version, goroot)
-	if err := hashFiles(h, filepath.Join(repo, "go.mod"), filepath.Join(repo, "go.sum"), busybox); err != nil {
+	key, err := goKey(version, goroot, repo, busybox)
+	if err != nil {
 		return "", err
 	}
-	key := hex.EncodeToString(h.Sum(nil))[:16]
 	return cached(logf, "go", key, func(staging, tarPath string) error {
 		// The build cache persists across stand-ins (only makers use it, one at a time), so that a
 		// change of go.sum recompiles only what changed; Go trims what goes unused for 5 days.
@@ -227,6 +228,24 @@ func Go(ctx context.Context, repo string, logf Logf) (string, error) {
 			return tw.err
 		})
 	})
+}
+
+// goKey is the cache key of a Go stand-in: what it is made from. The repository counts by the
+// content of its go.mod and go.sum only, not by where it is, so that a stand-in made in one
+// checkout (a box build's) serves every other with the same modules.
+func goKey(version, goroot, repo, busybox string) (string, error) {
+	h := sha256.New()
+	fmt.Fprintf(h, "%s\n%s\n%s\n", recipe, version, goroot)
+	inRepo := func(p string) string {
+		if rel, err := filepath.Rel(repo, p); err == nil && !strings.HasPrefix(rel, "..") {
+			return rel
+		}
+		return p
+	}
+	if err := hashFiles(h, inRepo, filepath.Join(repo, "go.mod"), filepath.Join(repo, "go.sum"), busybox); err != nil {
+		return "", err
+	}
+	return hex.EncodeToString(h.Sum(nil))[:16], nil
 }
 
 // skipInGoroot leaves out what building needs not: tests, test data, docs, the toolchain's own
@@ -285,7 +304,7 @@ func Envoy(envoyBin string, logf Logf) (string, error) {
 	}
 	h := sha256.New()
 	fmt.Fprintf(h, "%s\n", recipe)
-	if err := hashFiles(h, append([]string{envoyBin}, libs...)...); err != nil {
+	if err := hashFiles(h, func(p string) string { return p }, append([]string{envoyBin}, libs...)...); err != nil {
 		return "", err
 	}
 	key := hex.EncodeToString(h.Sum(nil))[:16]
