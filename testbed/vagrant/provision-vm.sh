@@ -27,9 +27,10 @@ done 3<<'STEPS'
 testbed/vagrant/go.sh
 testbed/provision.sh
 . testbed/vagrant/base-images.sh
+$COMPOSE build
 EDS_CONFIGURE_DOCKERD=true $COMPOSE run --rm installer
 systemctl restart docker
-ENVOY_UI_ADDRESS=0.0.0.0 $COMPOSE up -d
+ENVOY_UI_ADDRESS=0.0.0.0 EDS_HEALTHCHECK_TIMEOUT=30s $COMPOSE up -d
 testbed/vagrant/demo.sh
 STEPS
 echo "==> provisioned in $((SECONDS - total))s; check it with: make testbed-smoke"

@@ -43,13 +43,13 @@ in_vm() {
 	dockerd=$(pidof dockerd) || fail "dockerd is not running"
 	for pid in $(pgrep -P "$dockerd"); do
 		[ "$(readlink "/proc/$pid/exe" 2>/dev/null)" = "$SHIM" ] || continue
-		if tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "-host-port 8080 "; then
+		if tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "-host-ip 0.0.0.0 -host-port 8080 "; then
 			found=$pid
 		fi
 	done
-	[ -n "$found" ] || fail "no child of dockerd ($dockerd) runs $SHIM for port 8080; its children: $(pgrep -a -P "$dockerd" || true)"
+	[ -n "$found" ] || fail "no child of dockerd ($dockerd) runs $SHIM for 0.0.0.0:8080; its children: $(pgrep -a -P "$dockerd" || true)"
 	! pgrep -x docker-proxy >/dev/null || fail "docker-proxy runs: $(pgrep -a -x docker-proxy)"
-	ok "dockerd ($dockerd) runs the shim for port 8080 (pid $found: $(tr '\0' ' ' <"/proc/$found/cmdline")); no docker-proxy"
+	ok "dockerd ($dockerd) runs the shim for 0.0.0.0:8080 (pid $found: $(tr '\0' ' ' <"/proc/$found/cmdline")); no docker-proxy"
 
 	# 2. Envoy serves the port, under the name the labels give.
 	get "$ADMIN/listeners" | grep -qx "tcp_0.0.0.0_8080::0.0.0.0:8080" || fail "Envoy has no listener tcp_0.0.0.0_8080: $(get "$ADMIN/listeners")"
@@ -84,11 +84,19 @@ check_ui() {
 	ok "the UI answers at $1/ (${stats})"
 }
 
+# ui_stat URL NAME prints an Envoy counter read through the UI's /stats.
+ui_stat() { get "$1/stats?filter=^$(printf '%s' "$2" | sed 's/\./\\./g')\$" | sed -n "s/^$2: //p"; }
+
 on_host() {
-	local demo_port=${EDS_VAGRANT_DEMO_PORT:-8080} ui_port=${EDS_VAGRANT_UI_PORT:-8081}
+	local demo_port=${EDS_VAGRANT_DEMO_PORT:-8080} ui_port=${EDS_VAGRANT_UI_PORT:-8081} before after
+	local ui="http://127.0.0.1:$ui_port" counter="http.$SERVICE.downstream_rq_total"
+	check_ui "$ui"
+	# The requests reach the VM's Envoy: its counter, read through the UI, goes up by them.
+	before=$(ui_stat "$ui" "$counter")
 	demo_requests "http://127.0.0.1:$demo_port" "$REQUESTS"
-	ok "$REQUESTS requests to 127.0.0.1:$demo_port (forwarded to the VM's 8080) answered by the demo"
-	check_ui "http://127.0.0.1:$ui_port"
+	after=$(ui_stat "$ui" "$counter")
+	[ "$after" -eq $((before + REQUESTS)) ] || fail "$counter went from $before to $after after $REQUESTS requests from the host"
+	ok "$REQUESTS requests to 127.0.0.1:$demo_port answered by the demo through the VM's Envoy ($counter $before -> $after)"
 }
 
 case "${1:-}" in
