@@ -219,13 +219,28 @@ box_stage() {
 	rm -rf "$dir"
 	vagrant box add --force --name "$BOX_NAME" "$WORK/eds.box"
 	rm -f "$WORK/eds.box"
-	# vagrant-libvirt keeps the box's image in the storage pool once uploaded and would boot a
-	# replaced box from that stale copy: remove it.
-	local vol
-	vol="${BOX_NAME//\//-VAGRANTSLASH-}_vagrant_box_image_0_box.img"
-	if virsh -c qemu:///system vol-info --pool default "$vol" >/dev/null 2>&1; then
-		virsh -c qemu:///system vol-delete --pool default "$vol"
-	fi
+	# vagrant-libvirt copies a box's image into the storage pool once per box it was added as;
+	# remove the copies of boxes this one replaced, unless a VM still stands on one.
+	remove_stale_volumes
+}
+
+remove_stale_volumes() {
+	local uri=qemu:///system vol path dom used=""
+	virsh -c "$uri" pool-info default >/dev/null 2>&1 || return 0
+	for dom in $(virsh -c "$uri" list --all --name); do
+		for path in $(virsh -c "$uri" domblklist "$dom" | awk 'NR > 2 && $2 ~ /^\// {print $2}'); do
+			used+=" $(qemu-img info -U --output=json "$path" 2>/dev/null | sed -n 's/.*"backing-filename": "\([^"]*\)".*/\1/p' | head -n1)"
+		done
+	done
+	for vol in $(virsh -c "$uri" vol-list default | awk '{print $1}' | grep "^${BOX_NAME//\//-VAGRANTSLASH-}_vagrant_box_image_" || true); do
+		path=$(virsh -c "$uri" vol-path --pool default "$vol")
+		if [[ " $used " == *" $path "* ]]; then
+			log "keeping $vol: a VM stands on it (make testbed-destroy, then rebuild to drop it)"
+		else
+			virsh -c "$uri" vol-delete --pool default "$vol" >/dev/null
+			log "removed the previous box's image $vol from the storage pool"
+		fi
+	done
 }
 
 mkdir -p "$WORK"
