@@ -7,7 +7,7 @@ LDFLAGS       := -s -w -X github.com/envoy-docker-shim/envoy-docker-shim/interna
 # Test timeouts are generous ceilings, not targets: a hung daemon must fail the run, not eat CI's 90 minutes.
 TEST_TIMEOUT  ?= 15m
 
-.PHONY: all build test unit e2e soak lint generate bench provision images up clean
+.PHONY: all build test unit e2e soak lint generate bench provision images up clean testbed-box testbed-up testbed-smoke testbed-destroy
 
 all: build
 
@@ -79,6 +79,26 @@ up:
 # Installs what the tests need on a Debian host (also what a Vagrant VM runs).
 provision:
 	testbed/provision.sh
+
+# The Vagrant testbed (testbed/Vagrantfile; README "Try it in a VM"), not part of `make test`.
+# testbed-box: only without internet, once; it builds the box envoy-docker-shim/debian12.
+testbed-box:
+	testbed/vagrant/build-box.sh
+
+# Vagrant's own version check (upstream packages; Debian's has none) asks a server on the internet.
+testbed-box testbed-up testbed-smoke testbed-destroy: export VAGRANT_CHECKPOINT_DISABLE = 1
+
+testbed-up:
+	testbed/vagrant/host.sh
+	cd testbed && vagrant up
+
+# In the VM (with the current smoke.sh, copied in first), then through the forwarded ports.
+testbed-smoke:
+	cd testbed && vagrant rsync && vagrant ssh -c 'sudo /vagrant/testbed/vagrant/smoke.sh'
+	testbed/vagrant/smoke.sh --host
+
+testbed-destroy:
+	cd testbed && vagrant destroy -f
 
 clean:
 	rm -rf $(BIN)

@@ -136,3 +136,21 @@ func toolEnv(extra ...string) []string {
 	env = append(env, "PATH="+path)
 	return append(env, extra...)
 }
+
+// Missing skips the test, or fails it under CI=true, saying what is missing and how to get it:
+// for prerequisites the helpers here do not cover.
+func Missing(t testing.TB, what, how string) {
+	t.Helper()
+	missing(t, what, how)
+}
+
+// RequireTool returns the path of the program name, found in $PATH or the sbin directories, and
+// skips the test (fails it under CI=true) when it is not installed; how says how to get it.
+func RequireTool(t testing.TB, name, how string) string {
+	t.Helper()
+	p, err := lookTool(name)
+	if err != nil {
+		missing(t, err.Error(), how)
+	}
+	return p
+}

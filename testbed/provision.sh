@@ -44,8 +44,12 @@ DOCKER29_BINARIES=(
 # docker.io brings dockerd, containerd, runc and docker-proxy; the rest serve later suites
 # (compose for the appliance, protoc for `make generate`, wrk and iperf3 for benchmarks, chromium
 # for the UI test; nftables for the server's netfilter tests; gcc, pkg-config and libseccomp-dev
-# to build Docker 29's runc).
-PACKAGES=(docker.io docker-compose busybox-static protobuf-compiler wrk iperf3 iproute2 nftables unzip chromium gcc pkg-config libseccomp-dev)
+# to build Docker 29's runc; vagrant and its libvirt provider for `vagrant validate` of
+# testbed/Vagrantfile).
+PACKAGES=(docker.io docker-compose busybox-static protobuf-compiler wrk iperf3 iproute2 nftables unzip chromium gcc pkg-config libseccomp-dev vagrant vagrant-libvirt)
+# Installed without their recommendations: through vagrant-libvirt these are an NFS server and
+# libguestfs, which `vagrant validate` does not need.
+LEAN_PACKAGES=(vagrant vagrant-libvirt)
 
 log() { printf 'provision: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -129,7 +133,12 @@ install_packages() {
 		made_policy=1
 	fi
 	log "installing ${want[*]}"
-	if ! apt-get install -y -q "${want[@]}"; then
+	local lean=() rest=()
+	for p in "${want[@]}"; do
+		case " ${LEAN_PACKAGES[*]} " in *" $p "*) lean+=("$p") ;; *) rest+=("$p") ;; esac
+	done
+	if ! { [ "${#rest[@]}" -eq 0 ] || apt-get install -y -q "${rest[@]}"; } ||
+		! { [ "${#lean[@]}" -eq 0 ] || apt-get install -y -q --no-install-recommends "${lean[@]}"; }; then
 		[ -z "$made_policy" ] || rm -f /usr/sbin/policy-rc.d
 		die "apt-get install failed"
 	fi
