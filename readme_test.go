@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"reflect"
+	"regexp"
 	"strings"
 	"testing"
 
@@ -25,21 +26,23 @@ const (
 	end   = "<!-- end of configuration table -->\n"
 )
 
+// components are every configuration struct, with the envconfig prefix each is read with.
+var components = []struct {
+	name   string
+	spec   any
+	prefix string
+}{
+	{"envoy-docker-shim", shimconfig.Config{}, shimconfig.Prefix + "_"},
+	{"envoy-docker-server", server.Config{}, ""},
+	{"envoy (entrypoint)", bootstrap.Config{}, ""},
+	{"resync", resync.Config{}, ""},
+	{"installer", installer.Config{}, ""},
+}
+
 func table() string {
 	var b strings.Builder
 	b.WriteString("| component | variable | default | meaning |\n|---|---|---|---|\n")
-	for _, c := range []struct {
-		name string
-		spec any
-		// prefix is the envconfig prefix the component reads its struct with.
-		prefix string
-	}{
-		{"envoy-docker-shim", shimconfig.Config{}, shimconfig.Prefix + "_"},
-		{"envoy-docker-server", server.Config{}, ""},
-		{"envoy (entrypoint)", bootstrap.Config{}, ""},
-		{"resync", resync.Config{}, ""},
-		{"installer", installer.Config{}, ""},
-	} {
+	for _, c := range components {
 		t := reflect.TypeOf(c.spec)
 		for i := range t.NumField() {
 			f := t.Field(i)
@@ -73,5 +76,43 @@ func TestReadmeConfigurationTable(t *testing.T) {
 	out := append(append(append([]byte{}, readme[:i+len(begin)]...), want...), readme[j:]...)
 	if err := os.WriteFile("README.md", out, 0o644); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// composeDefault matches a compose.yaml environment entry that passes a variable of the same name
+// through with a default: `KEY: ${KEY:-default}`.
+var composeDefault = regexp.MustCompile(`(?m)^\s+([A-Z0-9_]+): \$\{([A-Z0-9_]+):-([^}]*)\}\s*$`)
+
+// TestComposeDefaultsMatchConfig: compose.yaml's defaults are the components' own, so the
+// appliance ships what the README's table (and the benchmarks of the shipped defaults) say.
+func TestComposeDefaultsMatchConfig(t *testing.T) {
+	compose, err := os.ReadFile("compose.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defaults := map[string][]string{}
+	for _, c := range components {
+		typ := reflect.TypeOf(c.spec)
+		for i := range typ.NumField() {
+			f := typ.Field(i)
+			key := c.prefix + f.Tag.Get("envconfig")
+			defaults[key] = append(defaults[key], f.Tag.Get("default"))
+		}
+	}
+	checked := 0
+	for _, m := range composeDefault.FindAllStringSubmatch(string(compose), -1) {
+		key, variable, value := m[1], m[2], m[3]
+		if key != variable {
+			continue
+		}
+		for _, def := range defaults[key] {
+			checked++
+			if def != value {
+				t.Errorf("compose.yaml defaults %s to %q, its component to %q", key, value, def)
+			}
+		}
+	}
+	if checked < 10 {
+		t.Errorf("only %d compose.yaml defaults compared: has the file's format changed?", checked)
 	}
 }

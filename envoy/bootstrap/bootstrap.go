@@ -16,6 +16,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net"
+	"runtime"
 	"strconv"
 	"text/template"
 
@@ -32,7 +33,7 @@ type Config struct {
 	UIAddress      string `envconfig:"ENVOY_UI_ADDRESS" default:"127.0.0.1" desc:"Address the UI listens on; loopback by default, 0.0.0.0 to reach it from other machines."`
 	XDSAddr        string `envconfig:"EDS_XDS_ADDR" default:"127.0.0.1:18000" desc:"Where envoy-docker-server serves xDS (same variable as the server's)."`
 	NodeID         string `envconfig:"ENVOY_NODE_ID" default:"envoy-docker-shim" desc:"Envoy node id reported to the server."`
-	Concurrency    int    `envconfig:"ENVOY_CONCURRENCY" default:"0" desc:"Envoy worker threads; 0 means one per CPU."`
+	Concurrency    string `envconfig:"ENVOY_CONCURRENCY" default:"auto" desc:"Envoy worker threads. auto: half the CPUs the container may use (its cpuset and CPU quota), at least 1 and at most 8: the applications behind the ports need CPU too, and every worker holds a listening socket per port. A number sets it; 0 is one per CPU (Envoy's own default)."`
 	LogLevel       string `envconfig:"ENVOY_LOG_LEVEL" default:"info" desc:"Envoy's log level (trace, debug, info, warning, error, critical, off)."`
 	MaxConnections int    `envconfig:"ENVOY_MAX_CONNECTIONS" default:"100000" desc:"Global cap on downstream connections across all ports (overload manager)."`
 	Binary         string `envconfig:"ENVOY_BINARY" default:"/usr/local/bin/envoy" desc:"Path of the Envoy binary the entrypoint runs."`
@@ -75,7 +76,32 @@ func (c Config) Validate() error {
 	if c.MaxConnections < 1 {
 		return fmt.Errorf("ENVOY_MAX_CONNECTIONS=%d: must be positive", c.MaxConnections)
 	}
+	if _, err := c.workers(1); err != nil {
+		return err
+	}
 	return nil
+}
+
+// MaxAutoWorkers caps ENVOY_CONCURRENCY=auto: past it, a worker more mostly costs a listening
+// socket per published port and per-worker connection pools, and a host that needs more sets it.
+const MaxAutoWorkers = 8
+
+// Workers is Envoy's worker count for a container that may use cpus CPUs; 0 leaves it to Envoy
+// (one per CPU of the host).
+func (c Config) Workers(cpus int) int {
+	n, _ := c.workers(cpus)
+	return n
+}
+
+func (c Config) workers(cpus int) (int, error) {
+	if c.Concurrency == "auto" {
+		return min(max(1, cpus/2), MaxAutoWorkers), nil
+	}
+	n, err := strconv.Atoi(c.Concurrency)
+	if err != nil || n < 0 || n > 1024 {
+		return 0, fmt.Errorf("ENVOY_CONCURRENCY=%q: want auto, a number of workers from 1 to 1024, or 0 for one per CPU", c.Concurrency)
+	}
+	return n, nil
 }
 
 // The xDS stream is re-established quickly after a server restart: Envoy's default backoff grows
@@ -213,11 +239,13 @@ func Render(c Config) ([]byte, error) {
 	return b.Bytes(), nil
 }
 
-// Args is Envoy's command line for c, with the bootstrap at configPath.
+// Args is Envoy's command line for c, with the bootstrap at configPath. The CPUs the container may
+// use are what the Go runtime found for itself (GOMAXPROCS: the CPU affinity and the cgroup's CPU
+// quota).
 func Args(c Config, configPath string) []string {
 	args := []string{"-c", configPath, "--base-id", strconv.Itoa(c.BaseID), "--log-level", c.LogLevel}
-	if c.Concurrency > 0 {
-		args = append(args, "--concurrency", strconv.Itoa(c.Concurrency))
+	if n := c.Workers(runtime.GOMAXPROCS(0)); n > 0 {
+		args = append(args, "--concurrency", strconv.Itoa(n))
 	}
 	return args
 }

@@ -4,7 +4,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -63,6 +65,36 @@ func TestSeedVariablesKeepTheirMeaning(t *testing.T) {
 	}
 }
 
+// ENVOY_CONCURRENCY=auto is half the container's CPUs, at least 1 and at most MaxAutoWorkers; a
+// number is taken as it is, and 0 leaves the choice to Envoy (no --concurrency).
+func TestWorkers(t *testing.T) {
+	tests := []struct {
+		concurrency string
+		cpus, want  int
+	}{
+		{"auto", 1, 1}, {"auto", 2, 1}, {"auto", 3, 1}, {"auto", 4, 2}, {"auto", 8, 4}, {"auto", 16, 8}, {"auto", 128, MaxAutoWorkers},
+		{"3", 2, 3}, {"0", 64, 0},
+	}
+	for _, tt := range tests {
+		if got := (Config{Concurrency: tt.concurrency}).Workers(tt.cpus); got != tt.want {
+			t.Errorf("ENVOY_CONCURRENCY=%s on %d CPUs: %d workers, want %d", tt.concurrency, tt.cpus, got, tt.want)
+		}
+	}
+	c := defaults(t)
+	if c.Concurrency != "auto" {
+		t.Errorf("default ENVOY_CONCURRENCY %q, want auto", c.Concurrency)
+	}
+	args := Args(c, "envoy.yaml")
+	i := slices.Index(args, "--concurrency")
+	if i < 0 || args[i+1] != strconv.Itoa(c.Workers(runtime.GOMAXPROCS(0))) {
+		t.Errorf("args %v: want --concurrency %d", args, c.Workers(runtime.GOMAXPROCS(0)))
+	}
+	c.Concurrency = "0"
+	if args := Args(c, "envoy.yaml"); slices.Contains(args, "--concurrency") {
+		t.Errorf("ENVOY_CONCURRENCY=0: args %v, want no --concurrency", args)
+	}
+}
+
 // ENVOY_UI_LISTEN_PORT is the UI's port, as in the seed; 0 leaves the UI out; a wildcard admin
 // address is reached on loopback.
 func TestUISettings(t *testing.T) {
@@ -113,6 +145,8 @@ func TestInvalidSettingsAreClearErrors(t *testing.T) {
 		{"ENVOY_UI_LISTEN_PORT", "70000", "ENVOY_UI_LISTEN_PORT=70000: want a port 1-65535, or 0 for no UI"},
 		{"ENVOY_UI_LISTEN_PORT", "9901", "is also ENVOY_PORT"},
 		{"ENVOY_UI_ADDRESS", "localhost", "ENVOY_UI_ADDRESS=\"localhost\": want an IP address"},
+		{"ENVOY_CONCURRENCY", "many", "ENVOY_CONCURRENCY=\"many\": want auto, a number of workers"},
+		{"ENVOY_CONCURRENCY", "-1", "ENVOY_CONCURRENCY=\"-1\""},
 	}
 	for _, tt := range tests {
 		t.Run(tt.env+"="+tt.value, func(t *testing.T) {

@@ -40,6 +40,13 @@ func entry(proto mapping.Protocol, hostIP string, mode registry.Mode) registry.E
 	}
 }
 
+// loggedEntry is entry for a container labelled AccessLog=true.
+func loggedEntry(proto mapping.Protocol, hostIP string, mode registry.Mode) registry.Entry {
+	e := entry(proto, hostIP, mode)
+	e.Service.AccessLog = registry.ChoiceOn
+	return e
+}
+
 func TestNames(t *testing.T) {
 	tests := []struct {
 		key  mapping.Key
@@ -79,6 +86,58 @@ func TestConnectRetries(t *testing.T) {
 	}
 }
 
+// TestAccessLogChoice: a container's AccessLog label wins over the server's EDS_ACCESS_LOG, in
+// both modes.
+func TestAccessLogChoice(t *testing.T) {
+	for _, mode := range []registry.Mode{registry.ModeHTTP, registry.ModeTCP} {
+		for _, tc := range []struct {
+			server bool
+			label  registry.Choice
+			want   bool
+		}{
+			{false, registry.ChoiceDefault, false},
+			{true, registry.ChoiceDefault, true},
+			{false, registry.ChoiceOn, true},
+			{true, registry.ChoiceOff, false},
+			{true, registry.ChoiceOn, true},
+			{false, registry.ChoiceOff, false},
+		} {
+			e := entry(mapping.TCP, "127.0.0.1", mode)
+			e.Service.AccessLog = tc.label
+			res, _, err := ForEntry(e, Options{AccessLog: tc.server})
+			if err != nil {
+				t.Fatal(err)
+			}
+			got := strings.Contains(string(toYAML(t, res.Listener)), "envoy.access_loggers.stdout")
+			if got != tc.want {
+				t.Errorf("%s, EDS_ACCESS_LOG=%v, label %q: access log %v, want %v", mode, tc.server, tc.label, got, tc.want)
+			}
+		}
+	}
+}
+
+// TestRequestID: Envoy makes up a request ID (x-request-id, passed to the container) only for
+// what records it, tracing and the access log.
+func TestRequestID(t *testing.T) {
+	for _, tc := range []struct {
+		opts Options
+		want bool
+	}{
+		{Options{}, false},
+		{Options{AccessLog: true}, true},
+		{Options{Zipkin: "127.0.0.1:9411", TraceSampling: 1}, true},
+	} {
+		l, err := HTTPListener(entry(mapping.TCP, "127.0.0.1", registry.ModeHTTP), tc.opts)
+		if err != nil {
+			t.Fatal(err)
+		}
+		y := string(toYAML(t, l))
+		if got := strings.Contains(y, "generateRequestId: true"); got != tc.want || !strings.Contains(y, "generateRequestId: ") {
+			t.Errorf("%+v: generateRequestId %v, want %v:\n%s", tc.opts, got, tc.want, y)
+		}
+	}
+}
+
 // TestGolden shows a reviewer exactly what Envoy receives for each kind of mapping.
 func TestGolden(t *testing.T) {
 	tests := []struct {
@@ -86,10 +145,12 @@ func TestGolden(t *testing.T) {
 		entry registry.Entry
 		opts  Options
 	}{
-		// The shipped defaults: access log on, connect retries for 3 s.
-		{"http_ipv4", entry(mapping.TCP, "127.0.0.1", registry.ModeHTTP), Options{AccessLog: true, ConnectRetryWindow: 3 * time.Second}},
-		{"tcp_ipv6", entry(mapping.TCP, "::", registry.ModeTCP), Options{AccessLog: true, ConnectRetryWindow: 3 * time.Second}},
-		{"http_no_access_log", entry(mapping.TCP, "0.0.0.0", registry.ModeHTTP), Options{}},
+		// The shipped defaults: no access log, connect retries for 3 s.
+		{"http_ipv4", entry(mapping.TCP, "127.0.0.1", registry.ModeHTTP), Options{ConnectRetryWindow: 3 * time.Second}},
+		{"tcp_ipv6", entry(mapping.TCP, "::", registry.ModeTCP), Options{ConnectRetryWindow: 3 * time.Second}},
+		// The access log, turned on for every port (EDS_ACCESS_LOG) or by a container's label.
+		{"http_access_log", entry(mapping.TCP, "0.0.0.0", registry.ModeHTTP), Options{AccessLog: true, ConnectRetryWindow: 3 * time.Second}},
+		{"tcp_access_log", loggedEntry(mapping.TCP, "0.0.0.0", registry.ModeTCP), Options{ConnectRetryWindow: 3 * time.Second}},
 		{"http_tracing", entry(mapping.TCP, "127.0.0.1", registry.ModeHTTP), Options{Zipkin: "127.0.0.1:9411", TraceSampling: 25}},
 		{"tcp_tracing", entry(mapping.TCP, "127.0.0.1", registry.ModeTCP), Options{Zipkin: "127.0.0.1:9411", TraceSampling: 25}},
 	}

@@ -1,6 +1,6 @@
 // Package labels turns a container's labels into the service a published port belongs to:
-// its name in Envoy's stats (ServiceName-EnvironmentName), its tracing operation and its proxy
-// mode. It does no I/O; label values are outside input and every one is sanitised or rejected.
+// its name in Envoy's stats (ServiceName-EnvironmentName), its tracing operation, its proxy mode
+// and whether its traffic is access-logged. It does no I/O; label values are outside input and every one is sanitised or rejected.
 package labels
 
 import (
@@ -16,6 +16,7 @@ const (
 	ServiceNameLabel     = "ServiceName"
 	EnvironmentNameLabel = "EnvironmentName"
 	ProxyModeLabel       = "ProxyMode"
+	AccessLogLabel       = "AccessLog"
 )
 
 // maxNameLen keeps stat names readable and well under Envoy's limits.
@@ -40,6 +41,21 @@ func ParseMode(value string) (registry.Mode, error) {
 		ProxyModeLabel, value, ProxyModeLabel, ProxyModeLabel)
 }
 
+// ParseAccessLog reads the AccessLog label: empty follows the server's EDS_ACCESS_LOG, otherwise
+// true or false.
+func ParseAccessLog(value string) (registry.Choice, error) {
+	switch strings.ToLower(strings.TrimSpace(value)) {
+	case "":
+		return registry.ChoiceDefault, nil
+	case "true":
+		return registry.ChoiceOn, nil
+	case "false":
+		return registry.ChoiceOff, nil
+	}
+	return "", fmt.Errorf("label %s=%q is not supported: use %s=true to log every request (http) or connection (tcp) of this container, or %s=false",
+		AccessLogLabel, value, AccessLogLabel, AccessLogLabel)
+}
+
 // Describe names the service of a mapping. c is nil when the container could not be found (the
 // Docker API is down or slow): the port is still served, named after the container IP.
 func Describe(c *Container, containerIP netip.Addr) (registry.Service, error) {
@@ -48,6 +64,10 @@ func Describe(c *Container, containerIP netip.Addr) (registry.Service, error) {
 		return registry.Service{Name: name, Operation: name, Mode: registry.ModeHTTP}, nil
 	}
 	mode, err := ParseMode(c.Labels[ProxyModeLabel])
+	if err != nil {
+		return registry.Service{}, err
+	}
+	accessLog, err := ParseAccessLog(c.Labels[AccessLogLabel])
 	if err != nil {
 		return registry.Service{}, err
 	}
@@ -69,6 +89,7 @@ func Describe(c *Container, containerIP netip.Addr) (registry.Service, error) {
 		ContainerID:   c.ID,
 		ContainerName: containerName,
 		Mode:          mode,
+		AccessLog:     accessLog,
 	}, nil
 }
 

@@ -88,6 +88,21 @@ func TestDescribe(t *testing.T) {
 			want:      registry.Service{Name: "my_svc_v2-eu_west", Operation: "my_svc_v2", ContainerID: "abc", ContainerName: "x", Mode: registry.ModeHTTP},
 		},
 		{
+			name:      "access log on",
+			container: &Container{ID: "abc", Name: "/web1", Labels: map[string]string{"ServiceName": "web", "AccessLog": "true"}},
+			want:      registry.Service{Name: "web", Operation: "web", ContainerID: "abc", ContainerName: "web1", Mode: registry.ModeHTTP, AccessLog: registry.ChoiceOn},
+		},
+		{
+			name:      "access log off",
+			container: &Container{ID: "abc", Name: "/db", Labels: map[string]string{"ProxyMode": "tcp", "AccessLog": " FALSE "}},
+			want:      registry.Service{Name: "db", Operation: "db", ContainerID: "abc", ContainerName: "db", Mode: registry.ModeTCP, AccessLog: registry.ChoiceOff},
+		},
+		{
+			name:      "access log neither true nor false is an error",
+			container: &Container{ID: "abc", Name: "/x", Labels: map[string]string{"AccessLog": "yes"}},
+			wantErr:   `AccessLog="yes" is not supported: use AccessLog=true`,
+		},
+		{
 			name:      "unknown proxy mode is an error",
 			container: &Container{ID: "abc", Name: "/x", Labels: map[string]string{"ProxyMode": "udp"}},
 			wantErr:   `ProxyMode="udp"`,
@@ -139,17 +154,20 @@ func FuzzSanitize(f *testing.F) {
 
 // FuzzDescribe feeds arbitrary label values: the result is an error or a valid service.
 func FuzzDescribe(f *testing.F) {
-	f.Add("web", "prod", "http", "/c")
-	f.Add("", "", "tcp", "")
-	f.Add("a.b", "c d", "bogus", "/x")
-	f.Fuzz(func(t *testing.T, service, env, mode, name string) {
-		c := &Container{ID: "id", Name: name, Labels: map[string]string{"ServiceName": service, "EnvironmentName": env, "ProxyMode": mode}}
+	f.Add("web", "prod", "http", "/c", "")
+	f.Add("", "", "tcp", "", "true")
+	f.Add("a.b", "c d", "bogus", "/x", "0")
+	f.Fuzz(func(t *testing.T, service, env, mode, name, accessLog string) {
+		c := &Container{ID: "id", Name: name, Labels: map[string]string{"ServiceName": service, "EnvironmentName": env, "ProxyMode": mode, "AccessLog": accessLog}}
 		got, err := Describe(c, netip.MustParseAddr("10.0.0.1"))
 		if err != nil {
 			return
 		}
 		if got.Name == "" || got.Name != Sanitize(got.Name) || got.Operation != Sanitize(got.Operation) {
 			t.Fatalf("Describe gave unsanitised names %+v", got)
+		}
+		if got.AccessLog != registry.ChoiceDefault && got.AccessLog != registry.ChoiceOn && got.AccessLog != registry.ChoiceOff {
+			t.Fatalf("Describe gave access log choice %q", got.AccessLog)
 		}
 		if got.Mode != registry.ModeHTTP && got.Mode != registry.ModeTCP {
 			t.Fatalf("Describe gave mode %q", got.Mode)

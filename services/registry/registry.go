@@ -26,6 +26,26 @@ const (
 	ModeProxiedByShim Mode = "shim"
 )
 
+// Choice is a container's own answer to a yes/no setting, or ChoiceDefault to follow the server's.
+type Choice string
+
+const (
+	ChoiceDefault Choice = ""
+	ChoiceOn      Choice = "on"
+	ChoiceOff     Choice = "off"
+)
+
+// Or is the choice as a bool, def when the container made none.
+func (c Choice) Or(def bool) bool {
+	switch c {
+	case ChoiceOn:
+		return true
+	case ChoiceOff:
+		return false
+	}
+	return def
+}
+
 // Service is what the container's labels say about the mapping.
 type Service struct {
 	// Name is ServiceName-EnvironmentName (or the container's name), sanitised for Envoy stat names.
@@ -35,6 +55,9 @@ type Service struct {
 	ContainerID   string
 	ContainerName string
 	Mode          Mode
+	// AccessLog is the container's AccessLog label: whether Envoy logs its requests (HTTP) or
+	// connections (TCP), or the server's EDS_ACCESS_LOG when the container does not say.
+	AccessLog Choice
 }
 
 // Shim describes the process holding the registration.

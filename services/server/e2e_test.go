@@ -56,6 +56,9 @@ func testE2EServer(t *testing.T, gen testbed.Generation) {
 	t.Run("a connection the app refuses is retried while it starts, within the window", func(t *testing.T) {
 		testConnectRetries(t, st, daemon, web, db)
 	})
+	t.Run("tcp mode: bytes sent while the app starts reach it, beyond Envoy's early-data buffer", func(t *testing.T) {
+		testEarlyData(t, st, daemon, db)
+	})
 }
 
 func ready(t testing.TB, resp *pb.RegisterResponse) *pb.Registration {

@@ -11,6 +11,8 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"reflect"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -51,6 +53,12 @@ type Options struct {
 	// of the host; empty leaves them off. NetfilterKeep is EDS_NETFILTER_KEEP.
 	NetfilterTable string
 	NetfilterKeep  bool
+	// Shipped runs the server and Envoy as users get them: every setting at the default of its
+	// configuration struct (server.Config, bootstrap.Config; Envoy's worker count included), except
+	// the sockets, addresses and ports the harness chooses, and the netfilter options, which stay
+	// the test's. AccessLog, Concurrency, Zipkin and RestartGrace are then ignored. The test's
+	// environment must not set any of those variables.
+	Shipped bool
 }
 
 // Stack is a running server and Envoy.
@@ -95,6 +103,15 @@ func Start(t testing.TB, opts Options) *Stack {
 		NftTable:           opts.NetfilterTable,
 		NftKeep:            opts.NetfilterKeep,
 		SysctlNet:          "/proc/sys/net",
+	}
+	if opts.Shipped {
+		shipped := shippedServerConfig(t)
+		shipped.Socket, shipped.ShimSocket, shipped.XDSAddr, shipped.HTTPAddr = cfg.Socket, cfg.ShimSocket, cfg.XDSAddr, cfg.HTTPAddr
+		shipped.DockerHost, shipped.RestartGrace = cfg.DockerHost, 0
+		// The host's nftables stay the test's choice: the rules serve containers' own traffic
+		// out, not the published ports.
+		shipped.Netfilter, shipped.NftTable, shipped.NftKeep, shipped.SysctlNet = cfg.Netfilter, cfg.NftTable, cfg.NftKeep, cfg.SysctlNet
+		cfg = shipped
 	}
 	s := &Stack{Config: cfg, LogPath: filepath.Join(dir, "server.log"), done: make(chan error, 1)}
 	s.StartServer(t)
@@ -182,11 +199,28 @@ func (s *Stack) StopServer(t testing.TB) {
 func StartEnvoy(t testing.TB, xdsAddr string, opts Options) *testbed.Envoy {
 	t.Helper()
 	// Port 0 marks the admin port for the harness to fill in; no other port in it is 0.
-	yaml, err := bootstrap.Render(bootstrap.Config{
+	cfg := bootstrap.Config{
 		AdminAddress: "127.0.0.1", AdminPort: 0, XDSAddr: xdsAddr,
 		NodeID: "test", LogLevel: "info", MaxConnections: 100000,
 		UIPort: opts.UIPort, UIAddress: "127.0.0.1",
-	})
+		Concurrency: "0", // the workers are on Envoy's command line: testbed passes them
+	}
+	concurrency := opts.Concurrency
+	if opts.Shipped {
+		shipped := shippedEnvoyConfig(t)
+		shipped.AdminAddress, shipped.AdminPort, shipped.XDSAddr = cfg.AdminAddress, cfg.AdminPort, cfg.XDSAddr
+		shipped.UIPort, shipped.UIAddress = cfg.UIPort, cfg.UIAddress
+		cfg = shipped
+		concurrency = -1 // Envoy's own default, unless the entrypoint passes one
+		args := bootstrap.Args(cfg, "envoy.yaml")
+		if i := slices.Index(args, "--concurrency"); i >= 0 {
+			var err error
+			if concurrency, err = strconv.Atoi(args[i+1]); err != nil {
+				t.Fatalf("entrypoint's --concurrency %q: %v", args[i+1], err)
+			}
+		}
+	}
+	yaml, err := bootstrap.Render(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -200,7 +234,48 @@ func StartEnvoy(t testing.TB, xdsAddr string, opts Options) *testbed.Envoy {
 		t.Fatalf("bootstrap has %d admin ports, want %d:\n%s", n, want, yaml)
 	}
 	text := strings.ReplaceAll(string(yaml), admin, "port_value: "+testbed.AdminPortPlaceholder+" }")
-	return testbed.StartEnvoy(t, testbed.EnvoyOptions{Bootstrap: text, Concurrency: opts.Concurrency})
+	return testbed.StartEnvoy(t, testbed.EnvoyOptions{Bootstrap: text, Concurrency: concurrency})
+}
+
+// shippedServerConfig is server.Config with every default, from an environment that sets none of
+// its variables except those the harness overrides.
+func shippedServerConfig(t testing.TB) server.Config {
+	t.Helper()
+	requireUnset(t, server.Config{}, "EDS_SOCKET", "EDS_SHIM_SOCKET", "EDS_XDS_ADDR", "EDS_HTTP_ADDR", "DOCKER_HOST", "EDS_RESTART_GRACE",
+		"EDS_NETFILTER", "EDS_NETFILTER_TABLE", "EDS_NETFILTER_KEEP", "EDS_SYSCTL_NET")
+	cfg, err := server.ConfigFromEnv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cfg
+}
+
+// shippedEnvoyConfig is the Envoy entrypoint's bootstrap.Config with every default, likewise.
+func shippedEnvoyConfig(t testing.TB) bootstrap.Config {
+	t.Helper()
+	requireUnset(t, bootstrap.Config{}, "ENVOY_PORT", "ENVOY_ADMIN_ADDRESS", "EDS_XDS_ADDR", "ENVOY_UI_LISTEN_PORT",
+		"ENVOY_UI_ADDRESS", "ENVOY_BASE_ID", "ENVOY_BINARY", "ENVOY_CONFIG_PATH")
+	cfg, err := bootstrap.FromEnv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cfg
+}
+
+// requireUnset fails the test if the environment sets a variable of the envconfig struct v,
+// other than those the harness overrides: the test would not measure the shipped defaults.
+func requireUnset(t testing.TB, v any, overridden ...string) {
+	t.Helper()
+	typ := reflect.TypeOf(v)
+	for i := range typ.NumField() {
+		key := typ.Field(i).Tag.Get("envconfig")
+		if key == "" || slices.Contains(overridden, key) {
+			continue
+		}
+		if value, set := os.LookupEnv(key); set {
+			t.Fatalf("%s=%q is set: this test runs the shipped defaults; unset it", key, value)
+		}
+	}
 }
 
 // Register opens a registration like a shim would and returns the server's first answer; the
