@@ -7,7 +7,7 @@ LDFLAGS       := -s -w -X github.com/envoy-docker-shim/envoy-docker-shim/interna
 # Test timeouts are generous ceilings, not targets: a hung daemon must fail the run, not eat CI's 90 minutes.
 TEST_TIMEOUT  ?= 15m
 
-.PHONY: all build test unit e2e soak lint generate bench provision images up clean testbed-box testbed-up testbed-smoke testbed-destroy
+.PHONY: all build test unit e2e soak lint generate bench bench-dataplane provision images up clean testbed-box testbed-up testbed-smoke testbed-destroy
 
 all: build
 
@@ -62,9 +62,16 @@ generate:
 	    --go-grpc_out=services/registration --go-grpc_opt=module=github.com/envoy-docker-shim/envoy-docker-shim/services/registration \
 	    services/registration/proto/registration.proto
 
-# Benchmarks against the real stack; figures go in closing notes, never into assertions.
+# Benchmarks against the real stack; figures go in closing notes, never into assertions. Reports
+# (markdown and a PNG chart) land in bench-results/, which git ignores.
 bench:
-	$(GO) test -run '^$$' -bench . -benchtime 1x -timeout 30m ./...
+	$(GO) test -run '^$$' -bench . -benchtime 1x -timeout 60m ./...
+
+# The data plane alone: one echo container served directly, by docker-proxy, nginx, ours (tcp and
+# http mode) and iptables DNAT, then through the compose appliance. BENCH_ROUNDS=1
+# BENCH_DURATION=2s BENCH_BULK_MIB=64 make a quick run.
+bench-dataplane:
+	$(GO) test -run '^$$' -bench 'DataPlane' -benchtime 1x -timeout 60m ./testbed/e2e/ ./testbed/appliance/
 
 # The appliance. Compose v2 when the plugin is there, else Debian's docker-compose 1.29.
 COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)

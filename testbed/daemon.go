@@ -41,8 +41,13 @@ type DaemonOptions struct {
 	UserlandProxyPath string
 	// Env is added to dockerd's environment, which the proxies it runs inherit.
 	Env []string
-	// ExtraArgs are appended to dockerd's command line.
+	// ExtraArgs are appended to dockerd's command line; a flag given again overrides the
+	// harness's (e.g. "--iptables=true").
 	ExtraArgs []string
+	// NetNS, when set, is a network namespace of the test's own (NewNetns) that dockerd, its
+	// bridge and its containers live in, so that what dockerd does to the network (iptables rules
+	// with "--iptables=true") stays there and leaves with it.
+	NetNS *os.File
 }
 
 // Daemon is a private dockerd with its own bridge, data, sockets, containerd and cgroups.
@@ -257,12 +262,21 @@ func (d *Daemon) start(bins daemonBinaries, proxy string, opts DaemonOptions) er
 	if err := os.WriteFile(config, []byte("{}\n"), 0o644); err != nil {
 		return err
 	}
-	for _, args := range [][]string{
+	ipCommands := [][]string{
 		{"link", "add", "name", d.Bridge, "type", "bridge"},
 		{"addr", "add", netip.PrefixFrom(d.Gateway, d.Subnet.Bits()).String(), "dev", d.Bridge},
 		{"link", "set", d.Bridge, "up"},
-	} {
-		if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+	}
+	if opts.NetNS != nil {
+		ipCommands = append([][]string{{"link", "set", "lo", "up"}}, ipCommands...)
+	}
+	for _, args := range ipCommands {
+		var out []byte
+		err := inNetns(opts.NetNS, func() (err error) {
+			out, err = exec.Command("ip", args...).CombinedOutput()
+			return err
+		})
+		if err != nil {
 			return fmt.Errorf("ip %s: %v: %s", strings.Join(args, " "), err, strings.TrimSpace(string(out)))
 		}
 	}
@@ -314,7 +328,7 @@ func (d *Daemon) start(bins daemonBinaries, proxy string, opts DaemonOptions) er
 	cmd.Stdout, cmd.Stderr = logf, logf
 	// Its own process group: a ^C meant for go test must not stop dockerd before teardown does.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := cmd.Start(); err != nil {
+	if err := inNetns(opts.NetNS, cmd.Start); err != nil {
 		return fmt.Errorf("starting dockerd: %w", err)
 	}
 	d.cmd = cmd
@@ -346,6 +360,22 @@ func (d *Daemon) start(bins daemonBinaries, proxy string, opts DaemonOptions) er
 			return fmt.Errorf("dockerd did not answer within %s: %v; its log:\n%s", daemonStartTimeout, err, tailFile(d.LogPath, 40))
 		}
 	}
+}
+
+// inNetns runs fn in the network namespace ns (InNetns), or as it is when ns is nil.
+func inNetns(ns *os.File, fn func() error) error {
+	if ns == nil {
+		return fn()
+	}
+	return InNetns(ns, fn)
+}
+
+// Pid is dockerd's process ID.
+func (d *Daemon) Pid() int {
+	if d.cmd == nil {
+		return 0
+	}
+	return d.cmd.Process.Pid
 }
 
 // ping asks the API's /_ping, which answers as soon as the daemon serves requests.

@@ -33,8 +33,10 @@ const (
 // EnvoyOptions configure one Envoy process.
 type EnvoyOptions struct {
 	// Bootstrap is the YAML configuration. Its admin port should be AdminPortPlaceholder.
-	Bootstrap   string
-	Concurrency int // worker threads; default 2
+	Bootstrap string
+	// Concurrency is the number of worker threads: default 2; negative passes no --concurrency,
+	// so Envoy's own default (one per CPU) applies.
+	Concurrency int
 	ExtraArgs   []string
 	Env         []string
 	// NoWaitReady returns as soon as the process runs, instead of once /ready answers 200.
@@ -121,7 +123,10 @@ func (e *Envoy) start(bin, bootstrap string, opts EnvoyOptions) error {
 		return err
 	}
 	defer logf.Close()
-	args := []string{"-c", config, "--base-id", strconv.Itoa(e.BaseID), "--concurrency", strconv.Itoa(opts.Concurrency)}
+	args := []string{"-c", config, "--base-id", strconv.Itoa(e.BaseID)}
+	if opts.Concurrency > 0 {
+		args = append(args, "--concurrency", strconv.Itoa(opts.Concurrency))
+	}
 	cmd := exec.Command(bin, append(args, opts.ExtraArgs...)...)
 	cmd.Dir = dir
 	cmd.Env = toolEnv(append([]string{markerEnv + "=" + dir}, opts.Env...)...)

@@ -109,6 +109,17 @@ func lookTool(name string) (string, error) {
 	return "", fmt.Errorf("%s not found in $PATH or %s", name, strings.Join(sbinDirs, ", "))
 }
 
+// DockerProxyBinary returns the stock docker-proxy, and skips the test (fails it under CI=true)
+// if it is absent.
+func DockerProxyBinary(t testing.TB) string {
+	t.Helper()
+	p, err := lookDockerProxy()
+	if err != nil {
+		missing(t, err.Error(), provisionHint+" (Debian package docker.io)")
+	}
+	return p
+}
+
 // lookDockerProxy finds the stock userland proxy where Debian and upstream packages put it.
 func lookDockerProxy() (string, error) {
 	for _, p := range []string{"/usr/sbin/docker-proxy", "/usr/bin/docker-proxy", "/usr/libexec/docker/docker-proxy"} {

@@ -42,11 +42,12 @@ DOCKER29_BINARIES=(
 )
 
 # docker.io brings dockerd, containerd, runc and docker-proxy; the rest serve later suites
-# (compose for the appliance, protoc for `make generate`, wrk and iperf3 for benchmarks, chromium
-# for the UI test; nftables for the server's netfilter tests; gcc, pkg-config and libseccomp-dev
+# (compose for the appliance, protoc for `make generate`, wrk, iperf3 and nginx (the L7 peer) for
+# benchmarks and linux-perf to profile them (nginx's service is never started: the benchmark runs
+# its own instance), chromium for the UI test; nftables for the server's netfilter tests; gcc, pkg-config and libseccomp-dev
 # to build Docker 29's runc; vagrant and its libvirt provider for `vagrant validate` of
 # testbed/Vagrantfile).
-PACKAGES=(docker.io docker-compose busybox-static protobuf-compiler wrk iperf3 iproute2 nftables unzip chromium gcc pkg-config libseccomp-dev vagrant vagrant-libvirt)
+PACKAGES=(docker.io docker-compose busybox-static protobuf-compiler wrk iperf3 nginx linux-perf iproute2 nftables unzip chromium gcc pkg-config libseccomp-dev vagrant vagrant-libvirt)
 # Installed without their recommendations: through vagrant-libvirt these are an NFS server and
 # libguestfs, which `vagrant validate` does not need.
 LEAN_PACKAGES=(vagrant vagrant-libvirt)

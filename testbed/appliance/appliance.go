@@ -63,6 +63,10 @@ type Options struct {
 	// (several on Docker 29, whose containerd image store makes each of the classic builder's
 	// layer commits slow). Empty: build them on this daemon.
 	Images string
+	// Shipped keeps compose.yaml's defaults for what tests otherwise speed up or make verbose
+	// (Envoy's worker count, the healthcheck interval, the server's log level), as a benchmark
+	// of the appliance as users run it needs.
+	Shipped bool
 }
 
 // Appliance is compose.yaml running against a private daemon.
@@ -225,7 +229,7 @@ func (a *Appliance) composeEnv(opts Options, goImage, envoyImage string) []strin
 	if m := regexp.MustCompile(`^d(\d+)-`).FindStringSubmatch(filepath.Base(a.Daemon.Root)); m != nil {
 		slot, _ = strconv.Atoi(m[1])
 	}
-	return append(env,
+	env = append(env,
 		"DOCKER_HOST="+a.Daemon.Host,
 		"DOCKER_CONFIG="+filepath.Join(filepath.Dir(a.RunDir), "docker-cli"),
 		"DOCKER_BUILDKIT=0", // no buildx here: the classic builder
@@ -243,16 +247,17 @@ func (a *Appliance) composeEnv(opts Options, goImage, envoyImage string) []strin
 		"EDS_DOCKER_CONFIG_DIR="+a.DockerConfigDir,
 		"EDS_SYSCTL_NET_DIR="+a.SysctlDir,
 		"EDS_CONFIGURE_DOCKERD="+strconv.FormatBool(opts.ConfigureDockerd),
-		"EDS_HEALTHCHECK_INTERVAL=1s",
 		"EDS_XDS_ADDR="+a.XDSAddr,
 		"EDS_HTTP_ADDR="+a.HTTPAddr,
-		"EDS_LOG_LEVEL=debug",
 		"EDS_NETFILTER_TABLE="+a.NetfilterTable.Name,
 		"ENVOY_PORT="+portOf(a.AdminAddr),
 		"ENVOY_UI_LISTEN_PORT="+portOf(a.UIAddr),
 		"ENVOY_BASE_ID="+strconv.Itoa(envoyBaseIDOffset+slot),
-		"ENVOY_CONCURRENCY=2",
 	)
+	if !opts.Shipped {
+		env = append(env, "EDS_HEALTHCHECK_INTERVAL=1s", "EDS_LOG_LEVEL=debug", "ENVOY_CONCURRENCY=2")
+	}
+	return env
 }
 
 // Up runs `compose up -d` and waits until the appliance is ready (see WaitReady).

@@ -48,7 +48,11 @@ type setup struct {
 
 func start(t *testing.T, gen testbed.Generation) *setup { return startB(t, gen) }
 
-func startB(t testing.TB, gen testbed.Generation) *setup {
+func startB(t testing.TB, gen testbed.Generation) *setup { return startOpts(t, gen, stack.Options{}) }
+
+// startOpts starts a daemon of generation gen running the shim, and the stack (server and Envoy)
+// shaped by opts; the daemon's and the socket's options are the setup's own.
+func startOpts(t testing.TB, gen testbed.Generation, opts stack.Options) *setup {
 	testbed.RequireDocker(t)
 	dir := t.TempDir()
 	s := &setup{shim: testbed.BuildStatic(t, shimPkg, "envoy-docker-shim"), status: filepath.Join(dir, "exits")}
@@ -62,7 +66,8 @@ func startB(t testing.TB, gen testbed.Generation) *setup {
 		UserlandProxyPath: wrapper,
 		Env:               []string{"EDS_SHIM_SOCKET=" + socket, "EDS_TEST_SHIM=" + s.shim, "EDS_TEST_SHIM_STATUS=" + s.status},
 	})
-	s.stack = stack.Start(t, stack.Options{DockerHost: s.daemon.Host, ShimSocket: socket})
+	opts.DockerHost, opts.ShimSocket = s.daemon.Host, socket
+	s.stack = stack.Start(t, opts)
 	return s
 }
 

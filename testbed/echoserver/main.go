@@ -4,7 +4,9 @@
 // It serves HTTP (JSON describing the request and the container), raw TCP echo and UDP echo, on
 // port lists taken from the environment so one container can stand behind a published port range.
 // Echo is byte-exact so tests can count bytes through a proxy; the only exception is the WHOAMI
-// probe, which must be the very first bytes of a TCP stream or a whole UDP datagram.
+// probe, which must be the very first bytes of a TCP stream or a whole UDP datagram. For bulk
+// transfers, HTTP GET /bytes/N answers N bytes (at most 64 GiB) from one reused buffer, so the
+// server costs little per byte and benchmarks measure the path, not the source.
 //
 // ECHO_LISTEN_DELAY (a Go duration, e.g. 300ms) makes it wait that long before it binds any port,
 // like an application that takes a while to start: a request that arrives meanwhile finds nothing
@@ -185,8 +187,21 @@ type httpReply struct {
 	Port     string `json:"port"`
 }
 
+// bulkPrefix is the path of bulk downloads: /bytes/N.
+const bulkPrefix = "/bytes/"
+
+// maxBulk bounds a bulk download, so a mistyped size cannot keep a connection busy for hours.
+const maxBulk = 64 << 30
+
+// bulkChunk is written over and over for a bulk download.
+var bulkChunk = bytes.Repeat([]byte("0123456789abcdef"), 16<<10)
+
 func httpHandler(cfg config) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if rest, ok := strings.CutPrefix(r.URL.Path, bulkPrefix); ok {
+			serveBulk(w, rest)
+			return
+		}
 		_, port, _ := net.SplitHostPort(r.Context().Value(http.LocalAddrContextKey).(net.Addr).String())
 		w.Header().Set("Content-Type", "application/json")
 		_ = json.NewEncoder(w).Encode(httpReply{
@@ -198,6 +213,24 @@ func httpHandler(cfg config) http.Handler {
 			Port:     port,
 		})
 	})
+}
+
+// serveBulk answers size (a decimal byte count) bytes of a repeating pattern.
+func serveBulk(w http.ResponseWriter, size string) {
+	n, err := strconv.ParseInt(size, 10, 64)
+	if err != nil || n < 0 || n > maxBulk {
+		http.Error(w, fmt.Sprintf("want /bytes/N with N a byte count from 0 to %d", int64(maxBulk)), http.StatusBadRequest)
+		return
+	}
+	w.Header().Set("Content-Type", "application/octet-stream")
+	w.Header().Set("Content-Length", strconv.FormatInt(n, 10))
+	for n > 0 {
+		chunk := bulkChunk[:min(n, int64(len(bulkChunk)))]
+		if _, err := w.Write(chunk); err != nil {
+			return
+		}
+		n -= int64(len(chunk))
+	}
 }
 
 func serveTCP(ln net.Listener, name string) error {

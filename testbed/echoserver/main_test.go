@@ -3,7 +3,10 @@ package main
 import (
 	"bytes"
 	"io"
+	"net/http"
+	"net/http/httptest"
 	"slices"
+	"strconv"
 	"testing"
 	"time"
 )
@@ -146,5 +149,47 @@ func TestUDPReply(t *testing.T) {
 		if got := string(udpReply([]byte(tt.in), "web-1")); got != tt.want {
 			t.Errorf("udpReply(%q) = %q, want %q", tt.in, got, tt.want)
 		}
+	}
+}
+
+func TestBulk(t *testing.T) {
+	h := httpHandler(config{name: "web-1"})
+	tests := []struct {
+		path   string
+		status int
+		size   int
+	}{
+		{"/bytes/0", 200, 0},
+		{"/bytes/1", 200, 1},
+		{"/bytes/1000000", 200, 1000000}, // several chunks and a partial one
+		{"/bytes/-1", 400, -1},
+		{"/bytes/x", 400, -1},
+		{"/bytes/68719476737", 400, -1}, // over 64 GiB
+	}
+	for _, tt := range tests {
+		t.Run(tt.path, func(t *testing.T) {
+			rec := httptest.NewRecorder()
+			req := httptest.NewRequest(http.MethodGet, tt.path, nil)
+			h.ServeHTTP(rec, req)
+			if rec.Code != tt.status {
+				t.Fatalf("status %d, want %d: %s", rec.Code, tt.status, rec.Body)
+			}
+			if tt.size < 0 {
+				return
+			}
+			if got := rec.Header().Get("Content-Length"); got != strconv.Itoa(tt.size) {
+				t.Errorf("Content-Length %q, want %d", got, tt.size)
+			}
+			body := rec.Body.Bytes()
+			if len(body) != tt.size {
+				t.Fatalf("body of %d bytes, want %d", len(body), tt.size)
+			}
+			pattern := []byte("0123456789abcdef")
+			for i := 0; i < len(body); i += 4093 {
+				if body[i] != pattern[i%len(pattern)] {
+					t.Fatalf("byte %d is %q, want %q", i, body[i], pattern[i%len(pattern)])
+				}
+			}
+		})
 	}
 }

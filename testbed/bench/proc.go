@@ -1,0 +1,126 @@
+package bench
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// userHZ is the unit of utime and stime in /proc/PID/stat: USER_HZ, 100 on every Linux ABI.
+const userHZ = 100
+
+// CPUTime is the CPU time (user and system, all threads) the processes have used so far, from
+// utime and stime in /proc/PID/stat.
+func CPUTime(pids ...int) (time.Duration, error) {
+	var total time.Duration
+	for _, pid := range pids {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+		if err != nil {
+			return 0, err
+		}
+		d, err := parseStatCPU(string(b))
+		if err != nil {
+			return 0, fmt.Errorf("/proc/%d/stat: %w", pid, err)
+		}
+		total += d
+	}
+	return total, nil
+}
+
+// statFields returns the fields of /proc/PID/stat after the command name, which may itself hold
+// spaces and parentheses: the first of them is field 3 (state).
+func statFields(stat string) ([]string, error) {
+	i := strings.LastIndexByte(stat, ')')
+	if i < 0 {
+		return nil, fmt.Errorf("malformed stat %q", stat)
+	}
+	return strings.Fields(stat[i+1:]), nil
+}
+
+func parseStatCPU(stat string) (time.Duration, error) {
+	f, err := statFields(stat)
+	if err != nil {
+		return 0, err
+	}
+	if len(f) < 13 {
+		return 0, fmt.Errorf("stat has %d fields after the name, want at least 13", len(f))
+	}
+	// utime and stime are fields 14 and 15.
+	utime, err1 := strconv.ParseInt(f[11], 10, 64)
+	stime, err2 := strconv.ParseInt(f[12], 10, 64)
+	if err1 != nil || err2 != nil {
+		return 0, fmt.Errorf("utime %q, stime %q", f[11], f[12])
+	}
+	return time.Duration(utime+stime) * time.Second / userHZ, nil
+}
+
+// RSS is the resident set size of a process in bytes (VmRSS).
+func RSS(pid int) (int64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, err
+	}
+	return parseRSS(string(b))
+}
+
+func parseRSS(status string) (int64, error) {
+	for line := range strings.SplitSeq(status, "\n") {
+		if rest, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			f := strings.Fields(rest)
+			if len(f) == 2 && f[1] == "kB" {
+				kib, err := strconv.ParseInt(f[0], 10, 64)
+				if err == nil {
+					return kib << 10, nil
+				}
+			}
+			return 0, fmt.Errorf("malformed %q", line)
+		}
+	}
+	return 0, fmt.Errorf("no VmRSS line (a kernel thread, or the process exited)")
+}
+
+// Children lists the direct children of a process (of all its threads).
+func Children(pid int) []int {
+	tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/children", pid))
+	var out []int
+	for _, t := range tasks {
+		b, err := os.ReadFile(t)
+		if err != nil {
+			continue
+		}
+		for _, f := range strings.Fields(string(b)) {
+			if c, err := strconv.Atoi(f); err == nil {
+				out = append(out, c)
+			}
+		}
+	}
+	return out
+}
+
+// PidsOf lists the processes whose executable's base name is name and whose environment or
+// command line mentions marker (empty: any).
+func PidsOf(name, marker string) []int {
+	entries, _ := os.ReadDir("/proc")
+	var out []int
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		exe, err := os.Readlink(filepath.Join("/proc", e.Name(), "exe"))
+		if err != nil || filepath.Base(strings.TrimSuffix(exe, " (deleted)")) != name {
+			continue
+		}
+		if marker != "" {
+			cmdline, _ := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+			if !strings.Contains(string(cmdline), marker) {
+				continue
+			}
+		}
+		out = append(out, pid)
+	}
+	return out
+}
