@@ -65,13 +65,13 @@ generate:
 # Benchmarks against the real stack; figures go in closing notes, never into assertions. Reports
 # (markdown and a PNG chart) land in bench-results/, which git ignores.
 bench:
-	$(GO) test -run '^$$' -bench . -benchtime 1x -timeout 60m ./...
+	$(GO) test -p 1 -run '^$$' -bench . -benchtime 1x -timeout 60m ./...
 
 # The data plane alone: one echo container served directly, by docker-proxy, nginx, ours (tcp and
 # http mode) and iptables DNAT, then through the compose appliance. BENCH_ROUNDS=1
 # BENCH_DURATION=2s BENCH_BULK_MIB=64 make a quick run.
 bench-dataplane:
-	$(GO) test -run '^$$' -bench 'DataPlane' -benchtime 1x -timeout 60m ./testbed/e2e/ ./testbed/appliance/
+	$(GO) test -p 1 -run '^$$' -bench 'DataPlane' -benchtime 1x -timeout 60m ./testbed/e2e/ ./testbed/appliance/
 
 # The appliance. Compose v2 when the plugin is there, else Debian's docker-compose 1.29.
 COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
