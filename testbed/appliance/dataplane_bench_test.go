@@ -47,7 +47,7 @@ func BenchmarkApplianceDataPlane(b *testing.B) {
 		}
 		return envoyInit
 	}
-	envoy := bench.Account{Name: "envoy", CPU: bench.ProcessCPU(envoyPids)}
+	envoy := bench.Processes("envoy", envoyPids)
 	envoyRSS := func() (int64, error) { return bench.RSS(envoyPid()) }
 	namespace := "eds-" + filepath.Base(d.Root)
 	docker := bench.Account{Name: "docker", CPU: bench.ProcessCPU(func() []int {
@@ -63,7 +63,7 @@ func BenchmarkApplianceDataPlane(b *testing.B) {
 	paths := []bench.Path{
 		{Name: "direct to the container IP", Addr: upstream.String()},
 		{Name: "docker-proxy", Addr: loopback(stockPort), RSS: stock.RSS,
-			Accounts: []bench.Account{{Name: "docker-proxy", CPU: bench.ProcessCPU(stock.Pids)}, docker}},
+			Accounts: []bench.Account{bench.Processes("docker-proxy", stock.Pids), docker}},
 		{Name: "appliance, ProxyMode=tcp", Addr: loopback(tcpPort), RSS: envoyRSS, Accounts: []bench.Account{envoy, shim(tcpPort), docker}},
 		{Name: "appliance, ProxyMode=http", Addr: loopback(httpPort), RSS: envoyRSS, Accounts: []bench.Account{envoy, shim(httpPort), docker}},
 		{Name: "appliance, http, AccessLog=true", Addr: loopback(loggedPort), RSS: envoyRSS, Accounts: []bench.Account{envoy, shim(loggedPort), docker},

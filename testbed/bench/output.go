@@ -48,6 +48,18 @@ func ConfigFromEnv(t testing.TB) Config {
 		}
 		cfg.BulkSize = int64(n) << 20
 	}
+	if v := os.Getenv("BENCH_PERF"); v != "" {
+		on, err := strconv.ParseBool(v)
+		if err != nil {
+			t.Fatalf("BENCH_PERF=%q: want true or false", v)
+		}
+		if on {
+			if cfg.Profiler, err = NewProfiler(); err != nil {
+				t.Fatal(err)
+			}
+			logf("profiles of the first round go to %s", cfg.Profiler.Dir())
+		}
+	}
 	return cfg
 }
 

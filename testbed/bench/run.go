@@ -28,6 +28,13 @@ type Path struct {
 type Account struct {
 	Name string
 	CPU  func() (time.Duration, error)
+	// Pids, when set, lists the account's processes, for profiling (Config.Profiler).
+	Pids func() []int
+}
+
+// Processes is the account of the processes pids lists at each reading.
+func Processes(name string, pids func() []int) Account {
+	return Account{Name: name, CPU: ProcessCPU(pids), Pids: pids}
 }
 
 // ProcessCPU is an Account's CPU function for the processes pids lists at each reading.
@@ -54,6 +61,9 @@ type Config struct {
 	// Reference names the path the ratios are taken against.
 	Reference string
 	Logf      func(format string, args ...any)
+	// Profiler, when set, profiles each path's first account during the first round (perf's
+	// sampling costs the profiled process a little: that round's figures are a little low).
+	Profiler *Profiler
 }
 
 // Sample is one measurement of one path.
@@ -104,7 +114,7 @@ func Run(ctx context.Context, cfg Config, paths []Path) (Outcome, error) {
 	for round := range cfg.Rounds {
 		for k := range paths {
 			i := (round + k) % len(paths)
-			s, err := measure(ctx, cfg, paths[i])
+			s, err := measure(ctx, cfg, paths[i], round == 0)
 			if err != nil {
 				return out, fmt.Errorf("round %d, %s: %w", round+1, paths[i].Name, err)
 			}
@@ -126,14 +136,21 @@ func cpuSummary(p Path, s Sample) string {
 	return strings.Join(parts, ", ")
 }
 
-func measure(ctx context.Context, cfg Config, p Path) (Sample, error) {
+func measure(ctx context.Context, cfg Config, p Path, profile bool) (Sample, error) {
 	var s Sample
 	var err error
 	url := "http://" + p.Addr + "/"
-	if s.KeepAliveCPU, err = charged(p, func() error {
+	// profiled runs f under the profiler when this visit is profiled and the path has processes.
+	profiled := func(load string, f func() error) func() error {
+		if !profile || cfg.Profiler == nil || len(p.Accounts) == 0 || p.Accounts[0].Pids == nil {
+			return f
+		}
+		return func() error { return cfg.Profiler.Record(ctx, slug(p.Name)+"-"+load, p.Accounts[0].Pids(), f) }
+	}
+	if s.KeepAliveCPU, err = charged(p, profiled("keepalive", func() error {
 		s.KeepAlive, err = Wrk(ctx, WrkOptions{URL: url, Connections: cfg.KeepAliveConns, Duration: cfg.Duration, NetNS: p.NetNS})
 		return err
-	}); err != nil {
+	})); err != nil {
 		return s, fmt.Errorf("keep-alive: %w", err)
 	}
 	if p.RSS != nil {
@@ -141,16 +158,16 @@ func measure(ctx context.Context, cfg Config, p Path) (Sample, error) {
 			return s, fmt.Errorf("rss: %w", err)
 		}
 	}
-	if s.CloseCPU, err = charged(p, func() error {
+	if s.CloseCPU, err = charged(p, profiled("newconn", func() error {
 		s.Close, err = Wrk(ctx, WrkOptions{URL: url, Connections: cfg.CloseConns, Duration: cfg.Duration, Headers: []string{"Connection: close"}, NetNS: p.NetNS})
 		return err
-	}); err != nil {
+	})); err != nil {
 		return s, fmt.Errorf("new connections: %w", err)
 	}
-	if s.BulkCPU, err = charged(p, func() error {
+	if s.BulkCPU, err = charged(p, profiled("bulk", func() error {
 		s.BulkElapsed, err = Download(ctx, p.Addr, cfg.BulkSize, p.NetNS)
 		return err
-	}); err != nil {
+	})); err != nil {
 		return s, fmt.Errorf("bulk: %w", err)
 	}
 	return s, nil
@@ -204,4 +221,22 @@ func median(v []float64) float64 {
 		return s[len(s)/2]
 	}
 	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+// slug is a path's name as a file name: lower case letters and digits, dashes between.
+func slug(name string) string {
+	var b strings.Builder
+	dash := false
+	for _, r := range strings.ToLower(name) {
+		if (r >= 'a' && r <= 'z') || (r >= '0' && r <= '9') {
+			if dash && b.Len() > 0 {
+				b.WriteByte('-')
+			}
+			b.WriteRune(r)
+			dash = false
+			continue
+		}
+		dash = true
+	}
+	return b.String()
 }

@@ -48,15 +48,15 @@ func BenchmarkDataPlane(b *testing.B) {
 	nginx := bench.StartNginx(b, loopbackPort(nginxPort), upstream, workers)
 
 	envoy := s.stack.Envoy
-	envoyAccount := bench.Account{Name: "envoy", CPU: bench.ProcessCPU(func() []int { return []int{envoy.Pid()} })}
+	envoyAccount := bench.Processes("envoy", func() []int { return []int{envoy.Pid()} })
 	shimAccount := func(port int) bench.Account {
-		return bench.Account{Name: "shim", CPU: bench.ProcessCPU(func() []int { return s.shims(port) })}
+		return bench.Processes("shim", func() []int { return s.shims(port) })
 	}
 	envoyRSS := func() (int64, error) { return bench.RSS(envoy.Pid()) }
 	paths := []bench.Path{
 		{Name: "direct to the container IP", Addr: upstream.String()},
-		{Name: "docker-proxy", Addr: loopback(stockPort), Accounts: []bench.Account{{Name: "docker-proxy", CPU: bench.ProcessCPU(stock.Pids)}}, RSS: stock.RSS},
-		{Name: "nginx (" + workersText(workers) + ")", Addr: loopback(nginxPort), Accounts: []bench.Account{{Name: "nginx", CPU: bench.ProcessCPU(nginx.Pids)}}, RSS: nginx.RSS,
+		{Name: "docker-proxy", Addr: loopback(stockPort), Accounts: []bench.Account{bench.Processes("docker-proxy", stock.Pids)}, RSS: stock.RSS},
+		{Name: "nginx (" + workersText(workers) + ")", Addr: loopback(nginxPort), Accounts: []bench.Account{bench.Processes("nginx", nginx.Pids)}, RSS: nginx.RSS,
 			Note: "Debian's nginx, upstream keep-alive, no access log, as many workers as Envoy's; CPU and RSS of master and workers"},
 		{Name: "ours, ProxyMode=tcp", Addr: loopback(tcpPort), Accounts: []bench.Account{envoyAccount, shimAccount(tcpPort)}, RSS: envoyRSS},
 		{Name: "ours, ProxyMode=http", Addr: loopback(httpPort), Accounts: []bench.Account{envoyAccount, shimAccount(httpPort)}, RSS: envoyRSS,

@@ -57,14 +57,14 @@ func BenchmarkEnvoyDefaults(b *testing.B) {
 	stockPort := testbed.FreePort(b)
 	stock := bench.StartDockerProxy(b, testbed.DockerProxyBinary(b), loopbackPort(stockPort), netip.AddrPortFrom(web.c.IP, 80))
 	envoyAccount := func(e *testbed.Envoy) []bench.Account {
-		return []bench.Account{{Name: "envoy", CPU: bench.ProcessCPU(func() []int { return []int{e.Pid()} })}}
+		return []bench.Account{bench.Processes("envoy", func() []int { return []int{e.Pid()} })}
 	}
 	rss := func(e *testbed.Envoy) func() (int64, error) {
 		return func() (int64, error) { return bench.RSS(e.Pid()) }
 	}
 	ours, second := s.stack.Envoy, perCPU.Envoy
 	paths := []bench.Path{
-		{Name: "docker-proxy", Addr: loopback(stockPort), Accounts: []bench.Account{{Name: "docker-proxy", CPU: bench.ProcessCPU(stock.Pids)}}, RSS: stock.RSS},
+		{Name: "docker-proxy", Addr: loopback(stockPort), Accounts: []bench.Account{bench.Processes("docker-proxy", stock.Pids)}, RSS: stock.RSS},
 		{Name: "tcp, shipped (" + workersText(shipped) + ")", Addr: loopback(webTCP.port), Accounts: envoyAccount(ours), RSS: rss(ours)},
 		{Name: "tcp, " + workersText(runtime.NumCPU()) + " (one per CPU)", Addr: loopback(perCPUTCPPort), Accounts: envoyAccount(second), RSS: rss(second)},
 		{Name: "tcp, AccessLog=true", Addr: loopback(loggedTCP.port), Accounts: envoyAccount(ours), RSS: rss(ours)},

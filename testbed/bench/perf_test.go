@@ -1,0 +1,43 @@
+package bench
+
+import "testing"
+
+func TestKernelShare(t *testing.T) {
+	report := `# Overhead  Shared Object
+# ........  .................
+#
+    61.20%  [kernel.kallsyms]
+    30.10%  envoy
+     5.00%  libc.so.6
+     2.50%  [kernel.vmlinux]
+`
+	tests := []struct {
+		name, report string
+		want         float64
+	}{
+		{"kernel lines summed", report, 63.7},
+		{"no samples", "# no samples\n", 0},
+		{"comments only", "# 12.00%  [kernel.kallsyms]\n", 0},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := kernelShare(tt.report); got < tt.want-0.001 || got > tt.want+0.001 {
+				t.Errorf("kernelShare = %v, want %v", got, tt.want)
+			}
+		})
+	}
+}
+
+func TestSlug(t *testing.T) {
+	tests := []struct{ name, want string }{
+		{"ours, ProxyMode=tcp", "ours-proxymode-tcp"},
+		{"nginx (1 worker)", "nginx-1-worker"},
+		{"docker-proxy", "docker-proxy"},
+		{"  --  ", ""},
+	}
+	for _, tt := range tests {
+		if got := slug(tt.name); got != tt.want {
+			t.Errorf("slug(%q) = %q, want %q", tt.name, got, tt.want)
+		}
+	}
+}
