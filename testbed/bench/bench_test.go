@@ -128,8 +128,17 @@ func TestMarkdown(t *testing.T) {
 	if want := 25.0; sums[1].PerRequest[0] != want {
 		t.Errorf("docker-proxy CPU per request %.2f µs, want %.2f", sums[1].PerRequest[0], want)
 	}
+	// Errors are summed over the rounds, keep-alive and new connections alike.
+	results[1].Samples[0].Close.Errors = 1200
+	results[1].Samples[2].KeepAlive.Errors = 34
+	sums = Summarize(cfg, results)
+	if sums[1].Errors != 1234 || sums[2].Errors != 0 {
+		t.Errorf("errors %d and %d, want 1234 and 0", sums[1].Errors, sums[2].Errors)
+	}
 	table := Markdown(sums, "docker-proxy")
 	for _, want := range []string{
+		"| 11,250 (1.50x) |", // unchanged by errors
+		" | 1,234 | 25.0 |",
 		"| path | keep-alive req/s |",
 		"| direct | 60,000 (2.00x) |",
 		"| docker-proxy | 30,000 | 1.00 ms | 3.00 ms | 7,500 |",

@@ -21,6 +21,8 @@ type Summary struct {
 	PerRequest, PerConn  []float64 // µs of CPU, per account
 	PerMiB               []float64 // µs of CPU per MiB of bulk download, per account
 	KeepAliveReqs, Close int64     // requests of the median keep-alive and close runs (for context)
+	// Errors sums wrk's socket errors and non-2xx/3xx answers over every round.
+	Errors int64
 }
 
 // Summarize takes the medians of each path's rounds.
@@ -43,6 +45,9 @@ func Summarize(cfg Config, results []Result) []Summary {
 		s.RSSMiB = pick(func(x Sample) float64 { return float64(x.RSS) / (1 << 20) })
 		s.KeepAliveReqs = int64(pick(func(x Sample) float64 { return float64(x.KeepAlive.Requests) }))
 		s.Close = int64(pick(func(x Sample) float64 { return float64(x.Close.Requests) }))
+		for _, x := range r.Samples {
+			s.Errors += x.KeepAlive.Errors + x.Close.Errors
+		}
 		for j, a := range r.Path.Accounts {
 			s.Accounts = append(s.Accounts, a.Name)
 			s.PerRequest = append(s.PerRequest, pick(func(x Sample) float64 { return perOp(x.KeepAliveCPU[j], x.KeepAlive.Requests) }))
@@ -75,11 +80,11 @@ func Markdown(summaries []Summary, reference string) string {
 		}
 	}
 	var b strings.Builder
-	b.WriteString("| path | keep-alive req/s | p50 | p99 | new conn/s | bulk MB/s | proxy CPU µs/req | µs/new conn | µs/MiB | proxy RSS MiB |")
+	b.WriteString("| path | keep-alive req/s | p50 | p99 | new conn/s | bulk MB/s | errors | proxy CPU µs/req | µs/new conn | µs/MiB | proxy RSS MiB |")
 	for _, a := range extra {
 		fmt.Fprintf(&b, " %s CPU µs/req, /conn, /MiB |", a)
 	}
-	b.WriteString("\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+	b.WriteString("\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 	b.WriteString(strings.Repeat("---:|", len(extra)))
 	b.WriteString("\n")
 	for _, s := range summaries {
@@ -89,11 +94,12 @@ func Markdown(summaries []Summary, reference string) string {
 			}
 			return fmt.Sprintf(" (%.2fx)", v/refOf(*ref))
 		}
-		fmt.Fprintf(&b, "| %s | %s%s | %s | %s | %s%s | %s%s |", s.Name,
+		fmt.Fprintf(&b, "| %s | %s%s | %s | %s | %s%s | %s%s | %s |", s.Name,
 			thousands(s.KeepAliveRate), ratio(s.KeepAliveRate, func(r Summary) float64 { return r.KeepAliveRate }),
 			latency(s.P50), latency(s.P99),
 			thousands(s.CloseRate), ratio(s.CloseRate, func(r Summary) float64 { return r.CloseRate }),
-			thousands(s.BulkMBps), ratio(s.BulkMBps, func(r Summary) float64 { return r.BulkMBps }))
+			thousands(s.BulkMBps), ratio(s.BulkMBps, func(r Summary) float64 { return r.BulkMBps }),
+			thousands(float64(s.Errors)))
 		if len(s.Accounts) == 0 {
 			b.WriteString(" – | – | – | – |")
 		} else {

@@ -119,9 +119,9 @@ func Run(ctx context.Context, cfg Config, paths []Path) (Outcome, error) {
 				return out, fmt.Errorf("round %d, %s: %w", round+1, paths[i].Name, err)
 			}
 			results[i].Samples = append(results[i].Samples, s)
-			logf("round %d/%d %-28s keep-alive %8.0f/s p99 %-8v close %7.0f/s bulk %6.0f MB/s cpu %s",
+			logf("round %d/%d %-28s keep-alive %8.0f/s p99 %-8v close %7.0f/s bulk %6.0f MB/s errors %d cpu %s",
 				round+1, cfg.Rounds, paths[i].Name, s.KeepAlive.Rate, s.KeepAlive.P99, s.Close.Rate,
-				mbps(cfg.BulkSize, s.BulkElapsed), cpuSummary(paths[i], s))
+				mbps(cfg.BulkSize, s.BulkElapsed), s.KeepAlive.Errors+s.Close.Errors, cpuSummary(paths[i], s))
 		}
 	}
 	out.Results, out.LoadAfter = results, LoadAverage()
