@@ -33,7 +33,8 @@ func TestParseWrk(t *testing.T) {
 	}{
 		{"keep-alive", wrkReport, Load{Requests: 180216, Elapsed: 6 * time.Second, Rate: 30036.12, P50: 995 * time.Microsecond, P99: 2610 * time.Microsecond}, false},
 		{"errors counted", strings.Replace(wrkReport, "Requests/sec", "  Socket errors: connect 1, read 2, write 3, timeout 4\n  Non-2xx or 3xx responses: 5\nRequests/sec", 1),
-			Load{Requests: 180216, Elapsed: 6 * time.Second, Rate: 30036.12, P50: 995 * time.Microsecond, P99: 2610 * time.Microsecond, Errors: 15}, false},
+			Load{Requests: 180216, Elapsed: 6 * time.Second, Rate: 30036.12, P50: 995 * time.Microsecond, P99: 2610 * time.Microsecond, Errors: 15,
+				ErrorKinds: "Socket errors: connect 1, read 2, write 3, timeout 4; Non-2xx or 3xx responses: 5"}, false},
 		{"seconds", strings.Replace(wrkReport, "99%    2.61ms", "99%    1.20s", 1),
 			Load{Requests: 180216, Elapsed: 6 * time.Second, Rate: 30036.12, P50: 995 * time.Microsecond, P99: 1200 * time.Millisecond}, false},
 		{"no latency distribution", "  10 requests in 1.00s, 1MB read\nRequests/sec: 10\n", Load{}, true},

@@ -119,6 +119,11 @@ func Run(ctx context.Context, cfg Config, paths []Path) (Outcome, error) {
 				return out, fmt.Errorf("round %d, %s: %w", round+1, paths[i].Name, err)
 			}
 			results[i].Samples = append(results[i].Samples, s)
+			for _, l := range []Load{s.KeepAlive, s.Close} {
+				if l.Errors > 0 {
+					logf("round %d/%d %s: %s", round+1, cfg.Rounds, paths[i].Name, l.ErrorKinds)
+				}
+			}
 			logf("round %d/%d %-28s keep-alive %8.0f/s p99 %-8v close %7.0f/s bulk %6.0f MB/s errors %d cpu %s",
 				round+1, cfg.Rounds, paths[i].Name, s.KeepAlive.Rate, s.KeepAlive.P99, s.Close.Rate,
 				mbps(cfg.BulkSize, s.BulkElapsed), s.KeepAlive.Errors+s.Close.Errors, cpuSummary(paths[i], s))

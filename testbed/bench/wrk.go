@@ -39,6 +39,8 @@ type Load struct {
 	P50, P99 time.Duration
 	// Errors counts socket errors (connect, read, write, timeout) and non-2xx/3xx answers.
 	Errors int64
+	// ErrorKinds says which (wrk's own lines), when there were any.
+	ErrorKinds string
 }
 
 // wrkSlack bounds how long wrk may overrun its duration before it is killed.
@@ -118,15 +120,21 @@ func ParseWrk(out string) (Load, error) {
 	if l.P50 == 0 || l.P99 == 0 {
 		return l, fmt.Errorf("no latency distribution in wrk's report (run with --latency):\n%s", out)
 	}
+	var kinds []string
 	if m := wrkSocket.FindStringSubmatch(out); m != nil {
 		for _, n := range m[1:] {
 			v, _ := strconv.ParseInt(n, 10, 64)
 			l.Errors += v
 		}
+		kinds = append(kinds, strings.TrimSpace(m[0]))
 	}
 	if m := wrkNon2xx.FindStringSubmatch(out); m != nil {
 		v, _ := strconv.ParseInt(m[1], 10, 64)
 		l.Errors += v
+		kinds = append(kinds, strings.TrimSpace(m[0]))
+	}
+	if l.Errors > 0 {
+		l.ErrorKinds = strings.Join(kinds, "; ")
 	}
 	return l, nil
 }
