@@ -3,6 +3,7 @@ package bench
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -58,7 +59,7 @@ func (p *Profiler) Record(ctx context.Context, name string, pids []int, f func()
 	time.Sleep(200 * time.Millisecond)
 	ferr := f()
 	_ = rec.Process.Signal(syscall.SIGINT)
-	if err := rec.Wait(); err != nil && ferr == nil {
+	if err := rec.Wait(); err != nil && !stoppedBy(err, syscall.SIGINT) && ferr == nil {
 		return fmt.Errorf("perf record: %w: %s", err, stderr.String())
 	}
 	if ferr != nil {
@@ -75,6 +76,17 @@ func (p *Profiler) Record(ctx context.Context, name string, pids []int, f func()
 	}
 	text := fmt.Sprintf("# %s: kernel %.0f%% of the samples\n\n%s\n%s", name, kernelShare(byDSO), byDSO, bySymbol)
 	return os.WriteFile(filepath.Join(p.dir, name+".txt"), []byte(text), 0o644)
+}
+
+// stoppedBy reports whether err is the exit of a process that a signal ended: perf writes its
+// data on SIGINT, then ends itself with the same signal.
+func stoppedBy(err error, sig syscall.Signal) bool {
+	var exit *exec.ExitError
+	if !errors.As(err, &exit) {
+		return false
+	}
+	ws, ok := exit.Sys().(syscall.WaitStatus)
+	return ok && ws.Signaled() && ws.Signal() == sig
 }
 
 func perfReport(ctx context.Context, data, sort string) (string, error) {

@@ -1,6 +1,11 @@
 package bench
 
-import "testing"
+import (
+	"errors"
+	"os/exec"
+	"syscall"
+	"testing"
+)
 
 func TestKernelShare(t *testing.T) {
 	report := `# Overhead  Shared Object
@@ -38,6 +43,27 @@ func TestSlug(t *testing.T) {
 	for _, tt := range tests {
 		if got := slug(tt.name); got != tt.want {
 			t.Errorf("slug(%q) = %q, want %q", tt.name, got, tt.want)
+		}
+	}
+}
+
+func TestStoppedBy(t *testing.T) {
+	interrupted := exec.Command("sh", "-c", "kill -INT $$")
+	errInt := interrupted.Run()
+	failed := exec.Command("sh", "-c", "exit 3")
+	errExit := failed.Run()
+	tests := []struct {
+		name string
+		err  error
+		want bool
+	}{
+		{"ended by SIGINT", errInt, true},
+		{"exit status 3", errExit, false},
+		{"not an exit", errors.New("no such file"), false},
+	}
+	for _, tt := range tests {
+		if got := stoppedBy(tt.err, syscall.SIGINT); got != tt.want {
+			t.Errorf("%s: stoppedBy(%v) = %v, want %v", tt.name, tt.err, got, tt.want)
 		}
 	}
 }
