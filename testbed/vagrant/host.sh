@@ -3,6 +3,7 @@
 #
 #   - the Debian packages vagrant, vagrant-libvirt, libvirt-daemon-system, qemu-system-x86 and
 #     qemu-utils, installed when missing (without recommendations: no dnsmasq, no NFS server);
+#   - /dev/kvm for group kvm (QEMU's), where no udev has set it so;
 #   - for root, a libvirt daemon: systemd starts libvirtd on demand; on a host without a service
 #     manager (a CI container or microVM) this script starts libvirtd and virtlogd itself.
 #
@@ -36,6 +37,15 @@ if [ "${#want[@]}" -gt 0 ]; then
 fi
 
 [ "$(id -u)" -eq 0 ] || exit 0 # a session libvirt starts by itself
+
+# QEMU runs as libvirt-qemu, a member of group kvm. udev gives /dev/kvm to that group; a machine
+# without udev (a microVM, a container) may leave it to another group, and QEMU then falls over
+# with "Could not access KVM kernel module: Permission denied". Do what udev would.
+if [ -c /dev/kvm ] && getent group kvm >/dev/null && [ "$(stat -c %G /dev/kvm)" != kvm ]; then
+	log "/dev/kvm belongs to group $(stat -c %G /dev/kvm), not kvm (no udev here?): giving it to kvm, mode 0660, as udev would"
+	chgrp kvm /dev/kvm
+	chmod 0660 /dev/kvm
+fi
 
 answers() { timeout 20 virsh -c qemu:///system version >/dev/null 2>&1; }
 if ! answers; then
