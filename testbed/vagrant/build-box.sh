@@ -40,15 +40,19 @@ die() { log "error: $*"; exit 1; }
 command -v go >/dev/null || die "the go command is not on PATH: the box gets this machine's Go toolchain"
 
 timings=()
-stage() { # stage NAME FUNCTION: runs FUNCTION unless NAME is done, and records how long it took
-	local name=$1 start=$SECONDS
-	if [ -e "$WORK/.done-$name" ]; then
+redo_rest="" # set once a stage runs: every later stage builds on its result and runs too
+stage() { # stage NAME FUNCTION [KEY]: runs FUNCTION unless NAME is done (with the same KEY, when
+	# given: e.g. a hash of the script it runs), and records how long it took
+	local name=$1 key=${3:-} start=$SECONDS
+	if [ -z "$redo_rest" ] && [ -e "$WORK/.done-$name" ] && [ "$(cat "$WORK/.done-$name")" = "$key" ]; then
 		log "$name: done before, skipped"
 		return
 	fi
+	[ ! -e "$WORK/.done-$name" ] || [ -n "$redo_rest" ] || log "$name: its inputs changed since the last build"
 	log "$name ..."
 	"$2"
-	touch "$WORK/.done-$name"
+	printf '%s' "$key" >"$WORK/.done-$name"
+	redo_rest=1
 	timings+=("$name: $((SECONDS - start))s")
 }
 
@@ -248,7 +252,8 @@ start_all=$SECONDS
 host_packages
 stage debootstrap debootstrap_stage
 stage system system_stage
-stage provision provision_stage
+# The box must carry what today's provision.sh installs: an older box fails offline in apt-get.
+stage provision provision_stage "$(cat "$REPO/testbed/provision.sh" "$REPO/go.mod" | sha256sum | cut -c1-16)"
 stage disk disk_stage
 box_stage
 log "box $BOX_NAME added; timings:"

@@ -21,7 +21,15 @@ total=$SECONDS
 while IFS= read -r -u 3 step; do
 	echo "==> $step"
 	start=$SECONDS
-	eval "$step" </dev/null
+	if ! eval "$step" </dev/null; then
+		echo "==> failed: $step" >&2
+		if [ "$EDS_VAGRANT_OFFLINE" = true ]; then
+			echo "    The VM has no network: everything a step needs must be in the box. A box built" >&2
+			echo "    before testbed/provision.sh or go.mod last changed lacks what they add now: rebuild" >&2
+			echo "    it on the host (sudo make testbed-box), then: sudo make testbed-destroy testbed-up" >&2
+		fi
+		exit 1
+	fi
 	echo "    done in $((SECONDS - start))s"
 done 3<<'STEPS'
 testbed/vagrant/go.sh
