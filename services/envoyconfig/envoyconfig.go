@@ -22,6 +22,8 @@ import (
 	router "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
 	hcm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	tcpproxy "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
+	resourcedetectors "github.com/envoyproxy/go-control-plane/envoy/extensions/tracers/opentelemetry/resource_detectors/v3"
+	upstreamhttp "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 	tracingtype "github.com/envoyproxy/go-control-plane/envoy/type/tracing/v3"
 	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
 	"google.golang.org/protobuf/proto"
@@ -92,6 +94,12 @@ type Options struct {
 	// spans in Zipkin's v2 JSON format (which Zipkin, Jaeger and the OpenTelemetry Collector all
 	// accept) to that collector, through the TracingCluster.
 	Zipkin string
+	// OTLP, when set (host:port), turns on the same tracing with OpenTelemetry's own protocol
+	// instead: Envoy's OpenTelemetry tracer exports the spans over OTLP/gRPC to that collector,
+	// through the TracingCluster. At most one of Zipkin and OTLP is set.
+	OTLP string
+	// HostName names this host in the OTLP spans' resource (host.name); empty leaves it out.
+	HostName string
 	// TraceSampling is the percentage of requests without a sampling decision that are traced.
 	TraceSampling float64
 	// ConnectRetryWindow bounds the retries of a connection the container refuses (see
@@ -105,6 +113,22 @@ const TracingClusterName = "envoy_docker_tracing"
 // ZipkinPath is where Envoy posts spans: Zipkin's v2 API (Jaeger and the OpenTelemetry
 // Collector's zipkin receiver serve it too).
 const ZipkinPath = "/api/v2/spans"
+
+// OTLPExportTimeout bounds one export of spans to the OTLP collector; Envoy drops the batch past
+// it rather than holding spans for a collector that does not answer.
+const OTLPExportTimeout = 5 * time.Second
+
+// collector is the trace collector of opts: its address and whether it speaks OTLP/gRPC (HTTP/2)
+// rather than Zipkin's HTTP/1.1 API; "" when tracing is off.
+func collector(opts Options) (addr string, otlp bool, err error) {
+	switch {
+	case opts.Zipkin != "" && opts.OTLP != "":
+		return "", false, fmt.Errorf("both a Zipkin collector (%s) and an OTLP collector (%s) are set: Envoy sends a port's spans to one; set one of them (an OpenTelemetry Collector can forward to both)", opts.Zipkin, opts.OTLP)
+	case opts.OTLP != "":
+		return opts.OTLP, true, nil
+	}
+	return opts.Zipkin, false, nil
+}
 
 // Resources is what Envoy needs for one mapping.
 type Resources struct {
@@ -179,26 +203,45 @@ func Cluster(e registry.Entry) *cluster.Cluster {
 	}
 }
 
-// TracingCluster reaches the Zipkin collector of opts; ok is false when tracing is off. The
-// collector may be named by host name (resolved by Envoy, again when its address changes).
+// TracingCluster reaches the trace collector of opts (Zipkin or OTLP); ok is false when tracing is
+// off. The collector may be named by host name (resolved by Envoy, again when its address changes).
 func TracingCluster(opts Options) (*cluster.Cluster, bool, error) {
-	if opts.Zipkin == "" {
-		return nil, false, nil
+	addr, otlp, err := collector(opts)
+	if err != nil || addr == "" {
+		return nil, false, err
 	}
-	host, portText, err := net.SplitHostPort(opts.Zipkin)
+	example := "127.0.0.1:9411"
+	if otlp {
+		example = "127.0.0.1:4317"
+	}
+	host, portText, err := net.SplitHostPort(addr)
 	port, perr := strconv.ParseUint(portText, 10, 16)
 	if err != nil || perr != nil || host == "" || port == 0 {
-		return nil, false, fmt.Errorf("trace collector %q: want host:port, e.g. 127.0.0.1:9411", opts.Zipkin)
+		return nil, false, fmt.Errorf("trace collector %q: want host:port, e.g. %s", addr, example)
 	}
 	discovery := cluster.Cluster_STRICT_DNS
 	if _, err := netip.ParseAddr(host); err == nil {
 		discovery = cluster.Cluster_STATIC
 	}
+	var protocolOptions map[string]*anypb.Any
+	if otlp {
+		// OTLP/gRPC is HTTP/2 only; Envoy's clusters speak HTTP/1.1 unless told.
+		h2, err := typed(&upstreamhttp.HttpProtocolOptions{UpstreamProtocolOptions: &upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig_{
+			ExplicitHttpConfig: &upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig{
+				ProtocolConfig: &upstreamhttp.HttpProtocolOptions_ExplicitHttpConfig_Http2ProtocolOptions{Http2ProtocolOptions: &core.Http2ProtocolOptions{}},
+			},
+		}})
+		if err != nil {
+			return nil, false, err
+		}
+		protocolOptions = map[string]*anypb.Any{"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": h2}
+	}
 	return &cluster.Cluster{
-		Name:                 TracingClusterName,
-		ClusterDiscoveryType: &cluster.Cluster_Type{Type: discovery},
-		ConnectTimeout:       durationpb.New(ConnectTimeout),
-		DnsLookupFamily:      cluster.Cluster_V4_PREFERRED,
+		TypedExtensionProtocolOptions: protocolOptions,
+		Name:                          TracingClusterName,
+		ClusterDiscoveryType:          &cluster.Cluster_Type{Type: discovery},
+		ConnectTimeout:                durationpb.New(ConnectTimeout),
+		DnsLookupFamily:               cluster.Cluster_V4_PREFERRED,
 		LoadAssignment: &endpoint.ClusterLoadAssignment{
 			ClusterName: TracingClusterName,
 			Endpoints: []*endpoint.LocalityLbEndpoints{{
@@ -216,18 +259,19 @@ func TracingCluster(opts Options) (*cluster.Cluster, bool, error) {
 }
 
 // tracing is the HTTP connection manager's tracing for e, or nil when tracing is off. Spans are
-// named after the route's decorator (ServiceName) and tagged with the service and container.
+// named after the route's decorator (ServiceName) and tagged with the service and container,
+// whichever protocol carries them.
 func tracing(e registry.Entry, opts Options) (*hcm.HttpConnectionManager_Tracing, error) {
-	if opts.Zipkin == "" {
-		return nil, nil
+	addr, otlp, err := collector(opts)
+	if err != nil || addr == "" {
+		return nil, err
 	}
-	zipkin, err := typed(&tracev3.ZipkinConfig{
-		CollectorCluster:         TracingClusterName,
-		CollectorEndpoint:        ZipkinPath,
-		CollectorEndpointVersion: tracev3.ZipkinConfig_HTTP_JSON,
-		TraceId_128Bit:           true,
-		SharedSpanContext:        wrapperspb.Bool(false),
-	})
+	var provider *tracev3.Tracing_Http
+	if otlp {
+		provider, err = otlpTracer(e, opts)
+	} else {
+		provider, err = zipkinTracer()
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -241,9 +285,52 @@ func tracing(e registry.Entry, opts Options) (*hcm.HttpConnectionManager_Tracing
 	}
 	return &hcm.HttpConnectionManager_Tracing{
 		RandomSampling: &typev3.Percent{Value: opts.TraceSampling},
-		Provider:       &tracev3.Tracing_Http{Name: "envoy.tracers.zipkin", ConfigType: &tracev3.Tracing_Http_TypedConfig{TypedConfig: zipkin}},
+		Provider:       provider,
 		CustomTags:     tags,
 	}, nil
+}
+
+// zipkinTracer sends spans in Zipkin's v2 JSON, with 128-bit trace IDs and B3 headers to the
+// container.
+func zipkinTracer() (*tracev3.Tracing_Http, error) {
+	zipkin, err := typed(&tracev3.ZipkinConfig{
+		CollectorCluster:         TracingClusterName,
+		CollectorEndpoint:        ZipkinPath,
+		CollectorEndpointVersion: tracev3.ZipkinConfig_HTTP_JSON,
+		TraceId_128Bit:           true,
+		SharedSpanContext:        wrapperspb.Bool(false),
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &tracev3.Tracing_Http{Name: "envoy.tracers.zipkin", ConfigType: &tracev3.Tracing_Http_TypedConfig{TypedConfig: zipkin}}, nil
+}
+
+// otlpTracer exports spans over OTLP/gRPC, with W3C trace context (traceparent) to the container.
+// The resource names the service (service.name, so that a tracing backend lists every service on
+// its own, as Prometheus does) and the host (host.name). Envoy shares one tracer among the ports
+// whose configuration is equal, so there is one per service, not one per port.
+func otlpTracer(e registry.Entry, opts Options) (*tracev3.Tracing_Http, error) {
+	var detectors []*core.TypedExtensionConfig
+	if opts.HostName != "" {
+		static, err := typed(&resourcedetectors.StaticConfigResourceDetectorConfig{Attributes: map[string]string{"host.name": opts.HostName}})
+		if err != nil {
+			return nil, err
+		}
+		detectors = append(detectors, &core.TypedExtensionConfig{Name: "envoy.tracers.opentelemetry.resource_detectors.static_config", TypedConfig: static})
+	}
+	otel, err := typed(&tracev3.OpenTelemetryConfig{
+		GrpcService: &core.GrpcService{
+			TargetSpecifier: &core.GrpcService_EnvoyGrpc_{EnvoyGrpc: &core.GrpcService_EnvoyGrpc{ClusterName: TracingClusterName}},
+			Timeout:         durationpb.New(OTLPExportTimeout),
+		},
+		ServiceName:       e.Service.Name,
+		ResourceDetectors: detectors,
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &tracev3.Tracing_Http{Name: "envoy.tracers.opentelemetry", ConfigType: &tracev3.Tracing_Http_TypedConfig{TypedConfig: otel}}, nil
 }
 
 // HTTPListener terminates HTTP on the host socket and routes every request to the container,

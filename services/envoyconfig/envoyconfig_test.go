@@ -22,6 +22,8 @@ import (
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
+	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/tracers/opentelemetry/resource_detectors/v3"
+	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 
 	"github.com/envoy-docker-shim/envoy-docker-shim/internal/mapping"
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/registry"
@@ -126,6 +128,7 @@ func TestRequestID(t *testing.T) {
 		{Options{}, false},
 		{Options{AccessLog: true}, true},
 		{Options{Zipkin: "127.0.0.1:9411", TraceSampling: 1}, true},
+		{Options{OTLP: "127.0.0.1:4317", TraceSampling: 1}, true},
 	} {
 		l, err := HTTPListener(entry(mapping.TCP, "127.0.0.1", registry.ModeHTTP), tc.opts)
 		if err != nil {
@@ -153,6 +156,8 @@ func TestGolden(t *testing.T) {
 		{"tcp_access_log", loggedEntry(mapping.TCP, "0.0.0.0", registry.ModeTCP), Options{ConnectRetryWindow: 3 * time.Second}},
 		{"http_tracing", entry(mapping.TCP, "127.0.0.1", registry.ModeHTTP), Options{Zipkin: "127.0.0.1:9411", TraceSampling: 25}},
 		{"tcp_tracing", entry(mapping.TCP, "127.0.0.1", registry.ModeTCP), Options{Zipkin: "127.0.0.1:9411", TraceSampling: 25}},
+		// The same tracing over OTLP: the same sampling and tags, OpenTelemetry's tracer.
+		{"http_tracing_otlp", entry(mapping.TCP, "127.0.0.1", registry.ModeHTTP), Options{OTLP: "127.0.0.1:4317", HostName: "docker-host-1", TraceSampling: 25}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -160,21 +165,26 @@ func TestGolden(t *testing.T) {
 			if err != nil || !ok {
 				t.Fatalf("ForEntry = %v, %v", ok, err)
 			}
-			got := append(toYAML(t, res.Listener), append([]byte("---\n"), toYAML(t, res.Cluster)...)...)
-			path := filepath.Join("testdata", tt.name+".yaml")
-			if *update {
-				if err := os.WriteFile(path, got, 0o644); err != nil {
-					t.Fatal(err)
-				}
-			}
-			want, err := os.ReadFile(path)
-			if err != nil {
-				t.Fatalf("%v (run go test ./services/envoyconfig -update to create it)", err)
-			}
-			if !bytes.Equal(got, want) {
-				t.Errorf("%s differs from the generated resources; if the change is intended, run with -update.\n--- got\n%s", path, got)
-			}
+			golden(t, tt.name, append(toYAML(t, res.Listener), append([]byte("---\n"), toYAML(t, res.Cluster)...)...))
 		})
+	}
+}
+
+// golden compares got with testdata/<name>.yaml, or rewrites that file with -update.
+func golden(t *testing.T, name string, got []byte) {
+	t.Helper()
+	path := filepath.Join("testdata", name+".yaml")
+	if *update {
+		if err := os.WriteFile(path, got, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatalf("%v (run go test ./services/envoyconfig -update to create it)", err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Errorf("%s differs from the generated resources; if the change is intended, run with -update.\n--- got\n%s", path, got)
 	}
 }
 
@@ -246,35 +256,106 @@ func TestResourcesValidate(t *testing.T) {
 
 // The trace collector's cluster: by IP a static endpoint, by name resolved by Envoy; none when
 // tracing is off; a clear error for an address that is not host:port.
+// An OTLP collector's cluster speaks HTTP/2 (gRPC), a Zipkin collector's HTTP/1.1; only one of
+// the two may be set.
 func TestTracingCluster(t *testing.T) {
 	for _, tc := range []struct {
-		zipkin  string
-		ok      bool
-		dns     bool
-		errText string
+		zipkin, otlp string
+		ok           bool
+		dns          bool
+		errText      string
 	}{
-		{"", false, false, ""},
-		{"127.0.0.1:9411", true, false, ""},
-		{"[::1]:9411", true, false, ""},
-		{"jaeger.internal:9411", true, true, ""},
-		{"127.0.0.1", false, false, "want host:port"},
-		{":9411", false, false, "want host:port"},
-		{"127.0.0.1:0", false, false, "want host:port"},
-		{"127.0.0.1:70000", false, false, "want host:port"},
+		{"", "", false, false, ""},
+		{"127.0.0.1:9411", "", true, false, ""},
+		{"[::1]:9411", "", true, false, ""},
+		{"jaeger.internal:9411", "", true, true, ""},
+		{"127.0.0.1", "", false, false, "want host:port, e.g. 127.0.0.1:9411"},
+		{":9411", "", false, false, "want host:port"},
+		{"127.0.0.1:0", "", false, false, "want host:port"},
+		{"127.0.0.1:70000", "", false, false, "want host:port"},
+		{"", "127.0.0.1:4317", true, false, ""},
+		{"", "otel-collector:4317", true, true, ""},
+		{"", "otel-collector", false, false, "want host:port, e.g. 127.0.0.1:4317"},
+		{"127.0.0.1:9411", "127.0.0.1:4317", false, false, "set one of them"},
 	} {
-		c, ok, err := TracingCluster(Options{Zipkin: tc.zipkin})
+		name := tc.zipkin + "|" + tc.otlp
+		c, ok, err := TracingCluster(Options{Zipkin: tc.zipkin, OTLP: tc.otlp})
 		if tc.errText != "" {
 			if err == nil || !strings.Contains(err.Error(), tc.errText) {
-				t.Errorf("%q: err = %v, want %q", tc.zipkin, err, tc.errText)
+				t.Errorf("%q: err = %v, want %q", name, err, tc.errText)
 			}
 			continue
 		}
 		if err != nil || ok != tc.ok {
-			t.Errorf("%q: ok = %v, err = %v", tc.zipkin, ok, err)
+			t.Errorf("%q: ok = %v, err = %v", name, ok, err)
 			continue
 		}
-		if ok && (c.GetName() != TracingClusterName || (c.GetType() == cluster.Cluster_STRICT_DNS) != tc.dns) {
-			t.Errorf("%q: cluster %v", tc.zipkin, c)
+		if !ok {
+			continue
 		}
+		if c.GetName() != TracingClusterName || (c.GetType() == cluster.Cluster_STRICT_DNS) != tc.dns {
+			t.Errorf("%q: cluster %v", name, c)
+		}
+		if http2 := strings.Contains(string(toYAML(t, c)), "http2ProtocolOptions"); http2 != (tc.otlp != "") {
+			t.Errorf("%q: HTTP/2 %v, want it for OTLP only", name, http2)
+		}
+		if err := c.ValidateAll(); err != nil {
+			t.Errorf("%q: %v", name, err)
+		}
+	}
+}
+
+// TestTracingGolden shows the trace collector's cluster as Envoy receives it, for each protocol.
+func TestTracingGolden(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		opts Options
+	}{
+		{"tracing_cluster_zipkin", Options{Zipkin: "127.0.0.1:9411"}},
+		{"tracing_cluster_otlp", Options{OTLP: "otel-collector:4317"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c, _, err := TracingCluster(tc.opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			golden(t, tc.name, toYAML(t, c))
+		})
+	}
+}
+
+// TestTracingProviders: OTLP and Zipkin give every port the same sampling and the same tags
+// (span names come from the route's decorator, which tracing does not touch); only the tracer
+// differs. The OTLP resource names the service and, when known, the host.
+func TestTracingProviders(t *testing.T) {
+	e := entry(mapping.TCP, "127.0.0.1", registry.ModeHTTP)
+	zipkin, err := HTTPListener(e, Options{Zipkin: "127.0.0.1:9411", TraceSampling: 10})
+	if err != nil {
+		t.Fatal(err)
+	}
+	otlp, err := HTTPListener(e, Options{OTLP: "127.0.0.1:4317", TraceSampling: 10, HostName: "h1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	z, o := string(toYAML(t, zipkin)), string(toYAML(t, otlp))
+	for _, want := range []string{"tag: docker.service", "tag: docker.container", "tag: docker.published", "value: 10", "operation: web"} {
+		if !strings.Contains(z, want) || !strings.Contains(o, want) {
+			t.Errorf("%q is not in both listeners:\n%s\n---\n%s", want, z, o)
+		}
+	}
+	for _, want := range []string{"name: envoy.tracers.opentelemetry", "serviceName: web-test", "host.name: h1", "clusterName: envoy_docker_tracing"} {
+		if !strings.Contains(o, want) {
+			t.Errorf("OTLP listener lacks %q:\n%s", want, o)
+		}
+	}
+	noHost, err := HTTPListener(e, Options{OTLP: "127.0.0.1:4317", TraceSampling: 10})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if y := string(toYAML(t, noHost)); strings.Contains(y, "host.name") || strings.Contains(y, "resourceDetectors") {
+		t.Errorf("an unknown host name still gave a resource detector:\n%s", y)
+	}
+	if err := otlp.ValidateAll(); err != nil {
+		t.Errorf("OTLP listener: %v", err)
 	}
 }

@@ -6,6 +6,7 @@ package server
 import (
 	"fmt"
 	"log/slog"
+	"os"
 	"time"
 
 	"github.com/kelseyhightower/envconfig"
@@ -26,7 +27,8 @@ type Config struct {
 	RestartGrace       time.Duration `envconfig:"EDS_RESTART_GRACE" default:"5s" desc:"After a (re)start, how long the server waits for shims to re-register and resync to restore the rest before it answers Envoy, which keeps its last configuration meanwhile."`
 	AccessLog          bool          `envconfig:"EDS_ACCESS_LOG" default:"false" desc:"true: Envoy writes one access-log line per request (http) or connection (tcp) to its stdout, for every port. A container's label AccessLog=true or AccessLog=false decides for its own ports. Off by default: a line costs Envoy about as much CPU as proxying the request, and Docker's log driver as much again; per-service metrics are always on."`
 	Zipkin             string        `envconfig:"EDS_ZIPKIN_ADDR" desc:"host:port of a trace collector speaking Zipkin's v2 API (Zipkin, Jaeger, or the OpenTelemetry Collector's zipkin receiver), e.g. 127.0.0.1:9411. When set, Envoy traces http-mode ports: one span per request, named after ServiceName, tagged with the service and container. Empty: no tracing."`
-	TraceSampling      float64       `envconfig:"EDS_TRACE_SAMPLING" default:"100" desc:"Percentage of requests traced when EDS_ZIPKIN_ADDR is set (requests arriving with a sampling decision keep it). Lower it for busy services."`
+	OTLP               string        `envconfig:"EDS_OTLP_ADDR" desc:"host:port of an OpenTelemetry collector taking OTLP over gRPC (the OpenTelemetry Collector, Jaeger, Tempo, most vendors' agents), e.g. 127.0.0.1:4317: the same tracing as EDS_ZIPKIN_ADDR in OpenTelemetry's own protocol, with the service (service.name) and this host (host.name) as the spans' resource, and W3C trace context (traceparent) to the container. Set at most one of the two. Empty: no OTLP."`
+	TraceSampling      float64       `envconfig:"EDS_TRACE_SAMPLING" default:"100" desc:"Percentage of requests traced when EDS_ZIPKIN_ADDR or EDS_OTLP_ADDR is set (requests arriving with a sampling decision keep it). Lower it for busy services."`
 	ConnectRetryWindow time.Duration `envconfig:"EDS_CONNECT_RETRY_WINDOW" default:"3s" desc:"How long Envoy keeps retrying to connect to a container that refuses the connection (its app is still starting) before it answers 503 (HTTP; access-log flags URX,UF) or closes the client's connection (TCP). Retries back off from 25 ms to 250 ms, jittered, as many as fit in this window even at their longest; a request is retried only if it never reached the container. 0: fail at the first refusal, as docker-proxy does."`
 	Netfilter          bool          `envconfig:"EDS_NETFILTER" default:"true" desc:"Give Docker's bridge networks back what \"iptables\": false takes away: outbound NAT (masquerade), forwarding, isolation between networks and from outside, in the nftables table EDS_NETFILTER_TABLE; no DNAT (published ports stay with Envoy). false: you manage the host's firewall; a table an earlier run kept is removed."`
 	NftTable           string        `envconfig:"EDS_NETFILTER_TABLE" default:"envoy_docker_shim" desc:"The nftables table (family inet) the server owns and replaces as a whole; it touches no other. Give each server its own when several follow different dockerds on one host. The installer's EDS_NETFILTER_TABLE must match."`
@@ -47,8 +49,8 @@ func ConfigFromEnv() (Config, error) {
 	if c.TraceSampling < 0 || c.TraceSampling > 100 {
 		return Config{}, fmt.Errorf("configuration: EDS_TRACE_SAMPLING=%v: want a percentage from 0 to 100", c.TraceSampling)
 	}
-	if _, _, err := envoyconfig.TracingCluster(envoyconfig.Options{Zipkin: c.Zipkin}); err != nil {
-		return Config{}, fmt.Errorf("configuration: EDS_ZIPKIN_ADDR: %w", err)
+	if _, _, err := envoyconfig.TracingCluster(c.EnvoyOptions()); err != nil {
+		return Config{}, fmt.Errorf("configuration: %s: %w", c.tracingVariables(), err)
 	}
 	if c.Netfilter || c.NftTable != "" {
 		if err := netfilter.CheckTable(c.NftTable); err != nil {
@@ -59,6 +61,30 @@ func ConfigFromEnv() (Config, error) {
 		return Config{}, fmt.Errorf("configuration: EDS_READY_TIMEOUT and EDS_DOCKER_TIMEOUT must be positive, EDS_RESTART_GRACE and EDS_CONNECT_RETRY_WINDOW not negative")
 	}
 	return c, nil
+}
+
+// EnvoyOptions are the settings that shape what Envoy is told for every port.
+func (c Config) EnvoyOptions() envoyconfig.Options {
+	opts := envoyconfig.Options{AccessLog: c.AccessLog, Zipkin: c.Zipkin, OTLP: c.OTLP, TraceSampling: c.TraceSampling, ConnectRetryWindow: c.ConnectRetryWindow}
+	if c.OTLP != "" {
+		// The server shares the host's network namespace and, with it, its host name (compose:
+		// network_mode: host); a failure only leaves host.name out of the spans.
+		opts.HostName, _ = hostname()
+	}
+	return opts
+}
+
+var hostname = os.Hostname
+
+// tracingVariables names the variables a tracing error is about.
+func (c Config) tracingVariables() string {
+	switch {
+	case c.Zipkin != "" && c.OTLP != "":
+		return "EDS_ZIPKIN_ADDR and EDS_OTLP_ADDR"
+	case c.OTLP != "":
+		return "EDS_OTLP_ADDR"
+	}
+	return "EDS_ZIPKIN_ADDR"
 }
 
 func (c Config) level() (slog.Level, error) {

@@ -24,7 +24,6 @@ import (
 	"google.golang.org/protobuf/encoding/protojson"
 
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/dockerapi"
-	"github.com/envoy-docker-shim/envoy-docker-shim/services/envoyconfig"
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/netfilter"
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/registrar"
 	pb "github.com/envoy-docker-shim/envoy-docker-shim/services/registration/registrationpb"
@@ -64,9 +63,9 @@ func New(cfg Config, log *slog.Logger, engine dockerapi.Engine) (*Server, error)
 	metrics.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	xdsMetrics := xds.NewMetrics(metrics)
 	tracker := xds.NewTracker(xdsMetrics)
-	c, err := xds.NewCache(bootID(), envoyconfig.Options{AccessLog: cfg.AccessLog, Zipkin: cfg.Zipkin, TraceSampling: cfg.TraceSampling, ConnectRetryWindow: cfg.ConnectRetryWindow}, xdsMetrics, tracker)
+	c, err := xds.NewCache(bootID(), cfg.EnvoyOptions(), xdsMetrics, tracker)
 	if err != nil {
-		return nil, fmt.Errorf("configuration: EDS_ZIPKIN_ADDR: %w", err)
+		return nil, fmt.Errorf("configuration: %s: %w", cfg.tracingVariables(), err)
 	}
 	var firewall *netfilter.Reconciler
 	if _, noDocker := engine.(dockerapi.Unavailable); cfg.NftTable != "" && !noDocker {

@@ -136,6 +136,7 @@ func TestConfigFromEnv(t *testing.T) {
 	}
 	for _, tc := range []struct{ env, value, want string }{
 		{"EDS_ZIPKIN_ADDR", "zipkin", "EDS_ZIPKIN_ADDR: trace collector \"zipkin\": want host:port"},
+		{"EDS_OTLP_ADDR", "otel:grpc", "EDS_OTLP_ADDR: trace collector \"otel:grpc\": want host:port, e.g. 127.0.0.1:4317"},
 		{"EDS_TRACE_SAMPLING", "150", "EDS_TRACE_SAMPLING=150: want a percentage from 0 to 100"},
 		{"EDS_NETFILTER_TABLE", "my-table", "EDS_NETFILTER_TABLE: netfilter table \"my-table\": want a letter"},
 		{"EDS_NETFILTER_TABLE", "", "EDS_NETFILTER_TABLE: netfilter table \"\""},
@@ -149,6 +150,19 @@ func TestConfigFromEnv(t *testing.T) {
 	t.Setenv("EDS_ZIPKIN_ADDR", "jaeger:9411")
 	if c, err := ConfigFromEnv(); err != nil || c.Zipkin != "jaeger:9411" {
 		t.Errorf("a collector by name: %+v, %v", c, err)
+	}
+	t.Setenv("EDS_OTLP_ADDR", "otel:4317")
+	if _, err := ConfigFromEnv(); err == nil || !strings.Contains(err.Error(), "EDS_ZIPKIN_ADDR and EDS_OTLP_ADDR: both") {
+		t.Errorf("both collectors: %v, want an error naming both", err)
+	}
+	os.Unsetenv("EDS_ZIPKIN_ADDR")
+	c, err = ConfigFromEnv()
+	if err != nil || c.OTLP != "otel:4317" {
+		t.Fatalf("an OTLP collector: %+v, %v", c, err)
+	}
+	host, _ := os.Hostname()
+	if opts := c.EnvoyOptions(); opts.OTLP != "otel:4317" || opts.Zipkin != "" || opts.HostName != host || opts.TraceSampling != 100 {
+		t.Errorf("EnvoyOptions = %+v, want OTLP to otel:4317 from host %q", opts, host)
 	}
 }
 

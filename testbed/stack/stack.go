@@ -49,6 +49,8 @@ type Options struct {
 	// Zipkin is the server's EDS_ZIPKIN_ADDR (default empty: no tracing), with EDS_TRACE_SAMPLING
 	// at 100%.
 	Zipkin string
+	// OTLP is the server's EDS_OTLP_ADDR (default empty), likewise.
+	OTLP string
 	// NetfilterTable turns on the server's netfilter rules (EDS_NETFILTER) in this nftables table
 	// of the host; empty leaves them off. NetfilterKeep is EDS_NETFILTER_KEEP.
 	NetfilterTable string
@@ -56,7 +58,7 @@ type Options struct {
 	// Shipped runs the server and Envoy as users get them: every setting at the default of its
 	// configuration struct (server.Config, bootstrap.Config; Envoy's worker count included), except
 	// the sockets, addresses and ports the harness chooses, and the netfilter options, which stay
-	// the test's. AccessLog, Concurrency, Zipkin and RestartGrace are then ignored. The test's
+	// the test's. AccessLog, Concurrency, Zipkin, OTLP and RestartGrace are then ignored. The test's
 	// environment must not set any of those variables.
 	Shipped bool
 }
@@ -96,6 +98,7 @@ func Start(t testing.TB, opts Options) *Stack {
 		RestartGrace:  opts.RestartGrace,
 		LogLevel:      "debug",
 		Zipkin:        opts.Zipkin,
+		OTLP:          opts.OTLP,
 		TraceSampling: 100,
 		// The shipped default (EDS_CONNECT_RETRY_WINDOW), so tests see what users get.
 		ConnectRetryWindow: 3 * time.Second,
