@@ -23,6 +23,8 @@ import (
 	hcm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	tcpproxy "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
 	resourcedetectors "github.com/envoyproxy/go-control-plane/envoy/extensions/tracers/opentelemetry/resource_detectors/v3"
+	proxyprotocol "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/proxy_protocol/v3"
+	rawbuffer "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/raw_buffer/v3"
 	upstreamhttp "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 	tracingtype "github.com/envoyproxy/go-control-plane/envoy/type/tracing/v3"
 	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
@@ -157,9 +159,11 @@ func ForEntry(e registry.Entry, opts Options) (Resources, bool, error) {
 	if e.Proto != mapping.TCP || e.Mode == registry.ModeProxiedByShim {
 		return Resources{}, false, nil
 	}
-	c := Cluster(e)
+	c, err := Cluster(e)
+	if err != nil {
+		return Resources{}, false, fmt.Errorf("mapping %s: %w", e.Key, err)
+	}
 	var l *listener.Listener
-	var err error
 	switch e.Mode {
 	case registry.ModeHTTP:
 		l, err = HTTPListener(e, opts)
@@ -175,9 +179,14 @@ func ForEntry(e registry.Entry, opts Options) (Resources, bool, error) {
 }
 
 // Cluster sends to the one container of the mapping.
-func Cluster(e registry.Entry) *cluster.Cluster {
+func Cluster(e registry.Entry) (*cluster.Cluster, error) {
 	name := ClusterName(e.Key)
+	socket, err := proxyProtocolSocket(e.Service.ProxyProtocol)
+	if err != nil {
+		return nil, err
+	}
 	return &cluster.Cluster{
+		TransportSocket:      socket,
 		Name:                 name,
 		AltStatName:          e.Service.Name,
 		ClusterDiscoveryType: &cluster.Cluster_Type{Type: cluster.Cluster_STATIC},
@@ -200,7 +209,36 @@ func Cluster(e registry.Entry) *cluster.Cluster {
 				}},
 			}},
 		},
+	}, nil
+}
+
+// proxyProtocolSocket makes Envoy open every connection to the container with a PROXY protocol
+// header of the given version, naming the client's address and port and the published address
+// it connected to (TCP proxy: one upstream connection per client connection); nil for none.
+func proxyProtocolSocket(version registry.ProxyProtocol) (*core.TransportSocket, error) {
+	var v core.ProxyProtocolConfig_Version
+	switch version {
+	case registry.ProxyProtocolNone:
+		return nil, nil
+	case registry.ProxyProtocolV1:
+		v = core.ProxyProtocolConfig_V1
+	case registry.ProxyProtocolV2:
+		v = core.ProxyProtocolConfig_V2
+	default:
+		return nil, fmt.Errorf("unknown PROXY protocol version %q", version)
 	}
+	raw, err := typed(&rawbuffer.RawBuffer{})
+	if err != nil {
+		return nil, err
+	}
+	config, err := typed(&proxyprotocol.ProxyProtocolUpstreamTransport{
+		Config:          &core.ProxyProtocolConfig{Version: v},
+		TransportSocket: &core.TransportSocket{Name: "envoy.transport_sockets.raw_buffer", ConfigType: &core.TransportSocket_TypedConfig{TypedConfig: raw}},
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &core.TransportSocket{Name: "envoy.transport_sockets.upstream_proxy_protocol", ConfigType: &core.TransportSocket_TypedConfig{TypedConfig: config}}, nil
 }
 
 // TracingCluster reaches the trace collector of opts (Zipkin or OTLP); ok is false when tracing is

@@ -22,6 +22,8 @@ import (
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
+	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/proxy_protocol/v3"
+	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/raw_buffer/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/tracers/opentelemetry/resource_detectors/v3"
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 
@@ -47,6 +49,40 @@ func loggedEntry(proto mapping.Protocol, hostIP string, mode registry.Mode) regi
 	e := entry(proto, hostIP, mode)
 	e.Service.AccessLog = registry.ChoiceOn
 	return e
+}
+
+// proxyEntry is a TCP-mode entry for a container labelled ProxyProtocol=version.
+func proxyEntry(hostIP string, version registry.ProxyProtocol) registry.Entry {
+	e := entry(mapping.TCP, hostIP, registry.ModeTCP)
+	e.Service.ProxyProtocol = version
+	return e
+}
+
+// TestProxyProtocolCluster: only a container that asks for it gets PROXY headers, of its version.
+func TestProxyProtocolCluster(t *testing.T) {
+	for _, tc := range []struct {
+		version registry.ProxyProtocol
+		want    string
+	}{
+		{registry.ProxyProtocolNone, ""},
+		{registry.ProxyProtocolV1, "config: {}"}, // V1 is the enum's zero, which JSON leaves out
+		{registry.ProxyProtocolV2, "version: V2"},
+	} {
+		res, _, err := ForEntry(proxyEntry("0.0.0.0", tc.version), Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		y := string(toYAML(t, res.Cluster))
+		if has := strings.Contains(y, "envoy.transport_sockets.upstream_proxy_protocol"); has != (tc.want != "") || !strings.Contains(y, tc.want) {
+			t.Errorf("%q: cluster\n%s", tc.version, y)
+		}
+		if err := res.Cluster.ValidateAll(); err != nil {
+			t.Errorf("%q: %v", tc.version, err)
+		}
+	}
+	if _, _, err := ForEntry(proxyEntry("0.0.0.0", "v3"), Options{}); err == nil || !strings.Contains(err.Error(), `PROXY protocol version "v3"`) {
+		t.Errorf("version v3: %v", err)
+	}
 }
 
 func TestNames(t *testing.T) {
@@ -156,6 +192,9 @@ func TestGolden(t *testing.T) {
 		{"tcp_access_log", loggedEntry(mapping.TCP, "0.0.0.0", registry.ModeTCP), Options{ConnectRetryWindow: 3 * time.Second}},
 		{"http_tracing", entry(mapping.TCP, "127.0.0.1", registry.ModeHTTP), Options{Zipkin: "127.0.0.1:9411", TraceSampling: 25}},
 		{"tcp_tracing", entry(mapping.TCP, "127.0.0.1", registry.ModeTCP), Options{Zipkin: "127.0.0.1:9411", TraceSampling: 25}},
+		// A container labelled ProxyProtocol=v1 or v2 (TCP mode) is sent the client's address.
+		{"tcp_proxy_protocol_v1", proxyEntry("127.0.0.1", registry.ProxyProtocolV1), Options{ConnectRetryWindow: 3 * time.Second}},
+		{"tcp_proxy_protocol_v2", proxyEntry("::", registry.ProxyProtocolV2), Options{ConnectRetryWindow: 3 * time.Second}},
 		// The same tracing over OTLP: the same sampling and tags, OpenTelemetry's tracer.
 		{"http_tracing_otlp", entry(mapping.TCP, "127.0.0.1", registry.ModeHTTP), Options{OTLP: "127.0.0.1:4317", HostName: "docker-host-1", TraceSampling: 25}},
 	}

@@ -1,6 +1,6 @@
 // Package labels turns a container's labels into the service a published port belongs to:
-// its name in Envoy's stats (ServiceName-EnvironmentName), its tracing operation, its proxy mode
-// and whether its traffic is access-logged. It does no I/O; label values are outside input and every one is sanitised or rejected.
+// its name in Envoy's stats (ServiceName-EnvironmentName), its tracing operation, its proxy mode,
+// whether its traffic is access-logged and whether the container is sent PROXY protocol headers. It does no I/O; label values are outside input and every one is sanitised or rejected.
 package labels
 
 import (
@@ -17,6 +17,7 @@ const (
 	EnvironmentNameLabel = "EnvironmentName"
 	ProxyModeLabel       = "ProxyMode"
 	AccessLogLabel       = "AccessLog"
+	ProxyProtocolLabel   = "ProxyProtocol"
 )
 
 // maxNameLen keeps stat names readable and well under Envoy's limits.
@@ -56,6 +57,29 @@ func ParseAccessLog(value string) (registry.Choice, error) {
 		AccessLogLabel, value, AccessLogLabel, AccessLogLabel)
 }
 
+// ParseProxyProtocol reads the ProxyProtocol label: empty sends no header, v1 or v2 makes Envoy
+// send that version of the PROXY protocol header to the container, which only a container in TCP
+// mode can use (an HTTP-mode container already sees the client in X-Forwarded-For).
+func ParseProxyProtocol(value string, mode registry.Mode) (registry.ProxyProtocol, error) {
+	var version registry.ProxyProtocol
+	switch strings.ToLower(strings.TrimSpace(value)) {
+	case "":
+		return registry.ProxyProtocolNone, nil
+	case "v1", "1":
+		version = registry.ProxyProtocolV1
+	case "v2", "2":
+		version = registry.ProxyProtocolV2
+	default:
+		return "", fmt.Errorf("label %s=%q is not supported: use %s=v1 (text header) or %s=v2 (binary header) to send the client's address to a container that reads the PROXY protocol, or leave it out",
+			ProxyProtocolLabel, value, ProxyProtocolLabel, ProxyProtocolLabel)
+	}
+	if mode != registry.ModeTCP {
+		return "", fmt.Errorf("label %s=%s needs %s=tcp: add the label %s=tcp (the container must then read the PROXY header), or drop %s: in http mode the container sees the client's address in X-Forwarded-For",
+			ProxyProtocolLabel, value, ProxyModeLabel, ProxyModeLabel, ProxyProtocolLabel)
+	}
+	return version, nil
+}
+
 // Describe names the service of a mapping. c is nil when the container could not be found (the
 // Docker API is down or slow): the port is still served, named after the container IP.
 func Describe(c *Container, containerIP netip.Addr) (registry.Service, error) {
@@ -68,6 +92,10 @@ func Describe(c *Container, containerIP netip.Addr) (registry.Service, error) {
 		return registry.Service{}, err
 	}
 	accessLog, err := ParseAccessLog(c.Labels[AccessLogLabel])
+	if err != nil {
+		return registry.Service{}, err
+	}
+	proxyProtocol, err := ParseProxyProtocol(c.Labels[ProxyProtocolLabel], mode)
 	if err != nil {
 		return registry.Service{}, err
 	}
@@ -90,6 +118,7 @@ func Describe(c *Container, containerIP netip.Addr) (registry.Service, error) {
 		ContainerName: containerName,
 		Mode:          mode,
 		AccessLog:     accessLog,
+		ProxyProtocol: proxyProtocol,
 	}, nil
 }
 

@@ -54,6 +54,62 @@ func TestParseMode(t *testing.T) {
 	}
 }
 
+func TestParseProxyProtocol(t *testing.T) {
+	tests := []struct {
+		in      string
+		mode    registry.Mode
+		want    registry.ProxyProtocol
+		wantErr string
+	}{
+		{"", registry.ModeTCP, registry.ProxyProtocolNone, ""},
+		{"", registry.ModeHTTP, registry.ProxyProtocolNone, ""},
+		{"v1", registry.ModeTCP, registry.ProxyProtocolV1, ""},
+		{" V2 ", registry.ModeTCP, registry.ProxyProtocolV2, ""},
+		{"2", registry.ModeTCP, registry.ProxyProtocolV2, ""},
+		{"v3", registry.ModeTCP, "", `ProxyProtocol="v3" is not supported: use ProxyProtocol=v1`},
+		{"true", registry.ModeTCP, "", "use ProxyProtocol=v1 (text header) or ProxyProtocol=v2"},
+		{"v1", registry.ModeHTTP, "", "ProxyProtocol=v1 needs ProxyMode=tcp: add the label ProxyMode=tcp"},
+	}
+	for _, tt := range tests {
+		got, err := ParseProxyProtocol(tt.in, tt.mode)
+		if tt.wantErr != "" {
+			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+				t.Errorf("ParseProxyProtocol(%q, %s) error %v, want %q", tt.in, tt.mode, err, tt.wantErr)
+			}
+			continue
+		}
+		if err != nil || got != tt.want {
+			t.Errorf("ParseProxyProtocol(%q, %s) = %q, %v; want %q", tt.in, tt.mode, got, err, tt.want)
+		}
+	}
+}
+
+// FuzzParseProxyProtocol: any label value is a known version or an error saying what to use.
+func FuzzParseProxyProtocol(f *testing.F) {
+	for _, seed := range []string{"", "v1", "v2", "V1 ", "2", "v3", "\x00", "true"} {
+		f.Add(seed, true)
+	}
+	f.Fuzz(func(t *testing.T, value string, tcp bool) {
+		mode := registry.ModeHTTP
+		if tcp {
+			mode = registry.ModeTCP
+		}
+		got, err := ParseProxyProtocol(value, mode)
+		if err != nil {
+			if !strings.Contains(err.Error(), "ProxyProtocol") || got != "" {
+				t.Fatalf("ParseProxyProtocol(%q, %s) = %q, error %q does not name the label", value, mode, got, err)
+			}
+			return
+		}
+		if got != registry.ProxyProtocolNone && got != registry.ProxyProtocolV1 && got != registry.ProxyProtocolV2 {
+			t.Fatalf("ParseProxyProtocol(%q, %s) = %q", value, mode, got)
+		}
+		if got != registry.ProxyProtocolNone && !tcp {
+			t.Fatalf("ParseProxyProtocol(%q, http) = %q: only TCP mode can send PROXY headers", value, got)
+		}
+	})
+}
+
 func TestDescribe(t *testing.T) {
 	ip := netip.MustParseAddr("172.29.0.2")
 	tests := []struct {
@@ -101,6 +157,21 @@ func TestDescribe(t *testing.T) {
 			name:      "access log neither true nor false is an error",
 			container: &Container{ID: "abc", Name: "/x", Labels: map[string]string{"AccessLog": "yes"}},
 			wantErr:   `AccessLog="yes" is not supported: use AccessLog=true`,
+		},
+		{
+			name:      "PROXY protocol in tcp mode",
+			container: &Container{ID: "abc", Name: "/db", Labels: map[string]string{"ServiceName": "pg", "ProxyMode": "tcp", "ProxyProtocol": "v2"}},
+			want:      registry.Service{Name: "pg", Operation: "pg", ContainerID: "abc", ContainerName: "db", Mode: registry.ModeTCP, ProxyProtocol: registry.ProxyProtocolV2},
+		},
+		{
+			name:      "PROXY protocol in http mode is an error",
+			container: &Container{ID: "abc", Name: "/web", Labels: map[string]string{"ProxyProtocol": "v1"}},
+			wantErr:   "ProxyProtocol=v1 needs ProxyMode=tcp",
+		},
+		{
+			name:      "unknown PROXY protocol version is an error",
+			container: &Container{ID: "abc", Name: "/db", Labels: map[string]string{"ProxyMode": "tcp", "ProxyProtocol": "yes"}},
+			wantErr:   `ProxyProtocol="yes" is not supported`,
 		},
 		{
 			name:      "unknown proxy mode is an error",
@@ -154,11 +225,11 @@ func FuzzSanitize(f *testing.F) {
 
 // FuzzDescribe feeds arbitrary label values: the result is an error or a valid service.
 func FuzzDescribe(f *testing.F) {
-	f.Add("web", "prod", "http", "/c", "")
-	f.Add("", "", "tcp", "", "true")
-	f.Add("a.b", "c d", "bogus", "/x", "0")
-	f.Fuzz(func(t *testing.T, service, env, mode, name, accessLog string) {
-		c := &Container{ID: "id", Name: name, Labels: map[string]string{"ServiceName": service, "EnvironmentName": env, "ProxyMode": mode, "AccessLog": accessLog}}
+	f.Add("web", "prod", "http", "/c", "", "")
+	f.Add("", "", "tcp", "", "true", "v1")
+	f.Add("a.b", "c d", "bogus", "/x", "0", "v9")
+	f.Fuzz(func(t *testing.T, service, env, mode, name, accessLog, proxyProtocol string) {
+		c := &Container{ID: "id", Name: name, Labels: map[string]string{"ServiceName": service, "EnvironmentName": env, "ProxyMode": mode, "AccessLog": accessLog, "ProxyProtocol": proxyProtocol}}
 		got, err := Describe(c, netip.MustParseAddr("10.0.0.1"))
 		if err != nil {
 			return
@@ -171,6 +242,9 @@ func FuzzDescribe(f *testing.F) {
 		}
 		if got.Mode != registry.ModeHTTP && got.Mode != registry.ModeTCP {
 			t.Fatalf("Describe gave mode %q", got.Mode)
+		}
+		if got.ProxyProtocol != registry.ProxyProtocolNone && got.Mode != registry.ModeTCP {
+			t.Fatalf("Describe gave PROXY protocol %q in mode %q", got.ProxyProtocol, got.Mode)
 		}
 	})
 }

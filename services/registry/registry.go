@@ -46,6 +46,16 @@ func (c Choice) Or(def bool) bool {
 	return def
 }
 
+// ProxyProtocol is the version of the PROXY protocol header Envoy sends the container in front
+// of each TCP-mode connection, so that it learns the client's address; "" sends none.
+type ProxyProtocol string
+
+const (
+	ProxyProtocolNone ProxyProtocol = ""
+	ProxyProtocolV1   ProxyProtocol = "v1"
+	ProxyProtocolV2   ProxyProtocol = "v2"
+)
+
 // Service is what the container's labels say about the mapping.
 type Service struct {
 	// Name is ServiceName-EnvironmentName (or the container's name), sanitised for Envoy stat names.
@@ -58,6 +68,8 @@ type Service struct {
 	// AccessLog is the container's AccessLog label: whether Envoy logs its requests (HTTP) or
 	// connections (TCP), or the server's EDS_ACCESS_LOG when the container does not say.
 	AccessLog Choice
+	// ProxyProtocol is the container's ProxyProtocol label (TCP mode only).
+	ProxyProtocol ProxyProtocol
 }
 
 // Shim describes the process holding the registration.

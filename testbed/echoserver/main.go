@@ -8,6 +8,12 @@
 // transfers, HTTP GET /bytes/N answers N bytes (at most 64 GiB) from one reused buffer, so the
 // server costs little per byte and benchmarks measure the path, not the source.
 //
+// HTTP answers name the headers the request arrived with, so a test sees what a proxy added
+// (X-Forwarded-For, trace context). ECHO_PROXY_PORTS lists TCP ports whose connections must open
+// with a PROXY protocol header (v1 or v2, as a proxy sends it in front of the client's bytes): the
+// server answers one line, "PROXY v<version> <source> <destination>\n", then echoes the rest; a
+// connection without a valid header gets "ERR <reason>\n" and is closed.
+//
 // ECHO_LISTEN_DELAY (a Go duration, e.g. 300ms) makes it wait that long before it binds any port,
 // like an application that takes a while to start: a request that arrives meanwhile finds nothing
 // listening in the container, which is what the soak suite's first requests race against.
@@ -17,6 +23,7 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"encoding/json"
 	"errors"
@@ -31,6 +38,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/pires/go-proxyproto"
 )
 
 // whoami is the probe that asks for the server's name instead of an echo.
@@ -42,6 +51,7 @@ type config struct {
 	http     []int
 	tcp      []int
 	udp      []int
+	proxy    []int // TCP echo behind a PROXY protocol header
 	delay    time.Duration // before binding any port
 }
 
@@ -93,7 +103,14 @@ func main() {
 		}
 		go func() { errs <- fmt.Errorf("udp port %d: %w", p, serveUDP(pc, cfg.name)) }()
 	}
-	log.Printf("%s serving http %v, tcp %v, udp %v", cfg.name, cfg.http, cfg.tcp, cfg.udp)
+	for _, p := range cfg.proxy {
+		ln, err := net.Listen("tcp", ":"+strconv.Itoa(p))
+		if err != nil {
+			log.Fatalf("proxy-protocol port %d: %v", p, err)
+		}
+		go func() { errs <- fmt.Errorf("proxy-protocol port %d: %w", p, serveProxyProtocol(ln)) }()
+	}
+	log.Printf("%s serving http %v, tcp %v, udp %v, proxy-protocol %v", cfg.name, cfg.http, cfg.tcp, cfg.udp, cfg.proxy)
 
 	select {
 	case sig := <-stop:
@@ -119,6 +136,7 @@ func loadConfig(lookup func(string) (string, bool)) (config, error) {
 		{"ECHO_HTTP_PORTS", "80", &cfg.http},
 		{"ECHO_TCP_PORTS", "7", &cfg.tcp},
 		{"ECHO_UDP_PORTS", "7", &cfg.udp},
+		{"ECHO_PROXY_PORTS", "", &cfg.proxy},
 	} {
 		v, ok := lookup(l.env)
 		if !ok {
@@ -179,12 +197,13 @@ func parsePort(s string) (int, error) {
 }
 
 type httpReply struct {
-	Name     string `json:"name"`
-	Hostname string `json:"hostname"`
-	Path     string `json:"path"`
-	Method   string `json:"method"`
-	Remote   string `json:"remote"`
-	Port     string `json:"port"`
+	Name     string      `json:"name"`
+	Hostname string      `json:"hostname"`
+	Path     string      `json:"path"`
+	Method   string      `json:"method"`
+	Remote   string      `json:"remote"`
+	Port     string      `json:"port"`
+	Headers  http.Header `json:"headers"`
 }
 
 // bulkPrefix is the path of bulk downloads: /bytes/N.
@@ -211,6 +230,7 @@ func httpHandler(cfg config) http.Handler {
 			Method:   r.Method,
 			Remote:   r.RemoteAddr,
 			Port:     port,
+			Headers:  r.Header,
 		})
 	})
 }
@@ -291,6 +311,53 @@ func echoStream(rw io.ReadWriter, name string) error {
 func echoRest(rw io.ReadWriter, buf []byte) error {
 	_, err := io.CopyBuffer(struct{ io.Writer }{rw}, struct{ io.Reader }{rw}, buf)
 	return err
+}
+
+// proxyHeaderTimeout bounds the wait for a PROXY protocol header: a proxy sends it at once.
+const proxyHeaderTimeout = 10 * time.Second
+
+func serveProxyProtocol(ln net.Listener) error {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return err
+		}
+		go func() {
+			defer c.Close()
+			if err := echoBehindProxyHeader(c); err != nil && !errors.Is(err, net.ErrClosed) {
+				log.Printf("proxy-protocol %s: %v", c.RemoteAddr(), err)
+			}
+		}()
+	}
+}
+
+// echoBehindProxyHeader reads the PROXY protocol header c must open with, tells the peer what it
+// said, and echoes the rest of the stream.
+func echoBehindProxyHeader(c net.Conn) error {
+	br := bufio.NewReader(c)
+	header, err := proxyproto.ReadHeaderTimeout(c, br, proxyHeaderTimeout)
+	if err != nil {
+		_, _ = fmt.Fprintf(c, "ERR no valid PROXY protocol header: %v\n", err)
+		return err
+	}
+	if _, err := io.WriteString(c, proxyReply(header)); err != nil {
+		return err
+	}
+	if err := echoRest(struct {
+		io.Reader
+		io.Writer
+	}{br, c}, make([]byte, 32*1024)); err != nil {
+		return err
+	}
+	if tc, ok := c.(*net.TCPConn); ok {
+		_ = tc.CloseWrite()
+	}
+	return nil
+}
+
+// proxyReply is the line that tells the peer what the PROXY header said.
+func proxyReply(h *proxyproto.Header) string {
+	return fmt.Sprintf("PROXY v%d %v %v\n", h.Version, h.SourceAddr, h.DestinationAddr)
 }
 
 func serveUDP(pc net.PacketConn, name string) error {

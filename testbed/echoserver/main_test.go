@@ -2,13 +2,19 @@ package main
 
 import (
 	"bytes"
+	"context"
+	"encoding/json"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"slices"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
+
+	"github.com/pires/go-proxyproto"
 )
 
 func TestParsePorts(t *testing.T) {
@@ -189,6 +195,76 @@ func TestBulk(t *testing.T) {
 				if body[i] != pattern[i%len(pattern)] {
 					t.Fatalf("byte %d is %q, want %q", i, body[i], pattern[i%len(pattern)])
 				}
+			}
+		})
+	}
+}
+
+// TestHTTPHeaders: the reply names the request's headers, so a test sees what a proxy added.
+func TestHTTPHeaders(t *testing.T) {
+	rec := httptest.NewRecorder()
+	req := httptest.NewRequest(http.MethodGet, "/", nil)
+	req = req.WithContext(context.WithValue(req.Context(), http.LocalAddrContextKey, &net.TCPAddr{IP: net.IPv4(172, 17, 0, 2), Port: 80}))
+	req.Header.Set("X-Forwarded-For", "127.0.0.7")
+	httpHandler(config{name: "web-1"}).ServeHTTP(rec, req)
+	var got httpReply
+	if err := json.Unmarshal(rec.Body.Bytes(), &got); err != nil {
+		t.Fatal(err)
+	}
+	if got.Headers.Get("X-Forwarded-For") != "127.0.0.7" || got.Name != "web-1" || got.Port != "80" {
+		t.Errorf("reply %+v, want the request's X-Forwarded-For", got)
+	}
+}
+
+// TestProxyProtocol: a connection to a proxy-protocol port opens with a PROXY header (either
+// version) and gets told what it said, then an echo; one without a valid header gets an error line.
+func TestProxyProtocol(t *testing.T) {
+	src := &net.TCPAddr{IP: net.ParseIP("127.0.0.7"), Port: 40001}
+	dst := &net.TCPAddr{IP: net.ParseIP("127.0.0.1"), Port: 8080}
+	src6 := &net.TCPAddr{IP: net.ParseIP("2001:db8::7"), Port: 40002}
+	dst6 := &net.TCPAddr{IP: net.ParseIP("::1"), Port: 8080}
+	header := func(version byte, src, dst net.Addr) []byte {
+		proto := proxyproto.TCPv4
+		if src.(*net.TCPAddr).IP.To4() == nil {
+			proto = proxyproto.TCPv6
+		}
+		b, err := (&proxyproto.Header{Version: version, Command: proxyproto.PROXY, TransportProtocol: proto, SourceAddr: src, DestinationAddr: dst}).Format()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	tests := []struct {
+		name string
+		in   []byte
+		want string
+	}{
+		{"v1", append(header(1, src, dst), "hello"...), "PROXY v1 127.0.0.7:40001 127.0.0.1:8080\nhello"},
+		{"v2", append(header(2, src, dst), "hello"...), "PROXY v2 127.0.0.7:40001 127.0.0.1:8080\nhello"},
+		{"v2 ipv6", append(header(2, src6, dst6), "hi"...), "PROXY v2 [2001:db8::7]:40002 [::1]:8080\nhi"},
+		{"no header", []byte("hello"), "ERR no valid PROXY protocol header"},
+		{"broken v1", []byte("PROXY TCP4 nonsense\r\nhello"), "ERR no valid PROXY protocol header"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			client, server := net.Pipe()
+			done := make(chan error, 1)
+			go func() { done <- echoBehindProxyHeader(server); server.Close() }()
+			go func() { _, _ = client.Write(tt.in) }()
+			var got []byte
+			buf := make([]byte, 256)
+			_ = client.SetReadDeadline(time.Now().Add(5 * time.Second))
+			for !strings.HasPrefix(string(got), tt.want) {
+				n, err := client.Read(buf)
+				got = append(got, buf[:n]...)
+				if err != nil {
+					break
+				}
+			}
+			client.Close()
+			<-done
+			if !strings.HasPrefix(string(got), tt.want) {
+				t.Errorf("got %q, want it to start with %q", got, tt.want)
 			}
 		})
 	}
