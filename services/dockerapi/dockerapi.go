@@ -81,7 +81,7 @@ func (f *Finder) FindByIP(ctx context.Context, ip netip.Addr) (labels.Container,
 	}
 	for _, c := range list {
 		if ep.ownedBy(c) {
-			return labels.Container{ID: c.ID, Name: containerName(c.Names), Labels: c.Labels}, nil
+			return labels.Container{ID: c.ID, Name: containerName(c.Names), Image: c.Image, Labels: c.Labels}, nil
 		}
 	}
 	// Listed on a network but not in the container list: it was removed in between.

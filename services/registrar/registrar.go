@@ -78,7 +78,7 @@ func NewMetrics(reg prometheus.Registerer, r *registry.Registry) *Metrics {
 		Name: "eds_registrations", Help: "Live registrations (published ports).",
 	}, func() float64 { return float64(r.Len()) })
 	if reg != nil {
-		reg.MustRegister(m.results, m.toReady, live)
+		reg.MustRegister(m.results, m.toReady, live, newServiceInfo(r))
 	}
 	return m
 }

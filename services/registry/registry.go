@@ -58,9 +58,10 @@ const (
 
 // Service is what the container's labels say about the mapping.
 type Service struct {
-	// Name is ServiceName-EnvironmentName (or the container's name), sanitised for Envoy stat names.
+	// Name is ServiceName-EnvironmentName (or the container's name), sanitised for Envoy stat names
+	// and kept distinct from every other service's (see labels.StatName).
 	Name string
-	// Operation is the ServiceName label as the user wrote it (sanitised), for tracing decorators.
+	// Operation is the ServiceName label, named the same way, for tracing decorators.
 	Operation     string
 	ContainerID   string
 	ContainerName string
@@ -70,6 +71,12 @@ type Service struct {
 	AccessLog Choice
 	// ProxyProtocol is the container's ProxyProtocol label (TCP mode only).
 	ProxyProtocol ProxyProtocol
+	// ServiceLabel, EnvironmentLabel and Image are the container's ServiceName and
+	// EnvironmentName labels and its image as written (valid UTF-8, long ones cut), for operators
+	// to see beside Name; Envoy is never told them.
+	ServiceLabel     string
+	EnvironmentLabel string
+	Image            string
 }
 
 // Shim describes the process holding the registration.
