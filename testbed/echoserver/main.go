@@ -51,7 +51,7 @@ type config struct {
 	http     []int
 	tcp      []int
 	udp      []int
-	proxy    []int // TCP echo behind a PROXY protocol header
+	proxy    []int         // TCP echo behind a PROXY protocol header
 	delay    time.Duration // before binding any port
 }
 
