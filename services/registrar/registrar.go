@@ -74,6 +74,9 @@ func NewMetrics(reg prometheus.Registerer, r *registry.Registry) *Metrics {
 			Buckets: []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10},
 		}),
 	}
+	// Both outcomes exist from the start, at zero (a failure is then a change, not a new series).
+	m.results.WithLabelValues("ready")
+	m.results.WithLabelValues("failed")
 	live := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "eds_registrations", Help: "Live registrations (published ports).",
 	}, func() float64 { return float64(r.Len()) })

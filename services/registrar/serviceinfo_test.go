@@ -5,6 +5,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/envoy-docker-shim/envoy-docker-shim/internal/mapping"
@@ -50,5 +51,19 @@ eds_service_info{container="web1",environment="prød",image="nginx:1.27",service
 	r.Release(mapping.Key{Proto: mapping.TCP, HostIP: netip.MustParseAddr("0.0.0.0"), HostPort: 5432}, dbOwner)
 	if n := testutil.CollectAndCount(info); n != 1 {
 		t.Errorf("%d series after the db's port went, want 1", n)
+	}
+}
+
+// TestResultsStartAtZero: both registration outcomes exist before the first registration.
+func TestResultsStartAtZero(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	NewMetrics(reg, registry.New(nil))
+	want := `# HELP eds_registrations_total Registrations by outcome (ready, failed).
+# TYPE eds_registrations_total counter
+eds_registrations_total{result="failed"} 0
+eds_registrations_total{result="ready"} 0
+`
+	if err := testutil.GatherAndCompare(reg, strings.NewReader(want), "eds_registrations_total"); err != nil {
+		t.Error(err)
 	}
 }

@@ -40,6 +40,14 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "eds_xds_resources", Help: "Resources in the xDS cache, by kind.",
 		}, []string{"kind"}),
 	}
+	// Every series exists from the start, at zero: a rate over a counter that only appears at its
+	// first increment misses that increment, and dashboards would show "no data" for no NACKs.
+	for _, typ := range []string{"listener", "cluster"} {
+		m.pushes.WithLabelValues(typ)
+		m.acks.WithLabelValues(typ)
+		m.nacks.WithLabelValues(typ)
+		m.pushToAck.WithLabelValues(typ)
+	}
 	if reg != nil {
 		reg.MustRegister(m.pushes, m.acks, m.nacks, m.pushToAck, m.streams, m.resources, m.translations)
 	}
