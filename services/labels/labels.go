@@ -110,14 +110,12 @@ func Describe(c *Container, containerIP netip.Addr) (registry.Service, error) {
 	if !readable(clean(standIn)) {
 		standIn = ipName(containerIP)
 	}
-	base := c.Labels[ServiceNameLabel]
-	if strings.TrimSpace(base) == "" {
+	// Spaces around a value are a slip of the keyboard, not part of the name.
+	base := strings.TrimSpace(c.Labels[ServiceNameLabel])
+	if base == "" {
 		base = standIn
 	}
-	env := c.Labels[EnvironmentNameLabel]
-	if strings.TrimSpace(env) == "" {
-		env = ""
-	}
+	env := strings.TrimSpace(c.Labels[EnvironmentNameLabel])
 	return registry.Service{
 		Name:             StatName(base, env, standIn),
 		Operation:        StatName(base, "", standIn),

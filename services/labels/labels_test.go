@@ -197,6 +197,11 @@ func TestDescribe(t *testing.T) {
 			want:      registry.Service{Name: "quirky_name", Operation: "quirky_name", ContainerID: "abc", ContainerName: "quirky_name", Mode: registry.ModeHTTP},
 		},
 		{
+			name:      "spaces around values are not part of the name",
+			container: &Container{ID: "abc", Name: "/web1", Labels: map[string]string{"ServiceName": " web", "EnvironmentName": "test\n"}},
+			want:      registry.Service{Name: "web-test", Operation: "web", ContainerID: "abc", ContainerName: "web1", Mode: registry.ModeHTTP, ServiceLabel: " web", EnvironmentLabel: "test\n"},
+		},
+		{
 			name:      "environment without service name",
 			container: &Container{ID: "abc", Name: "/api", Labels: map[string]string{"EnvironmentName": "stage"}},
 			want:      registry.Service{Name: "api-stage", Operation: "api", ContainerID: "abc", ContainerName: "api", Mode: registry.ModeHTTP, EnvironmentLabel: "stage"},
