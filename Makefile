@@ -7,7 +7,7 @@ LDFLAGS       := -s -w -X github.com/envoy-docker-shim/envoy-docker-shim/interna
 # Test timeouts are generous ceilings, not targets: a hung daemon must fail the run, not eat CI's 90 minutes.
 TEST_TIMEOUT  ?= 15m
 
-.PHONY: all build test unit e2e soak lint generate bench bench-dataplane provision images up clean testbed-box testbed-up testbed-smoke testbed-destroy
+.PHONY: all build test unit e2e soak lint generate bench bench-dataplane bench-ranges provision images up clean testbed-box testbed-up testbed-smoke testbed-destroy
 
 all: build
 
@@ -72,6 +72,13 @@ bench:
 # BENCH_DURATION=2s BENCH_BULK_MIB=64 make a quick run.
 bench-dataplane:
 	$(GO) test -p 1 -run '^$$' -bench 'DataPlane' -benchtime 1x -timeout 60m ./testbed/e2e/ ./testbed/appliance/
+
+# Port ranges: one container publishing N ports (BENCH_RANGE_PORTS, default 10,200,1000) under
+# each generation's docker-proxy and ours: docker run and rm -f times, the proxies' RSS, PSS and
+# USS, Envoy's and the server's growth per port, leftovers. BENCH_RANGE_PORTS=200 BENCH_ROUNDS=1
+# make a quick run.
+bench-ranges:
+	$(GO) test -p 1 -run '^$$' -bench 'PortRange' -benchtime 1x -timeout 60m ./testbed/ranges/
 
 # The appliance. Compose v2 when the plugin is there, else Debian's docker-compose 1.29.
 COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)

@@ -60,13 +60,7 @@ func FreePort(t testing.TB) int {
 	t.Helper()
 	ports.Lock()
 	defer ports.Unlock()
-	if ports.given == nil {
-		b, _ := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
-		ports.lo, ports.hi = portRangeFor(string(b))
-		// A random start keeps concurrent test processes out of each other's way.
-		ports.next = ports.lo + rand.IntN(ports.hi-ports.lo)
-		ports.given = map[int]bool{}
-	}
+	initPorts()
 	dir := filepath.Join(testbedRoot(), "ports")
 	_ = os.MkdirAll(dir, 0o755) // failure shows up as leasePort's error, handled below
 	span := ports.hi - ports.lo
@@ -98,6 +92,92 @@ func FreePort(t testing.TB) int {
 	}
 	t.Fatalf("FreePort: no free port in [%d, %d)", ports.lo, ports.hi)
 	return 0
+}
+
+// FreePortRange returns the first of n consecutive ports, each as FreePort would return it: free
+// on loopback for TCP and UDP, leased for the test's life, never handed out before by this process.
+// It is for publishing a range (`-p 127.0.0.1:lo-hi:...`), which needs the ports side by side.
+func FreePortRange(t testing.TB, n int) int {
+	t.Helper()
+	if n < 1 {
+		t.Fatalf("FreePortRange(%d): want at least one port", n)
+	}
+	ports.Lock()
+	defer ports.Unlock()
+	initPorts()
+	dir := filepath.Join(testbedRoot(), "ports")
+	_ = os.MkdirAll(dir, 0o755)
+	span := ports.hi - ports.lo
+	if n > span {
+		t.Fatalf("FreePortRange(%d): the test port range [%d, %d) is smaller", n, ports.lo, ports.hi)
+	}
+	first := ports.next
+	var held []*portLease
+	releaseAll := func() {
+		for _, l := range held {
+			l.release()
+		}
+		held = nil
+	}
+	// Slide a window over the range: on a taken port, start again just after it.
+	for tried := 0; tried < span; {
+		if first+n > ports.hi {
+			releaseAll()
+			tried += ports.hi - first
+			first = ports.lo
+			continue
+		}
+		ok := true
+		for p := first + len(held); p < first+n; p++ {
+			lease, err := leasePort(dir, p)
+			if errors.Is(err, errLeaseHeld) || ports.given[p] {
+				lease.release()
+				ok = false
+			} else {
+				if err != nil {
+					lease = nil // no lease directory: the bind check alone has to do
+				}
+				if portFree(p) != nil {
+					lease.release()
+					ok = false
+				}
+			}
+			if !ok {
+				releaseAll()
+				tried += p + 1 - first
+				first = p + 1
+				break
+			}
+			held = append(held, lease)
+		}
+		if ok {
+			for p := first; p < first+n; p++ {
+				ports.given[p] = true
+			}
+			ports.next = first + n
+			if ports.next >= ports.hi {
+				ports.next = ports.lo
+			}
+			for _, l := range held {
+				t.Cleanup(l.release)
+			}
+			return first
+		}
+	}
+	t.Fatalf("FreePortRange: no %d free consecutive ports in [%d, %d)", n, ports.lo, ports.hi)
+	return 0
+}
+
+// initPorts sets up the range on first use; callers hold ports.
+func initPorts() {
+	if ports.given != nil {
+		return
+	}
+	b, _ := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
+	ports.lo, ports.hi = portRangeFor(string(b))
+	// A random start keeps concurrent test processes out of each other's way.
+	ports.next = ports.lo + rand.IntN(ports.hi-ports.lo)
+	ports.given = map[int]bool{}
 }
 
 type portLease struct{ f *os.File }

@@ -1,6 +1,7 @@
 package testbed
 
 import (
+	"path/filepath"
 	"sync"
 	"testing"
 )
@@ -52,6 +53,35 @@ func TestFreePortNeverRepeats(t *testing.T) {
 		if err := portFree(p); err != nil {
 			t.Errorf("port %d handed out but not free: %v", p, err)
 		}
+	}
+}
+
+func TestFreePortRange(t *testing.T) {
+	single := FreePort(t)
+	const n = 64
+	first := FreePortRange(t, n)
+	again := FreePortRange(t, n)
+	lo, hi := portRangeFor(string(readFile("/proc/sys/net/ipv4/ip_local_port_range")))
+	for _, start := range []int{first, again} {
+		if start < lo || start+n > hi {
+			t.Errorf("range [%d, %d) outside [%d, %d)", start, start+n, lo, hi)
+		}
+		if single >= start && single < start+n {
+			t.Errorf("range [%d, %d) holds %d, which FreePort handed out", start, start+n, single)
+		}
+		for p := start; p < start+n; p++ {
+			if err := portFree(p); err != nil {
+				t.Errorf("port %d handed out but not free: %v", p, err)
+			}
+		}
+	}
+	if again < first+n && first < again+n {
+		t.Errorf("ranges at %d and %d overlap", first, again)
+	}
+	// Every port of the range is leased: another process could not take one.
+	if l, err := leasePort(filepath.Join(testbedRoot(), "ports"), first+n/2); err == nil {
+		l.f.Close()
+		t.Errorf("port %d of a range is not leased", first+n/2)
 	}
 }
 

@@ -87,7 +87,7 @@ func TestMedian(t *testing.T) {
 		in   []float64
 		want float64
 	}{{nil, 0}, {[]float64{3}, 3}, {[]float64{5, 1, 3}, 3}, {[]float64{4, 1, 3, 2}, 2.5}} {
-		if got := median(tt.in); got != tt.want {
+		if got := Median(tt.in); got != tt.want {
 			t.Errorf("median(%v) = %v, want %v", tt.in, got, tt.want)
 		}
 	}
@@ -152,7 +152,7 @@ func TestMarkdown(t *testing.T) {
 			t.Errorf("table lacks %q:\n%s", want, table)
 		}
 	}
-	if got := thousands(1234567.6); got != "1,234,568" {
+	if got := Thousands(1234567.6); got != "1,234,568" {
 		t.Errorf("thousands = %q", got)
 	}
 }
@@ -196,5 +196,41 @@ func TestGlyphs(t *testing.T) {
 				t.Errorf("glyph %q row %q", r, row)
 			}
 		}
+	}
+}
+
+func TestParseSmapsRollup(t *testing.T) {
+	rollup := `55c6f5a1c000-7ffd3a5e6000 ---p 00000000 00:00 0                          [rollup]
+Rss:                1396 kB
+Pss:                 291 kB
+Pss_Dirty:           106 kB
+Pss_Anon:            104 kB
+Pss_File:            186 kB
+Pss_Shmem:             0 kB
+Shared_Clean:       1216 kB
+Shared_Dirty:          4 kB
+Private_Clean:        72 kB
+Private_Dirty:       104 kB
+Referenced:         1396 kB
+Anonymous:           104 kB
+Private_Hugetlb:       0 kB
+Swap:                  0 kB
+SwapPss:               0 kB
+Locked:                0 kB
+`
+	got, err := parseSmapsRollup(rollup)
+	want := Memory{RSS: 1396 << 10, PSS: 291 << 10, USS: (72 + 104) << 10}
+	if err != nil || got != want {
+		t.Errorf("got %+v, %v; want %+v", got, err, want)
+	}
+	if _, err := parseSmapsRollup("Rss: 1 kB\n"); err == nil {
+		t.Error("rollup without Pss accepted")
+	}
+	if _, err := parseSmapsRollup("Rss: x kB\nPss: 1 kB\n"); err == nil {
+		t.Error("malformed Rss accepted")
+	}
+	self, err := MemoryOf(os.Getpid())
+	if err != nil || self.RSS <= 0 || self.PSS <= 0 || self.USS <= 0 || self.USS > self.RSS {
+		t.Errorf("own memory %+v, %v", self, err)
 	}
 }

@@ -29,9 +29,9 @@ func DefaultPanels() []Panel {
 		}
 	}
 	return []Panel{
-		{"keep-alive requests/s", func(s Summary) float64 { return s.KeepAliveRate }, thousands},
-		{"new connections/s", func(s Summary) float64 { return s.CloseRate }, thousands},
-		{"bulk download mb/s", func(s Summary) float64 { return s.BulkMBps }, thousands},
+		{"keep-alive requests/s", func(s Summary) float64 { return s.KeepAliveRate }, Thousands},
+		{"new connections/s", func(s Summary) float64 { return s.CloseRate }, Thousands},
+		{"bulk download mb/s", func(s Summary) float64 { return s.BulkMBps }, Thousands},
 		{"proxy cpu us per keep-alive request (lower is better)", proxyCPU(func(s Summary) []float64 { return s.PerRequest }),
 			func(v float64) string { return fmt.Sprintf("%.1f", v) }},
 		{"proxy cpu us per new connection (lower is better)", proxyCPU(func(s Summary) []float64 { return s.PerConn }),

@@ -103,7 +103,7 @@ func Write(t testing.TB, name, title, details string, cfg Config, run Outcome) s
 		"%d rounds, medians; wrk -t1, %d keep-alive connections, %d with `Connection: close`, %s each; bulk: one %d MiB download; ratios against %s.\n\n%s",
 		title, Machine(), run.LoadBefore, run.LoadAfter, details, cfg.Rounds, cfg.KeepAliveConns, cfg.CloseConns, cfg.Duration, cfg.BulkSize>>20, cfg.Reference, table)
 	fmt.Printf("\n%s\n", doc.String())
-	dir, err := resultsDir()
+	dir, err := ResultsDirectory()
 	if err != nil {
 		t.Logf("report not written: %v", err)
 		return ""
@@ -148,8 +148,8 @@ func EnvoyWorkers(adminAddr string) (int, error) {
 	return info.Options.Concurrency, nil
 }
 
-// resultsDir finds the repository above the working directory and makes its ResultsDir.
-func resultsDir() (string, error) {
+// ResultsDirectory finds the repository above the working directory and makes its ResultsDir.
+func ResultsDirectory() (string, error) {
 	dir, err := os.Getwd()
 	if err != nil {
 		return "", err

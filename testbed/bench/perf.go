@@ -27,7 +27,7 @@ func NewProfiler() (*Profiler, error) {
 	if _, err := exec.LookPath("perf"); err != nil {
 		return nil, fmt.Errorf("BENCH_PERF needs Linux perf (Debian: linux-perf): %w", err)
 	}
-	base, err := resultsDir()
+	base, err := ResultsDirectory()
 	if err != nil {
 		return nil, err
 	}

@@ -124,3 +124,71 @@ func PidsOf(name, marker string) []int {
 	}
 	return out
 }
+
+// Memory is what a process costs in memory, in bytes, from /proc/PID/smaps_rollup: RSS counts
+// every resident page it maps, PSS divides each page by the processes that share it (what the
+// host really pays for it), and USS counts only the pages no other process maps (what its exit
+// frees).
+type Memory struct {
+	RSS, PSS, USS int64
+}
+
+// Add sums two figures.
+func (m Memory) Add(o Memory) Memory { return Memory{m.RSS + o.RSS, m.PSS + o.PSS, m.USS + o.USS} }
+
+// Sub is m less o.
+func (m Memory) Sub(o Memory) Memory { return Memory{m.RSS - o.RSS, m.PSS - o.PSS, m.USS - o.USS} }
+
+// MemoryOf reads a process's Memory.
+func MemoryOf(pid int) (Memory, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps_rollup", pid))
+	if err != nil {
+		return Memory{}, err
+	}
+	m, err := parseSmapsRollup(string(b))
+	if err != nil {
+		return Memory{}, fmt.Errorf("/proc/%d/smaps_rollup: %w", pid, err)
+	}
+	return m, nil
+}
+
+// MemoryOfAll sums the Memory of pids; a process that exited meanwhile counts nothing and is
+// reported in gone.
+func MemoryOfAll(pids []int) (total Memory, gone int) {
+	for _, pid := range pids {
+		m, err := MemoryOf(pid)
+		if err != nil {
+			gone++
+			continue
+		}
+		total = total.Add(m)
+	}
+	return total, gone
+}
+
+func parseSmapsRollup(text string) (Memory, error) {
+	fields := map[string]int64{}
+	for line := range strings.SplitSeq(text, "\n") {
+		k, v, ok := strings.Cut(line, ":")
+		if !ok {
+			continue
+		}
+		f := strings.Fields(v)
+		if len(f) != 2 || f[1] != "kB" {
+			continue
+		}
+		kib, err := strconv.ParseInt(f[0], 10, 64)
+		if err != nil {
+			return Memory{}, fmt.Errorf("malformed %q", line)
+		}
+		fields[k] = kib << 10
+	}
+	rss, ok1 := fields["Rss"]
+	pss, ok2 := fields["Pss"]
+	clean, ok3 := fields["Private_Clean"]
+	dirty, ok4 := fields["Private_Dirty"]
+	if !ok1 || !ok2 || !ok3 || !ok4 {
+		return Memory{}, fmt.Errorf("no Rss, Pss, Private_Clean and Private_Dirty lines (a kernel thread, or the process exited)")
+	}
+	return Memory{RSS: rss, PSS: pss, USS: clean + dirty + fields["Private_Hugetlb"]}, nil
+}

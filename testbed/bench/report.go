@@ -35,7 +35,7 @@ func Summarize(cfg Config, results []Result) []Summary {
 			for i, x := range r.Samples {
 				v[i] = f(x)
 			}
-			return median(v)
+			return Median(v)
 		}
 		s.KeepAliveRate = pick(func(x Sample) float64 { return x.KeepAlive.Rate })
 		s.P50 = time.Duration(pick(func(x Sample) float64 { return float64(x.KeepAlive.P50) }))
@@ -95,11 +95,11 @@ func Markdown(summaries []Summary, reference string) string {
 			return fmt.Sprintf(" (%.2fx)", v/refOf(*ref))
 		}
 		fmt.Fprintf(&b, "| %s | %s%s | %s | %s | %s%s | %s%s | %s |", s.Name,
-			thousands(s.KeepAliveRate), ratio(s.KeepAliveRate, func(r Summary) float64 { return r.KeepAliveRate }),
+			Thousands(s.KeepAliveRate), ratio(s.KeepAliveRate, func(r Summary) float64 { return r.KeepAliveRate }),
 			latency(s.P50), latency(s.P99),
-			thousands(s.CloseRate), ratio(s.CloseRate, func(r Summary) float64 { return r.CloseRate }),
-			thousands(s.BulkMBps), ratio(s.BulkMBps, func(r Summary) float64 { return r.BulkMBps }),
-			thousands(float64(s.Errors)))
+			Thousands(s.CloseRate), ratio(s.CloseRate, func(r Summary) float64 { return r.CloseRate }),
+			Thousands(s.BulkMBps), ratio(s.BulkMBps, func(r Summary) float64 { return r.BulkMBps }),
+			Thousands(float64(s.Errors)))
 		if len(s.Accounts) == 0 {
 			b.WriteString(" – | – | – | – |")
 		} else {
@@ -138,8 +138,8 @@ func Markdown(summaries []Summary, reference string) string {
 	return b.String()
 }
 
-// thousands formats v rounded, with commas: 30036.4 -> "30,036".
-func thousands(v float64) string {
+// Thousands formats v rounded, with commas: 30036.4 -> "30,036".
+func Thousands(v float64) string {
 	s := fmt.Sprintf("%.0f", v)
 	neg := strings.HasPrefix(s, "-")
 	s = strings.TrimPrefix(s, "-")

@@ -216,7 +216,8 @@ func mbps(size int64, d time.Duration) float64 {
 	return float64(size) / 1e6 / d.Seconds()
 }
 
-func median(v []float64) float64 {
+// Median is the middle value of v (the mean of the two middle ones for an even count); 0 for none.
+func Median(v []float64) float64 {
 	if len(v) == 0 {
 		return 0
 	}

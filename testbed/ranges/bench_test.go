@@ -1,0 +1,361 @@
+package ranges
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/envoy-docker-shim/envoy-docker-shim/testbed"
+	"github.com/envoy-docker-shim/envoy-docker-shim/testbed/bench"
+	"github.com/envoy-docker-shim/envoy-docker-shim/testbed/stack"
+)
+
+const (
+	shimPkg   = "github.com/envoy-docker-shim/envoy-docker-shim/shim/cmd/envoy-docker-shim"
+	serverPkg = "github.com/envoy-docker-shim/envoy-docker-shim/services/cmd/envoy-docker-server"
+	// containerBase is the first container port of the range; the echo server serves HTTP on all.
+	containerBase = 10000
+)
+
+// BenchmarkPortRange publishes N ports from one container (`docker run -d -p
+// 127.0.0.1:lo-hi:10000-...`, the echo image serving HTTP on every one, default labels, so
+// Envoy's default HTTP mode) under each daemon generation, alternately with that generation's
+// stock docker-proxy and with envoy-docker-shim (its server and Envoy as separate processes, with
+// their shipped defaults), and reports the wall time of `docker run` and of `docker rm -f`, the
+// memory of every proxy process (RSS, PSS, USS) once the ports are up and idle, the growth of
+// Envoy and the server per port, and what is left after `docker rm -f`.
+//
+// BENCH_RANGE_PORTS picks the port counts (default 10,200,1000), BENCH_ROUNDS the rounds (3),
+// BENCH_RANGE_SETTLE the idle time before the memory is read (2s); EDS_TESTBED_DOCKER the
+// generations. The report goes to bench-results/ranges-<time>.md (and .png).
+func BenchmarkPortRange(b *testing.B) {
+	sizes := portCounts(b)
+	rounds := roundsFromEnv(b)
+	settle := 2 * time.Second
+	if v := os.Getenv("BENCH_RANGE_SETTLE"); v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil || d < 0 || d > time.Minute {
+			b.Fatalf("BENCH_RANGE_SETTLE=%q: want a duration up to 1m", v)
+		}
+		settle = d
+	}
+	loadBefore := bench.LoadAverage()
+	var all []Series
+	for _, gen := range testbed.Generations(b) {
+		b.Run(string(gen), func(b *testing.B) {
+			for b.Loop() {
+				all = append(all, benchmarkGeneration(b, gen, sizes, rounds, settle)...)
+			}
+		})
+	}
+	if len(all) == 0 {
+		return
+	}
+	write(b, all, rounds, settle, loadBefore)
+}
+
+func portCounts(b *testing.B) []int {
+	v := os.Getenv("BENCH_RANGE_PORTS")
+	if v == "" {
+		return []int{10, 200, 1000}
+	}
+	var out []int
+	for f := range strings.SplitSeq(v, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil || n < 1 || n > 5000 {
+			b.Fatalf("BENCH_RANGE_PORTS=%q: want a comma-separated list of counts from 1 to 5000", v)
+		}
+		out = append(out, n)
+	}
+	return out
+}
+
+func roundsFromEnv(b *testing.B) int {
+	v := os.Getenv("BENCH_ROUNDS")
+	if v == "" {
+		return 3
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n < 1 {
+		b.Fatalf("BENCH_ROUNDS=%q: want a positive number", v)
+	}
+	return n
+}
+
+func logf(format string, args ...any) { fmt.Printf("bench-ranges: "+format+"\n", args...) }
+
+// path is one userland proxy under test: a daemon and, for ours, the server and Envoy.
+type path struct {
+	name    string
+	proxy   string // the proxy's program name
+	daemon  *testbed.Daemon
+	server  *serverProc
+	envoy   *testbed.Envoy
+	hostLos map[int]int // port count -> first host port of its range, leased for the benchmark
+}
+
+func benchmarkGeneration(b *testing.B, gen testbed.Generation, sizes []int, rounds int, settle time.Duration) []Series {
+	stock := &path{name: Reference, proxy: "docker-proxy", daemon: testbed.StartDaemon(b, testbed.DaemonOptions{Generation: gen})}
+	shim := testbed.BuildStatic(b, shimPkg, "envoy-docker-shim")
+	socket := filepath.Join(b.TempDir(), "shim.sock")
+	ours := &path{name: "ours", proxy: "envoy-docker-shim", daemon: testbed.StartDaemon(b, testbed.DaemonOptions{
+		Generation: gen, UserlandProxyPath: shim, Env: []string{"EDS_SHIM_SOCKET=" + socket},
+	})}
+	ours.server = startServer(b, ours.daemon, socket)
+	ours.envoy = stack.StartEnvoy(b, ours.server.XDSAddr, stack.Options{Shipped: true})
+	testbed.WaitFor(b, 15*time.Second, "envoy connected to the server", func() error {
+		status, body, err := testbed.HTTPGet(context.Background(), "http://"+ours.server.HTTPAddr+"/healthz")
+		if err != nil || status != 200 {
+			return fmt.Errorf("healthz %d %q %v", status, body, err)
+		}
+		return nil
+	})
+	for _, p := range []*path{stock, ours} {
+		p.daemon.EchoImage(b)
+		p.hostLos = map[int]int{}
+		for _, n := range sizes {
+			p.hostLos[n] = testbed.FreePortRange(b, n)
+		}
+	}
+	var out []Series
+	for _, n := range sizes {
+		series := map[string]*Series{}
+		for _, p := range []*path{stock, ours} {
+			series[p.name] = &Series{Generation: string(gen), Path: p.name, Ports: n}
+		}
+		for round := range rounds {
+			for _, p := range []*path{stock, ours} {
+				x := measure(b, p, n, settle)
+				logf("%s, %d ports, %s, round %d: docker run %v, %d procs, PSS %s MiB, USS %s MiB, docker rm -f %v, left %v",
+					gen, n, p.name, round+1, x.Run.Round(time.Millisecond), x.Procs, mib(x.Proxies.PSS), mib(x.Proxies.USS), x.Remove.Round(time.Millisecond), x.Left)
+				series[p.name].Samples = append(series[p.name].Samples, x)
+			}
+		}
+		for _, p := range []*path{stock, ours} {
+			out = append(out, *series[p.name])
+		}
+		sumStock, sumOurs := Summarize(*series[stock.name]), Summarize(*series[ours.name])
+		tag := fmt.Sprintf("%s-%d-", gen, n)
+		b.ReportMetric(sumStock.Run.Seconds(), tag+"docker-proxy-run-s")
+		b.ReportMetric(sumOurs.Run.Seconds(), tag+"ours-run-s")
+		b.ReportMetric(sumOurs.Run.Seconds()/sumStock.Run.Seconds(), tag+"run-ratio")
+		b.ReportMetric(float64(sumOurs.Proxies.PSS)/float64(max(sumStock.Proxies.PSS, 1)), tag+"pss-ratio")
+	}
+	return out
+}
+
+// measure runs one container publishing n ports on p, measures, and removes it.
+func measure(b *testing.B, p *path, n int, settle time.Duration) Sample {
+	ctx := context.Background()
+	lo := p.hostLos[n]
+	publish := fmt.Sprintf("127.0.0.1:%d-%d:%d-%d", lo, lo+n-1, containerBase, containerBase+n-1)
+	opts := testbed.RunOptions{
+		Publish: []string{publish},
+		Labels:  map[string]string{"ServiceName": "range", "EnvironmentName": "bench"},
+		Env:     map[string]string{"ECHO_HTTP_PORTS": fmt.Sprintf("%d-%d", containerBase, containerBase+n-1)},
+	}
+	var x Sample
+	var envoyBefore, serverBefore bench.Memory
+	var base counts
+	if p.server != nil {
+		x.HasStack = true
+		envoyBefore = memoryOf(b, p.envoy.Pid())
+		serverBefore = memoryOf(b, p.server.pid)
+		base = stackCounts(b, p)
+	}
+	start := time.Now()
+	id, _, err := p.daemon.Start(ctx, opts)
+	x.Run = time.Since(start)
+	if err != nil {
+		b.Fatalf("docker run -p %s on %s: %v", publish, p.name, err)
+	}
+	if err := p.daemon.WaitEchoServing(ctx, id); err != nil {
+		b.Fatal(err)
+	}
+	// Every port answers, through this path, from the container: checked at both ends and the middle.
+	for _, port := range slices.Compact([]int{lo, lo + n/2, lo + n - 1}) {
+		status, _, err := testbed.HTTPGet(ctx, fmt.Sprintf("http://127.0.0.1:%d/", port))
+		if err != nil || status != 200 {
+			b.Fatalf("%s: port %d of the range does not reach the container: %d %v", p.name, port, status, err)
+		}
+	}
+	time.Sleep(settle)
+	pids := p.daemon.Processes(p.proxy)
+	x.Procs = len(pids)
+	x.Proxies, _ = bench.MemoryOfAll(pids)
+	if p.server != nil {
+		x.Envoy = memoryOf(b, p.envoy.Pid()).Sub(envoyBefore)
+		x.Server = memoryOf(b, p.server.pid).Sub(serverBefore)
+	}
+	start = time.Now()
+	if _, err := p.daemon.Docker(ctx, "rm", "-f", "-v", id); err != nil {
+		b.Fatalf("docker rm -f on %s: %v", p.name, err)
+	}
+	x.Remove = time.Since(start)
+	x.Left = leftovers(b, p, base)
+	time.Sleep(time.Second)
+	x.Later = leftovers(b, p, base)
+	return x
+}
+
+func memoryOf(b *testing.B, pid int) bench.Memory {
+	m, err := bench.MemoryOf(pid)
+	if err != nil {
+		b.Fatalf("memory of %d: %v", pid, err)
+	}
+	return m
+}
+
+// counts is what Envoy and the server hold, to compare with before the run.
+type counts struct{ listeners, clusters, registrations int }
+
+func stackCounts(b *testing.B, p *path) counts {
+	stat := func(name string) int {
+		v, ok := p.envoy.Stat(b, name)
+		if !ok {
+			b.Fatalf("envoy has no stat %s", name)
+		}
+		return int(v)
+	}
+	return counts{
+		listeners:     stat("listener_manager.total_listeners_active") + stat("listener_manager.total_listeners_warming") + stat("listener_manager.total_listeners_draining"),
+		clusters:      stat("cluster_manager.active_clusters") + stat("cluster_manager.warming_clusters"),
+		registrations: p.server.registrations(b),
+	}
+}
+
+func leftovers(b *testing.B, p *path, base counts) Leftovers {
+	l := Leftovers{Procs: len(p.daemon.Processes(p.proxy)), Listeners: -1, Clusters: -1, Registrations: -1}
+	if p.server != nil {
+		now := stackCounts(b, p)
+		l.Listeners, l.Clusters, l.Registrations = now.listeners-base.listeners, now.clusters-base.clusters, now.registrations-base.registrations
+	}
+	return l
+}
+
+func write(b *testing.B, all []Series, rounds int, settle time.Duration, loadBefore string) {
+	sums := make([]Summary, len(all))
+	for i, s := range all {
+		sums[i] = Summarize(s)
+	}
+	var doc strings.Builder
+	fmt.Fprintf(&doc, "# Port ranges: `docker run -p` of N ports, docker-proxy and ours\n\nMachine: %s; load average (1, 5, 15 min) %s before the run, %s after.\n\n", bench.Machine(), loadBefore, bench.LoadAverage())
+	fmt.Fprintf(&doc, "One container (the echo image, HTTP on every container port, default labels: Envoy's HTTP mode) publishing `127.0.0.1:lo-hi:%d-...`; "+
+		"each generation's own docker-proxy against envoy-docker-shim with its server and Envoy (shipped defaults) as processes of their own; "+
+		"%d rounds, alternating, medians (leftovers: the worst round). Memory is read %v after the ports answer: the sum over every proxy process of "+
+		"RSS, PSS and USS from /proc/PID/smaps_rollup; Envoy's and the server's growth from before `docker run`, per port. Ratios against docker-proxy.\n\n", containerBase, rounds, settle)
+	doc.WriteString(Markdown(sums))
+	doc.WriteString("Every round:\n\n")
+	doc.WriteString(Rounds(all))
+	fmt.Printf("\n%s\n", doc.String())
+	dir, err := bench.ResultsDirectory()
+	if err != nil {
+		b.Logf("report not written: %v", err)
+		return
+	}
+	md := filepath.Join(dir, "ranges-"+time.Now().Format("20060102-150405")+".md")
+	if err := os.WriteFile(md, []byte(doc.String()), 0o644); err != nil {
+		b.Logf("report not written: %v", err)
+		return
+	}
+	summaries, panels := Panels(sums)
+	if chart, err := bench.Chart("port ranges: docker run -p of n ports", summaries, "", panels); err == nil {
+		_ = os.WriteFile(strings.TrimSuffix(md, ".md")+".png", chart, 0o644)
+	}
+	fmt.Printf("report: %s (and .png)\n", md)
+}
+
+// serverProc is envoy-docker-server as a process of its own, so that its memory is its own.
+type serverProc struct {
+	HTTPAddr, XDSAddr string
+	pid               int
+	exited            chan struct{}
+}
+
+func startServer(b *testing.B, d *testbed.Daemon, shimSocket string) *serverProc {
+	bin := testbed.BuildStatic(b, serverPkg, "envoy-docker-server")
+	dir := b.TempDir()
+	s := &serverProc{
+		HTTPAddr: net.JoinHostPort("127.0.0.1", strconv.Itoa(testbed.FreePort(b))),
+		XDSAddr:  net.JoinHostPort("127.0.0.1", strconv.Itoa(testbed.FreePort(b))),
+		exited:   make(chan struct{}),
+	}
+	logPath := filepath.Join(dir, "server.log")
+	logFile, err := os.Create(logPath)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer logFile.Close()
+	cmd := d.Command(bin)
+	cmd.Env = append(cmd.Env,
+		"EDS_SHIM_SOCKET="+shimSocket,
+		"EDS_SOCKET="+filepath.Join(dir, "server.sock"),
+		"EDS_XDS_ADDR="+s.XDSAddr,
+		"EDS_HTTP_ADDR="+s.HTTPAddr,
+		"DOCKER_HOST="+d.Host,
+		"EDS_RESTART_GRACE=0s", // nothing to restore: answer Envoy at once
+	)
+	cmd.Stdout, cmd.Stderr = logFile, logFile
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		b.Fatalf("starting %s: %v", bin, err)
+	}
+	s.pid = cmd.Process.Pid
+	go func() { _ = cmd.Wait(); close(s.exited) }()
+	b.Cleanup(func() {
+		_ = syscall.Kill(s.pid, syscall.SIGTERM)
+		select {
+		case <-s.exited:
+		case <-time.After(10 * time.Second):
+			_ = syscall.Kill(s.pid, syscall.SIGKILL)
+			<-s.exited
+		}
+		if b.Failed() {
+			log, _ := os.ReadFile(logPath)
+			b.Logf("server log (last 4 KiB):\n%s", log[max(0, len(log)-4096):])
+		}
+	})
+	testbed.WaitFor(b, 15*time.Second, "the server's shim socket", func() error {
+		select {
+		case <-s.exited:
+			log, _ := os.ReadFile(logPath)
+			b.Fatalf("envoy-docker-server exited during start; its log:\n%s", log)
+		default:
+		}
+		c, err := net.Dial("unixpacket", shimSocket)
+		if err != nil {
+			return err
+		}
+		return c.Close()
+	})
+	return s
+}
+
+// registrations is the server's eds_registrations gauge.
+func (s *serverProc) registrations(b *testing.B) int {
+	status, body, err := testbed.HTTPGet(context.Background(), "http://"+s.HTTPAddr+"/metrics")
+	if err != nil || status != 200 {
+		b.Fatalf("server /metrics: %d %v", status, err)
+	}
+	sc := bufio.NewScanner(strings.NewReader(body))
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), "eds_registrations "); ok {
+			f, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
+			if err != nil {
+				b.Fatalf("eds_registrations %q: %v", v, err)
+			}
+			return int(f)
+		}
+	}
+	b.Fatal("the server's /metrics has no eds_registrations")
+	return 0
+}
