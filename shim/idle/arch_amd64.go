@@ -1,0 +1,13 @@
+package idle
+
+// elfMachine is EM_X86_64.
+const elfMachine = 62
+
+// image is the idle program (image_amd64.s); never called, only copied.
+//
+//lint:ignore U1000 referenced from assembly (imageText)
+func image()
+
+// imageText is the shim's text from image on, maxProgram bytes; only up to the end marker is
+// image's.
+func imageText() []byte

@@ -1,0 +1,251 @@
+// Package idle shrinks a TCP shim whose port Envoy serves to almost nothing. Once ready, such a
+// shim only holds its registration open until dockerd stops it; doing that in Go costs about
+// 700 KiB of private memory per port (the runtime's heap, stacks and threads), as much as a
+// whole docker-proxy. Enter replaces the process (same PID, same command line, so dockerd and
+// `ps` see no change) with a program of a few hundred bytes of machine code that holds the
+// registration with no runtime at all:
+//
+//   - SIGINT or SIGTERM: it ends the registration as the shim would (its side of the
+//     connection; the server withdraws the port and closes once Envoy let go, waited for up to
+//     400 ms) and exits 0;
+//   - if it dies, the kernel closes the registration and the server withdraws the port, as for
+//     any shim;
+//   - anything else on the registration (the server went away, or sent something) makes it exec
+//     the shim again, which then resumes (see Resumed) and re-registers in Go.
+//
+// The program is the function image in image_$GOARCH.s, copied out of the shim's own text into a
+// memfd with an ELF header; it uses no data but its stack, so the copy runs at any address. Where
+// there is no such function (other architectures) or the kernel refuses to run it (memfd exec
+// turned off), Enter fails and the shim simply stays as it is.
+//
+// This package never enters on its own: the caller decides that the shim has nothing left to
+// do but hold the registration (no socket to serve, no connection to proxy).
+package idle
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"runtime"
+	"strings"
+	"syscall"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// ResumeEnv marks the environment of a shim that the idle program ran again.
+const ResumeEnv = "EDS_SHIM_RESUMED"
+
+// The descriptors the idle program expects.
+const (
+	connFD = 3 // the registration
+	exeFD  = 4 // the shim's executable, to run it again
+)
+
+// endMarker ends the program in image_$GOARCH.s.
+var endMarker = []byte("EDS-IDLE-END---!")
+
+// maxProgram bounds the search for endMarker (imageText's length).
+const maxProgram = 4096
+
+// ErrStopping says Enter saw the shim's context end (a stop signal) and left the process as it was.
+var ErrStopping = errors.New("the shim is stopping")
+
+// stopSettle is how long Enter lets a stop signal that reached Go travel to the caller's context.
+const stopSettle = 2 * time.Millisecond
+
+// ErrUnsupported says there is no idle program for this architecture.
+var ErrUnsupported = errors.New("no idle program for this architecture")
+
+// program returns the machine code of the idle program.
+func program() ([]byte, error) {
+	if elfMachine == 0 {
+		return nil, ErrUnsupported
+	}
+	// Read no further than the marker: what follows may be the end of the text segment.
+	text := imageText()[:maxProgram]
+	for end := range len(text) - len(endMarker) {
+		if bytes.Equal(text[end:end+len(endMarker)], endMarker) {
+			return bytes.Clone(text[:end]), nil
+		}
+	}
+	return nil, errors.New("idle program: no end marker in the shim's text")
+}
+
+// elfBase is where the program is loaded.
+const elfBase = 0x400000
+
+// Executable is the idle program as a static ELF executable: a header, two program headers (the
+// code, read and execute; a non-executable stack) and the code.
+func Executable() ([]byte, error) {
+	code, err := program()
+	if err != nil {
+		return nil, err
+	}
+	const ehSize, phSize, phNum = 64, 56, 2
+	entry := uint64(ehSize + phSize*phNum)
+	var b bytes.Buffer
+	le := binary.LittleEndian
+	b.Write([]byte{0x7f, 'E', 'L', 'F', 2 /* 64-bit */, 1 /* little-endian */, 1 /* version */, 0 /* System V */})
+	b.Write(make([]byte, 8))
+	_ = binary.Write(&b, le, struct {
+		Type, Machine              uint16
+		Version                    uint32
+		Entry, Phoff, Shoff        uint64
+		Flags                      uint32
+		Ehsize, Phentsize, Phnum   uint16
+		Shentsize, Shnum, Shstrndx uint16
+	}{2 /* ET_EXEC */, elfMachine, 1, elfBase + entry, ehSize, 0, 0, ehSize, phSize, phNum, 0, 0, 0})
+	type phdr struct {
+		Type, Flags                         uint32
+		Offset, Vaddr, Paddr, Filesz, Memsz uint64
+		Align                               uint64
+	}
+	size := entry + uint64(len(code))
+	_ = binary.Write(&b, le, phdr{1 /* PT_LOAD */, 5 /* R+X */, 0, elfBase, elfBase, size, size, 0x1000})
+	_ = binary.Write(&b, le, phdr{0x6474e551 /* PT_GNU_STACK */, 6 /* R+W */, 0, 0, 0, 0, 0, 16})
+	b.Write(code)
+	return b.Bytes(), nil
+}
+
+// Enter replaces the process with the idle program, which holds conn (the registration) until
+// a stop signal or until something happens on it. env is the environment of the shim when the
+// idle program runs it again; ResumeEnv is added to it. Enter returns only when it could not
+// replace the process, which is then unchanged and conn still open.
+//
+// The caller must have nothing else to do: every goroutine, every file but conn, is gone with the
+// Go runtime. ctx is the shim's, ended by its stop signals: a SIGINT or SIGTERM that reached Go
+// before Enter blocked them in every thread ends ctx, and Enter returns ErrStopping for the caller
+// to stop as usual; one that comes later stays pending for the idle program, which handles it.
+func Enter(ctx context.Context, conn *net.UnixConn, env []string) error {
+	exe, err := Executable()
+	if err != nil {
+		return err
+	}
+	low, err := unix.MemfdCreate("envoy-docker-shim-idle", unix.MFD_CLOEXEC)
+	if err != nil {
+		return fmt.Errorf("idle program: memfd: %w", err)
+	}
+	// Every descriptor Enter uses stays clear of the numbers the idle program's get (3, 4).
+	mfd, err := unix.FcntlInt(uintptr(low), unix.F_DUPFD_CLOEXEC, 100)
+	unix.Close(low)
+	if err != nil {
+		return fmt.Errorf("idle program: memfd: %w", err)
+	}
+	defer unix.Close(mfd)
+	if n, err := unix.Write(mfd, exe); err != nil || n != len(exe) {
+		return fmt.Errorf("idle program: writing it: %d bytes, %v", n, err)
+	}
+	self, err := unix.Open("/proc/self/exe", unix.O_PATH|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("idle program: the shim's executable: %w", err)
+	}
+	defer unix.Close(self)
+	raw, err := conn.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var c int
+	if err := raw.Control(func(fd uintptr) { c = int(fd) }); err != nil {
+		return err
+	}
+	// The descriptors go to fixed numbers, above what anything else of the shim's may hold: first
+	// out of the way (close-on-exec copies), then into place, without close-on-exec.
+	hiConn, err := unix.FcntlInt(uintptr(c), unix.F_DUPFD_CLOEXEC, 100)
+	if err != nil {
+		return fmt.Errorf("idle program: %w", err)
+	}
+	defer unix.Close(hiConn)
+	hiSelf, err := unix.FcntlInt(uintptr(self), unix.F_DUPFD_CLOEXEC, 100)
+	if err != nil {
+		return fmt.Errorf("idle program: %w", err)
+	}
+	defer unix.Close(hiSelf)
+	argvp, err := syscall.SlicePtrFromStrings(os.Args)
+	if err != nil {
+		return err
+	}
+	envp, err := syscall.SlicePtrFromStrings(append(withoutResume(env), ResumeEnv+"=1"))
+	if err != nil {
+		return err
+	}
+	empty := [1]byte{}
+
+	// Block the stop signals in every thread, so that one arriving from now on stays pending
+	// until the idle program reads it: delivered to Go, it would be lost with the runtime. No
+	// thread may start after that (the runtime unblocks them in every new thread), so there is
+	// one P, held by this thread, and nothing from here on enters the scheduler: raw system
+	// calls only, no allocation.
+	runtime.GOMAXPROCS(1)
+	runtime.LockOSThread()
+	defer runtime.UnlockOSThread()
+	var stopSignals uint64 = 1<<(unix.SIGINT-1) | 1<<(unix.SIGTERM-1)
+	if _, _, errno := syscall.AllThreadsSyscall6(unix.SYS_RT_SIGPROCMASK, unix.SIG_BLOCK, uintptr(unsafe.Pointer(&stopSignals)), 0, 8, 0, 0); errno != 0 {
+		return fmt.Errorf("idle program: blocking the stop signals: %w", errno)
+	}
+	unblock := func() {
+		_, _, _ = syscall.AllThreadsSyscall6(unix.SYS_RT_SIGPROCMASK, unix.SIG_UNBLOCK, uintptr(unsafe.Pointer(&stopSignals)), 0, 8, 0, 0)
+	}
+	// A stop signal delivered before the block is on its way to ctx: give it time to arrive
+	// (its handler already ran; the goroutines forwarding it need this thread's P), then look.
+	time.Sleep(stopSettle)
+	if ctx.Err() != nil {
+		unblock()
+		return ErrStopping
+	}
+	if _, _, errno := syscall.RawSyscall(unix.SYS_DUP3, uintptr(hiConn), connFD, 0); errno != 0 {
+		unblock()
+		return fmt.Errorf("idle program: %w", errno)
+	}
+	if _, _, errno := syscall.RawSyscall(unix.SYS_DUP3, uintptr(hiSelf), exeFD, 0); errno != 0 {
+		unix.Close(connFD)
+		unblock()
+		return fmt.Errorf("idle program: %w", errno)
+	}
+	_, _, errno := syscall.RawSyscall6(unix.SYS_EXECVEAT, uintptr(mfd), uintptr(unsafe.Pointer(&empty[0])),
+		uintptr(unsafe.Pointer(&argvp[0])), uintptr(unsafe.Pointer(&envp[0])), unix.AT_EMPTY_PATH, 0)
+	// Still here: the process is unchanged. Undo, and let the caller go on holding in Go.
+	unix.Close(connFD)
+	unix.Close(exeFD)
+	unblock()
+	return fmt.Errorf("idle program: exec: %w", errno)
+}
+
+func withoutResume(env []string) []string {
+	out := make([]string, 0, len(env)+1)
+	for _, kv := range env {
+		if !strings.HasPrefix(kv, ResumeEnv+"=") {
+			out = append(out, kv)
+		}
+	}
+	return out
+}
+
+// Resumed returns the registration the idle program held, when it ran the shim again (ResumeEnv
+// is set); the caller goes on holding it, or re-registers when it is gone. It also closes the
+// descriptor of the shim's executable.
+func Resumed() (*net.UnixConn, bool, error) {
+	if os.Getenv(ResumeEnv) == "" {
+		return nil, false, nil
+	}
+	os.Unsetenv(ResumeEnv)
+	unix.Close(exeFD)
+	f := os.NewFile(connFD, "registration")
+	defer f.Close()
+	fc, err := net.FileConn(f)
+	if err != nil {
+		return nil, true, fmt.Errorf("the registration the idle shim held: %w", err)
+	}
+	uc, ok := fc.(*net.UnixConn)
+	if !ok {
+		fc.Close()
+		return nil, true, fmt.Errorf("the registration the idle shim held is a %T", fc)
+	}
+	return uc, true, nil
+}

@@ -1,0 +1,374 @@
+package idle
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// helperEnv makes the test binary a stand-in shim (TestMain): it takes fd 3 as its registration
+// and enters the idle program; run again by it, it writes what it resumed with to the file named
+// by helperOut.
+const (
+	helperEnv = "EDS_IDLE_TEST_HELPER"
+	helperOut = "EDS_IDLE_TEST_OUT"
+)
+
+func TestMain(m *testing.M) {
+	if os.Getenv(helperEnv) != "" {
+		os.Exit(helper())
+	}
+	code := m.Run()
+	if helperBin.path != "" && filepath.Base(filepath.Dir(helperBin.path)) != "" && strings.Contains(helperBin.path, "idle-helper-") {
+		os.RemoveAll(filepath.Dir(helperBin.path))
+	}
+	os.Exit(code)
+}
+
+func helper() int {
+	if conn, resumed, err := Resumed(); resumed {
+		msg := "resumed"
+		if err != nil {
+			msg = "error: " + err.Error()
+		} else {
+			// The registration is the one the test's peer holds: read what woke the idle
+			// program, and answer.
+			buf := make([]byte, 64)
+			_ = conn.SetReadDeadline(time.Now().Add(time.Second))
+			n, err := conn.Read(buf)
+			msg += " " + string(buf[:n])
+			if err == nil {
+				_, err = conn.Write([]byte("hello from the resumed shim"))
+			}
+			if err != nil {
+				msg = "registration: " + err.Error()
+			}
+		}
+		_ = os.WriteFile(os.Getenv(helperOut), []byte(msg+" "+strings.Join(os.Args[1:], " ")), 0o644)
+		return 0
+	}
+	// As the shim does: stop signals end ctx from the start.
+	signals := make(chan os.Signal, 1)
+	signal.Notify(signals, os.Interrupt, syscall.SIGTERM)
+	ctx, cancel := context.WithCancel(context.Background())
+	go func() { <-signals; cancel() }()
+	f := os.NewFile(3, "registration")
+	fc, err := net.FileConn(f)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 3
+	}
+	f.Close()
+	os.Stdout.WriteString("entering\n")
+	err = Enter(ctx, fc.(*net.UnixConn), os.Environ())
+	if errors.Is(err, ErrStopping) {
+		// The shim's own stop: end the registration, exit 0.
+		_ = fc.(*net.UnixConn).CloseWrite()
+		return 0
+	}
+	fmt.Fprintln(os.Stderr, err)
+	return 4
+}
+
+func requireProgram(t *testing.T) {
+	t.Helper()
+	if runtime.GOARCH != "amd64" {
+		t.Skipf("no idle program on %s: the shim stays in Go there", runtime.GOARCH)
+	}
+}
+
+var helperBin struct {
+	sync.Once
+	path string
+	err  error
+}
+
+// helperBinary is this test binary, built without cgo when it was built with it: Enter needs
+// syscall.AllThreadsSyscall, which cgo rules out (the shim is always built without cgo).
+func helperBinary(t *testing.T) string {
+	t.Helper()
+	helperBin.Do(func() {
+		if _, _, errno := syscall.AllThreadsSyscall(syscall.SYS_GETPID, 0, 0, 0); errno == 0 {
+			helperBin.path, helperBin.err = os.Executable()
+			return
+		}
+		dir, err := os.MkdirTemp("", "idle-helper-")
+		if err != nil {
+			helperBin.err = err
+			return
+		}
+		helperBin.path = filepath.Join(dir, "idle.test")
+		cmd := exec.Command("go", "test", "-c", "-o", helperBin.path, ".")
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			helperBin.err = fmt.Errorf("building the test binary without cgo: %v\n%s", err, out)
+		}
+	})
+	if helperBin.err != nil {
+		t.Fatal(helperBin.err)
+	}
+	return helperBin.path
+}
+
+func TestExecutable(t *testing.T) {
+	requireProgram(t)
+	exe, err := Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.HasPrefix(exe, []byte{0x7f, 'E', 'L', 'F', 2, 1, 1}) {
+		t.Fatalf("not a 64-bit little-endian ELF: % x", exe[:16])
+	}
+	// A few hundred bytes of code: the whole point.
+	if len(exe) > 1024 {
+		t.Errorf("idle executable is %d bytes", len(exe))
+	}
+	if bytes.Contains(exe, endMarker) {
+		t.Error("the end marker was copied")
+	}
+}
+
+// idleShim is a stand-in shim in the idle program, with the test's end of its registration.
+type idleShim struct {
+	cmd  *exec.Cmd
+	peer *net.UnixConn
+	out  string
+	done chan error
+}
+
+func startIdle(t *testing.T, args ...string) *idleShim {
+	t.Helper()
+	requireProgram(t)
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	theirs := os.NewFile(uintptr(fds[1]), "registration")
+	defer theirs.Close()
+	ours := os.NewFile(uintptr(fds[0]), "peer")
+	pc, err := net.FileConn(ours)
+	ours.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &idleShim{peer: pc.(*net.UnixConn), out: filepath.Join(t.TempDir(), "out"), done: make(chan error, 1)}
+	t.Cleanup(func() { s.peer.Close() })
+	s.cmd = exec.Command(helperBinary(t), args...)
+	s.cmd.Env = append(os.Environ(), helperEnv+"=1", helperOut+"="+s.out)
+	s.cmd.ExtraFiles = []*os.File{theirs}
+	var stderr bytes.Buffer
+	s.cmd.Stderr = &stderr
+	if err := s.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { s.done <- s.cmd.Wait() }()
+	t.Cleanup(func() { _ = s.cmd.Process.Kill() })
+	// Idle once its executable is the memfd, with the stop signals blocked, waiting.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		exe, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", s.cmd.Process.Pid))
+		// Waiting in ppoll(2), 271 on x86-64: the idle program's loop, past its set-up.
+		sc, _ := os.ReadFile(fmt.Sprintf("/proc/%d/syscall", s.cmd.Process.Pid))
+		if strings.Contains(exe, "memfd:envoy-docker-shim-idle") && strings.HasPrefix(string(sc), "271 ") &&
+			blocked(s.cmd.Process.Pid)&(1<<(unix.SIGINT-1)) != 0 {
+			break
+		}
+		select {
+		case err := <-s.done:
+			t.Fatalf("the stand-in shim exited before going idle: %v; stderr: %s", err, stderr.String())
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the stand-in shim did not go idle: exe %q", exe)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	return s
+}
+
+// blocked is the process's blocked signal set (SigBlk).
+func blocked(pid int) uint64 { return blockedIn(fmt.Sprintf("/proc/%d", pid)) }
+
+func blockedIn(dir string) uint64 {
+	b, _ := os.ReadFile(dir + "/status")
+	for line := range strings.SplitSeq(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "SigBlk:"); ok {
+			n, _ := strconv.ParseUint(strings.TrimSpace(v), 16, 64)
+			return n
+		}
+	}
+	return 0
+}
+
+func (s *idleShim) wait(t *testing.T, within time.Duration) error {
+	t.Helper()
+	select {
+	case err := <-s.done:
+		return err
+	case <-time.After(within):
+		t.Fatalf("the idle shim did not exit within %v", within)
+		return nil
+	}
+}
+
+// readEOF waits for the idle shim to end its side of the registration.
+func (s *idleShim) readEOF(t *testing.T) {
+	t.Helper()
+	_ = s.peer.SetReadDeadline(time.Now().Add(2 * time.Second))
+	buf := make([]byte, 64)
+	n, err := s.peer.Read(buf)
+	if n != 0 || (err != nil && !errors.Is(err, os.ErrDeadlineExceeded) && err.Error() != "EOF") {
+		t.Fatalf("registration: read %q, %v; want the shim's end of stream", buf[:n], err)
+	}
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatal("the idle shim did not end its side of the registration")
+	}
+}
+
+func TestIdleStopsOnSignal(t *testing.T) {
+	for _, tt := range []struct {
+		name string
+		sig  syscall.Signal
+	}{{"SIGINT from dockerd's stop", syscall.SIGINT}, {"SIGTERM from Pdeathsig", syscall.SIGTERM}} {
+		t.Run(tt.name, func(t *testing.T) {
+			s := startIdle(t, "-host-port", "1234")
+			cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", s.cmd.Process.Pid))
+			if !strings.Contains(string(cmdline), "\x00-host-port\x001234") {
+				t.Errorf("the idle shim's command line is %q, want the shim's", cmdline)
+			}
+			sent := time.Now()
+			if err := s.cmd.Process.Signal(tt.sig); err != nil {
+				t.Fatal(err)
+			}
+			s.readEOF(t)
+			// The server closes once Envoy let go of the port; the shim then exits 0 at once.
+			time.Sleep(50 * time.Millisecond)
+			s.peer.Close()
+			if err := s.wait(t, time.Second); err != nil {
+				t.Errorf("exit: %v, want 0", err)
+			}
+			if took := time.Since(sent); took > 900*time.Millisecond {
+				t.Errorf("stopped %v after the signal", took)
+			}
+		})
+	}
+}
+
+func TestIdleStopsWithoutServer(t *testing.T) {
+	// A server that never confirms: the shim gives up waiting after 400 ms and still exits 0.
+	s := startIdle(t)
+	sent := time.Now()
+	_ = s.cmd.Process.Signal(syscall.SIGINT)
+	s.readEOF(t)
+	if err := s.wait(t, time.Second); err != nil {
+		t.Errorf("exit: %v, want 0", err)
+	}
+	if took := time.Since(sent); took < 350*time.Millisecond || took > 900*time.Millisecond {
+		t.Errorf("exited %v after the signal, want about 400 ms", took)
+	}
+}
+
+func TestIdleSignalBeforeIdle(t *testing.T) {
+	// A stop signal sent while the shim enters the idle program is not lost: blocked in every
+	// thread, it waits for the idle program.
+	requireProgram(t)
+	for range 30 {
+		s := startIdleRacing(t)
+		if err := s.wait(t, 2*time.Second); err != nil {
+			t.Fatalf("exit: %v, want 0", err)
+		}
+	}
+}
+
+// startIdleRacing starts a stand-in shim and signals it the moment it starts entering the idle
+// program.
+func startIdleRacing(t *testing.T) *idleShim {
+	t.Helper()
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	theirs := os.NewFile(uintptr(fds[1]), "registration")
+	defer theirs.Close()
+	unix.Close(fds[0]) // no server: the shim stops without waiting
+	s := &idleShim{done: make(chan error, 1)}
+	s.cmd = exec.Command(helperBinary(t))
+	s.cmd.Env = append(os.Environ(), helperEnv+"=1", helperOut+"="+filepath.Join(t.TempDir(), "out"))
+	s.cmd.ExtraFiles = []*os.File{theirs}
+	stdout, err := s.cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	line, err := bufio.NewReader(stdout).ReadString('\n')
+	if err != nil || line != "entering\n" {
+		t.Fatalf("stand-in shim: %q, %v", line, err)
+	}
+	_ = s.cmd.Process.Signal(syscall.SIGINT)
+	go func() { s.done <- s.cmd.Wait() }()
+	return s
+}
+
+func TestIdleResumesWhenTheServerGoes(t *testing.T) {
+	s := startIdle(t, "-host-port", "4321")
+	// The server restarts: its end of the registration closes... here it sends something first,
+	// which must wake the idle shim too. The shim, run again, finds its registration.
+	if _, err := s.peer.Write([]byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.wait(t, 5*time.Second); err != nil {
+		t.Fatalf("resumed shim: %v", err)
+	}
+	got, _ := os.ReadFile(s.out)
+	if want := "resumed x -host-port 4321"; string(got) != want {
+		t.Errorf("resumed shim wrote %q, want %q", got, want)
+	}
+	_ = s.peer.SetReadDeadline(time.Now().Add(time.Second))
+	buf := make([]byte, 64)
+	n, err := s.peer.Read(buf)
+	if err != nil || string(buf[:n]) != "hello from the resumed shim" {
+		t.Errorf("registration after resuming: %q, %v", buf[:n], err)
+	}
+}
+
+func TestIdleMemory(t *testing.T) {
+	s := startIdle(t)
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps_rollup", s.cmd.Process.Pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	kib := func(field string) int {
+		for line := range strings.SplitSeq(string(b), "\n") {
+			if v, ok := strings.CutPrefix(line, field+":"); ok {
+				n, _ := strconv.Atoi(strings.Fields(v)[0])
+				return n
+			}
+		}
+		t.Fatalf("no %s in smaps_rollup", field)
+		return 0
+	}
+	// A Go process that only waits holds about 700 KiB of its own; the idle program, its stack
+	// and a page of code.
+	if pss := kib("Pss"); pss > 64 {
+		t.Errorf("idle shim PSS %d KiB, want at most 64:\n%s", pss, b)
+	}
+	t.Logf("idle shim: Rss %d KiB, Pss %d KiB, private %d KiB", kib("Rss"), kib("Pss"), kib("Private_Clean")+kib("Private_Dirty"))
+}

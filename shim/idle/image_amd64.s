@@ -1,0 +1,135 @@
+#include "textflag.h"
+
+// The idle shim's whole program, for x86-64 Linux. It is never called from Go: Image copies these
+// instructions, up to the end marker, into a tiny ELF executable. They run with no Go runtime, use
+// no data but the stack, and jump only relative to themselves, so they run at any address.
+//
+// On entry the stack is the kernel's: 0(SP) argc, then argv, NULL, envp, NULL. fd 3 is the
+// registration, fd 4 the shim's executable (O_PATH); SIGINT and SIGTERM are blocked.
+//
+//	block SIGINT and SIGTERM (again)
+//	sfd = signalfd4(-1, {SIGINT, SIGTERM}, 8, SFD_CLOEXEC|SFD_NONBLOCK)
+//	wait: ppoll({3, POLLIN|POLLRDHUP}, {sfd, POLLIN}) until something happens
+//	a stop signal: shutdown(3, SHUT_WR) (the deregistration); wait up to 400 ms for the server to
+//	  close (read to EOF); exit 0
+//	anything else on the registration (the server went away): unless a stop signal is pending,
+//	  execveat(4, "", argv, envp, AT_EMPTY_PATH): the shim, resumed, re-registers
+TEXT ·image(SB), NOSPLIT|NOFRAME, $0-0
+	MOVQ SP, R12             // R12: the kernel's stack (argc, argv, envp)
+	SUBQ $1024, SP
+	ANDQ $-16, SP
+	// 0(SP): sigset; 16(SP): two pollfds; 32(SP): "" ; 40(SP): timespec; 64(SP): read buffer
+	MOVQ $0x4002, AX         // 1<<(SIGINT-1) | 1<<(SIGTERM-1)
+	MOVQ AX, 0(SP)
+	MOVQ $0, DI              // SIG_BLOCK: they are already, when Enter ran the program
+	MOVQ SP, SI
+	XORQ DX, DX
+	MOVQ $8, R10
+	MOVQ $14, AX             // rt_sigprocmask
+	SYSCALL
+	MOVQ $-1, DI
+	MOVQ SP, SI
+	MOVQ $8, DX
+	MOVQ $0x80800, R10       // SFD_CLOEXEC | SFD_NONBLOCK
+	MOVQ $289, AX            // signalfd4
+	SYSCALL
+	CMPQ AX, $0
+	JLT  exec                // cannot watch for signals: the shim, resumed, holds in Go
+	MOVQ AX, R13             // R13: the signalfd
+	MOVL $3, 16(SP)
+	MOVL $0x2001, 20(SP)     // POLLIN | POLLRDHUP, revents 0
+	MOVL R13, 24(SP)
+	MOVL $1, 28(SP)          // POLLIN, revents 0
+
+wait:
+	LEAQ 16(SP), DI
+	MOVQ $2, SI
+	XORQ DX, DX              // no timeout
+	XORQ R10, R10            // no signal mask
+	MOVQ $8, R8
+	MOVQ $271, AX            // ppoll
+	SYSCALL
+	CMPQ AX, $-4             // EINTR (a stop/continue)
+	JEQ  wait
+	MOVWLZX 30(SP), AX       // the signalfd's revents
+	TESTL AX, AX
+	JNE  stop
+
+	// The registration changed. A stop signal that came meanwhile is ours to handle: the Go
+	// runtime would die of it before the shim could ask for it.
+	MOVQ R13, DI
+	LEAQ 64(SP), SI
+	MOVQ $128, DX            // sizeof(struct signalfd_siginfo)
+	MOVQ $0, AX              // read
+	SYSCALL
+	CMPQ AX, $0
+	JGT  deregister
+
+exec:
+	MOVQ $0, 32(SP)
+	MOVQ $4, DI
+	LEAQ 32(SP), SI          // ""
+	LEAQ 8(R12), DX          // argv
+	MOVQ 0(R12), AX          // argc
+	LEAQ 16(R12)(AX*8), R10  // envp: after argv's NULL
+	MOVQ $0x1000, R8         // AT_EMPTY_PATH
+	MOVQ $322, AX            // execveat
+	SYSCALL
+	// The shim cannot be run again: exit, which ends the registration, so the server withdraws
+	// the port rather than keeping one nobody holds.
+	MOVQ $1, DI
+	JMP  exit
+
+stop:
+	MOVQ R13, DI
+	LEAQ 64(SP), SI
+	MOVQ $128, DX
+	MOVQ $0, AX              // read: take the signal
+	SYSCALL
+
+deregister:
+	MOVQ $3, DI
+	MOVQ $1, SI              // SHUT_WR
+	MOVQ $48, AX             // shutdown
+	SYSCALL
+	MOVQ $0, 40(SP)          // 400 ms in all: ppoll leaves the remaining time in the timespec
+	MOVQ $400000000, 48(SP)
+	MOVL $-1, 24(SP)         // poll the registration only
+
+drain:
+	LEAQ 16(SP), DI
+	MOVQ $2, SI
+	LEAQ 40(SP), DX
+	XORQ R10, R10
+	MOVQ $8, R8
+	MOVQ $271, AX            // ppoll
+	SYSCALL
+	CMPQ AX, $-4
+	JEQ  drain
+	CMPQ AX, $0
+	JLE  done                // timed out, or failed
+	MOVQ $3, DI
+	LEAQ 64(SP), SI
+	MOVQ $512, DX
+	MOVQ $0, AX              // read
+	SYSCALL
+	CMPQ AX, $0
+	JGT  drain               // a message before the end: keep reading
+
+done:
+	MOVQ $0, DI
+
+exit:
+	MOVQ $231, AX            // exit_group
+	SYSCALL
+	// The end marker: Image copies up to here.
+	BYTE $0x45; BYTE $0x44; BYTE $0x53; BYTE $0x2d; BYTE $0x49; BYTE $0x44; BYTE $0x4c; BYTE $0x45
+	BYTE $0x2d; BYTE $0x45; BYTE $0x4e; BYTE $0x44; BYTE $0x2d; BYTE $0x2d; BYTE $0x2d; BYTE $0x21
+
+// func imageText() []byte
+TEXT ·imageText(SB), NOSPLIT, $0-24
+	LEAQ ·image(SB), AX
+	MOVQ AX, ret_base+0(FP)
+	MOVQ $4096, ret_len+8(FP)
+	MOVQ $4096, ret_cap+16(FP)
+	RET
