@@ -199,6 +199,9 @@ func (c *Conn) Recv() (Message, error) {
 	return Decode(c.buf[:n])
 }
 
+// Unix is the connection's socket.
+func (c *Conn) Unix() *net.UnixConn { return c.uc }
+
 // CloseWrite ends this side: the peer reads io.EOF.
 func (c *Conn) CloseWrite() error { return c.uc.CloseWrite() }
 

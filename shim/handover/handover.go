@@ -174,6 +174,9 @@ func (l *Listener) Serve() error {
 // HandedOver reports whether Envoy has the port and the shim's socket is closed.
 func (l *Listener) HandedOver() bool { return l.handedOver.Load() }
 
+// Active is the number of connections the shim is proxying itself.
+func (l *Listener) Active() int { return l.proxy.Active() }
+
 // Close stops serving (without a handover) and ends the connections the shim is proxying: the
 // shim is shutting down.
 func (l *Listener) Close() {

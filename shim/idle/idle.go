@@ -39,14 +39,17 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// ResumeEnv marks the environment of a shim that the idle program ran again.
+// ResumeEnv marks the environment of a shim that the idle program ran again: "CONN,EXE", its
+// descriptors.
 const ResumeEnv = "EDS_SHIM_RESUMED"
 
-// The descriptors the idle program expects.
-const (
-	connFD = 3 // the registration
-	exeFD  = 4 // the shim's executable, to run it again
+// The placeholders of the idle program's descriptors, patched into its code, each so many times.
+var (
+	connPlaceholder = []byte{0x3c, 0x3c, 0x3c, 0x3c} // the registration
+	exePlaceholder  = []byte{0x4d, 0x4d, 0x4d, 0x4d} // the shim's executable, to run it again
 )
+
+const connUses, exeUses = 3, 1
 
 // endMarker ends the program in image_$GOARCH.s.
 var endMarker = []byte("EDS-IDLE-END---!")
@@ -62,6 +65,9 @@ const stopSettle = 2 * time.Millisecond
 
 // ErrUnsupported says there is no idle program for this architecture.
 var ErrUnsupported = errors.New("no idle program for this architecture")
+
+// Supported reports whether there is an idle program for this architecture.
+func Supported() bool { return elfMachine != 0 }
 
 // program returns the machine code of the idle program.
 func program() ([]byte, error) {
@@ -81,12 +87,22 @@ func program() ([]byte, error) {
 // elfBase is where the program is loaded.
 const elfBase = 0x400000
 
-// Executable is the idle program as a static ELF executable: a header, two program headers (the
-// code, read and execute; a non-executable stack) and the code.
-func Executable() ([]byte, error) {
+// Executable is the idle program for the registration on descriptor conn and the shim's
+// executable on exe, as a static ELF executable: a header, two program headers (the code, read and
+// execute; a non-executable stack) and the code.
+func Executable(conn, exe int) ([]byte, error) {
 	code, err := program()
 	if err != nil {
 		return nil, err
+	}
+	for _, p := range []struct {
+		placeholder []byte
+		uses, fd    int
+	}{{connPlaceholder, connUses, conn}, {exePlaceholder, exeUses, exe}} {
+		if n := bytes.Count(code, p.placeholder); n != p.uses {
+			return nil, fmt.Errorf("idle program: %d places for a descriptor, want %d", n, p.uses)
+		}
+		code = bytes.ReplaceAll(code, p.placeholder, binary.LittleEndian.AppendUint32(nil, uint32(p.fd)))
 	}
 	const ehSize, phSize, phNum = 64, 56, 2
 	entry := uint64(ehSize + phSize*phNum)
@@ -124,29 +140,6 @@ func Executable() ([]byte, error) {
 // before Enter blocked them in every thread ends ctx, and Enter returns ErrStopping for the caller
 // to stop as usual; one that comes later stays pending for the idle program, which handles it.
 func Enter(ctx context.Context, conn *net.UnixConn, env []string) error {
-	exe, err := Executable()
-	if err != nil {
-		return err
-	}
-	low, err := unix.MemfdCreate("envoy-docker-shim-idle", unix.MFD_CLOEXEC)
-	if err != nil {
-		return fmt.Errorf("idle program: memfd: %w", err)
-	}
-	// Every descriptor Enter uses stays clear of the numbers the idle program's get (3, 4).
-	mfd, err := unix.FcntlInt(uintptr(low), unix.F_DUPFD_CLOEXEC, 100)
-	unix.Close(low)
-	if err != nil {
-		return fmt.Errorf("idle program: memfd: %w", err)
-	}
-	defer unix.Close(mfd)
-	if n, err := unix.Write(mfd, exe); err != nil || n != len(exe) {
-		return fmt.Errorf("idle program: writing it: %d bytes, %v", n, err)
-	}
-	self, err := unix.Open("/proc/self/exe", unix.O_PATH|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return fmt.Errorf("idle program: the shim's executable: %w", err)
-	}
-	defer unix.Close(self)
 	raw, err := conn.SyscallConn()
 	if err != nil {
 		return err
@@ -155,24 +148,48 @@ func Enter(ctx context.Context, conn *net.UnixConn, env []string) error {
 	if err := raw.Control(func(fd uintptr) { c = int(fd) }); err != nil {
 		return err
 	}
-	// The descriptors go to fixed numbers, above what anything else of the shim's may hold: first
-	// out of the way (close-on-exec copies), then into place, without close-on-exec.
-	hiConn, err := unix.FcntlInt(uintptr(c), unix.F_DUPFD_CLOEXEC, 100)
+	// The descriptors the idle program keeps: copies without close-on-exec, above anything the
+	// shim inherited (which it leaves alone).
+	keptConn, err := unix.FcntlInt(uintptr(c), unix.F_DUPFD, minFD)
 	if err != nil {
 		return fmt.Errorf("idle program: %w", err)
 	}
-	defer unix.Close(hiConn)
-	hiSelf, err := unix.FcntlInt(uintptr(self), unix.F_DUPFD_CLOEXEC, 100)
+	self, err := unix.Open("/proc/self/exe", unix.O_PATH|unix.O_CLOEXEC, 0)
 	if err != nil {
+		unix.Close(keptConn)
+		return fmt.Errorf("idle program: the shim's executable: %w", err)
+	}
+	keptSelf, err := unix.FcntlInt(uintptr(self), unix.F_DUPFD, minFD)
+	unix.Close(self)
+	if err != nil {
+		unix.Close(keptConn)
 		return fmt.Errorf("idle program: %w", err)
 	}
-	defer unix.Close(hiSelf)
-	argvp, err := syscall.SlicePtrFromStrings(os.Args)
+	closeKept := func() { unix.Close(keptConn); unix.Close(keptSelf) }
+	exe, err := Executable(keptConn, keptSelf)
 	if err != nil {
+		closeKept()
 		return err
 	}
-	envp, err := syscall.SlicePtrFromStrings(append(withoutResume(env), ResumeEnv+"=1"))
+	mfd, err := unix.MemfdCreate("envoy-docker-shim-idle", unix.MFD_CLOEXEC)
 	if err != nil {
+		closeKept()
+		return fmt.Errorf("idle program: memfd: %w", err)
+	}
+	defer unix.Close(mfd)
+	if n, err := unix.Write(mfd, exe); err != nil || n != len(exe) {
+		closeKept()
+		return fmt.Errorf("idle program: writing it: %d bytes, %v", n, err)
+	}
+	argvp, err := syscall.SlicePtrFromStrings(os.Args)
+	if err != nil {
+		closeKept()
+		return err
+	}
+	resume := fmt.Sprintf("%s=%d,%d", ResumeEnv, keptConn, keptSelf)
+	envp, err := syscall.SlicePtrFromStrings(append(withoutResume(env), resume))
+	if err != nil {
+		closeKept()
 		return err
 	}
 	empty := [1]byte{}
@@ -187,6 +204,7 @@ func Enter(ctx context.Context, conn *net.UnixConn, env []string) error {
 	defer runtime.UnlockOSThread()
 	var stopSignals uint64 = 1<<(unix.SIGINT-1) | 1<<(unix.SIGTERM-1)
 	if _, _, errno := syscall.AllThreadsSyscall6(unix.SYS_RT_SIGPROCMASK, unix.SIG_BLOCK, uintptr(unsafe.Pointer(&stopSignals)), 0, 8, 0, 0); errno != 0 {
+		closeKept()
 		return fmt.Errorf("idle program: blocking the stop signals: %w", errno)
 	}
 	unblock := func() {
@@ -197,25 +215,20 @@ func Enter(ctx context.Context, conn *net.UnixConn, env []string) error {
 	time.Sleep(stopSettle)
 	if ctx.Err() != nil {
 		unblock()
+		closeKept()
 		return ErrStopping
-	}
-	if _, _, errno := syscall.RawSyscall(unix.SYS_DUP3, uintptr(hiConn), connFD, 0); errno != 0 {
-		unblock()
-		return fmt.Errorf("idle program: %w", errno)
-	}
-	if _, _, errno := syscall.RawSyscall(unix.SYS_DUP3, uintptr(hiSelf), exeFD, 0); errno != 0 {
-		unix.Close(connFD)
-		unblock()
-		return fmt.Errorf("idle program: %w", errno)
 	}
 	_, _, errno := syscall.RawSyscall6(unix.SYS_EXECVEAT, uintptr(mfd), uintptr(unsafe.Pointer(&empty[0])),
 		uintptr(unsafe.Pointer(&argvp[0])), uintptr(unsafe.Pointer(&envp[0])), unix.AT_EMPTY_PATH, 0)
 	// Still here: the process is unchanged. Undo, and let the caller go on holding in Go.
-	unix.Close(connFD)
-	unix.Close(exeFD)
 	unblock()
+	closeKept()
 	return fmt.Errorf("idle program: exec: %w", errno)
 }
+
+// minFD is where the idle program's descriptors start: clear of what dockerd passes (fd 3, 4)
+// and of what the shim inherits.
+const minFD = 100
 
 func withoutResume(env []string) []string {
 	out := make([]string, 0, len(env)+1)
@@ -231,12 +244,19 @@ func withoutResume(env []string) []string {
 // is set); the caller goes on holding it, or re-registers when it is gone. It also closes the
 // descriptor of the shim's executable.
 func Resumed() (*net.UnixConn, bool, error) {
-	if os.Getenv(ResumeEnv) == "" {
+	v, ok := os.LookupEnv(ResumeEnv)
+	if !ok {
 		return nil, false, nil
 	}
 	os.Unsetenv(ResumeEnv)
+	var connFD, exeFD int
+	if _, err := fmt.Sscanf(v, "%d,%d", &connFD, &exeFD); err != nil || connFD < minFD || exeFD < minFD {
+		return nil, true, fmt.Errorf("%s=%q: not the descriptors the idle shim held", ResumeEnv, v)
+	}
 	unix.Close(exeFD)
-	f := os.NewFile(connFD, "registration")
+	// Close-on-exec again, as every descriptor of the shim's own.
+	unix.CloseOnExec(connFD)
+	f := os.NewFile(uintptr(connFD), "registration")
 	defer f.Close()
 	fc, err := net.FileConn(f)
 	if err != nil {

@@ -128,7 +128,7 @@ func helperBinary(t *testing.T) string {
 
 func TestExecutable(t *testing.T) {
 	requireProgram(t)
-	exe, err := Executable()
+	exe, err := Executable(123, 124)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -141,6 +141,13 @@ func TestExecutable(t *testing.T) {
 	}
 	if bytes.Contains(exe, endMarker) {
 		t.Error("the end marker was copied")
+	}
+	// Every placeholder became the descriptor: 123 (0x7b) and 124 (0x7c).
+	if bytes.Contains(exe, connPlaceholder) || bytes.Contains(exe, exePlaceholder) {
+		t.Error("a descriptor placeholder is left")
+	}
+	if n := bytes.Count(exe, []byte{0x7b, 0, 0, 0}); n < connUses {
+		t.Errorf("the registration's descriptor appears %d times", n)
 	}
 }
 

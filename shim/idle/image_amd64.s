@@ -4,16 +4,17 @@
 // instructions, up to the end marker, into a tiny ELF executable. They run with no Go runtime, use
 // no data but the stack, and jump only relative to themselves, so they run at any address.
 //
-// On entry the stack is the kernel's: 0(SP) argc, then argv, NULL, envp, NULL. fd 3 is the
-// registration, fd 4 the shim's executable (O_PATH); SIGINT and SIGTERM are blocked.
+// On entry the stack is the kernel's: 0(SP) argc, then argv, NULL, envp, NULL. The descriptor of
+// the registration (CONN below) and of the shim's executable (EXE, O_PATH) are immediates that
+// Executable patches in: 0x3c3c3c3c and 0x4d4d4d4d here. SIGINT and SIGTERM are blocked.
 //
 //	block SIGINT and SIGTERM (again)
 //	sfd = signalfd4(-1, {SIGINT, SIGTERM}, 8, SFD_CLOEXEC|SFD_NONBLOCK)
-//	wait: ppoll({3, POLLIN|POLLRDHUP}, {sfd, POLLIN}) until something happens
-//	a stop signal: shutdown(3, SHUT_WR) (the deregistration); wait up to 400 ms for the server to
+//	wait: ppoll({CONN, POLLIN|POLLRDHUP}, {sfd, POLLIN}) until something happens
+//	a stop signal: shutdown(CONN, SHUT_WR) (the deregistration); wait up to 400 ms for the server to
 //	  close (read to EOF); exit 0
 //	anything else on the registration (the server went away): unless a stop signal is pending,
-//	  execveat(4, "", argv, envp, AT_EMPTY_PATH): the shim, resumed, re-registers
+//	  execveat(EXE, "", argv, envp, AT_EMPTY_PATH): the shim, resumed, re-registers
 TEXT ·image(SB), NOSPLIT|NOFRAME, $0-0
 	MOVQ SP, R12             // R12: the kernel's stack (argc, argv, envp)
 	SUBQ $1024, SP
@@ -36,7 +37,7 @@ TEXT ·image(SB), NOSPLIT|NOFRAME, $0-0
 	CMPQ AX, $0
 	JLT  exec                // cannot watch for signals: the shim, resumed, holds in Go
 	MOVQ AX, R13             // R13: the signalfd
-	MOVL $3, 16(SP)
+	MOVL $0x3c3c3c3c, 16(SP)  // CONN
 	MOVL $0x2001, 20(SP)     // POLLIN | POLLRDHUP, revents 0
 	MOVL R13, 24(SP)
 	MOVL $1, 28(SP)          // POLLIN, revents 0
@@ -67,7 +68,7 @@ wait:
 
 exec:
 	MOVQ $0, 32(SP)
-	MOVQ $4, DI
+	MOVQ $0x4d4d4d4d, DI     // EXE
 	LEAQ 32(SP), SI          // ""
 	LEAQ 8(R12), DX          // argv
 	MOVQ 0(R12), AX          // argc
@@ -88,7 +89,7 @@ stop:
 	SYSCALL
 
 deregister:
-	MOVQ $3, DI
+	MOVQ $0x3c3c3c3c, DI     // CONN
 	MOVQ $1, SI              // SHUT_WR
 	MOVQ $48, AX             // shutdown
 	SYSCALL
@@ -108,7 +109,7 @@ drain:
 	JEQ  drain
 	CMPQ AX, $0
 	JLE  done                // timed out, or failed
-	MOVQ $3, DI
+	MOVQ $0x3c3c3c3c, DI     // CONN
 	LEAQ 64(SP), SI
 	MOVQ $512, DX
 	MOVQ $0, AX              // read

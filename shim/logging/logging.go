@@ -58,6 +58,9 @@ type Relay struct{ c chan Line }
 // NewRelay returns an relay holding up to n lines.
 func NewRelay(n int) *Relay { return &Relay{c: make(chan Line, n)} }
 
+// Pending is the number of lines not drained yet.
+func (o *Relay) Pending() int { return len(o.c) }
+
 // Lines is what the registration client drains.
 func (o *Relay) Lines() <-chan Line { return o.c }
 

@@ -16,6 +16,7 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
+	"net"
 	"os"
 	"sync"
 	"syscall"
@@ -51,12 +52,19 @@ type Options struct {
 	Log *logging.Logger
 	// Relay, if not nil, holds log lines to forward to the server.
 	Relay *logging.Relay
+	// Idle, if not nil, is offered each fresh registration (the one Register opened, and each
+	// re-registration) once IdleReady is closed (nil: at once) while Hold holds it: it may take
+	// the process over with the registration's connection (package idle), and returns only when
+	// it could not. The shim then goes on holding the registration in Go.
+	Idle      func(ctx context.Context, conn *net.UnixConn) error
+	IdleReady <-chan struct{}
 }
 
 // Client holds one registration. Register, then Hold, from one goroutine.
 type Client struct {
-	opts Options
-	cur  *session
+	opts    Options
+	cur     *session
+	adopted bool
 }
 
 // New returns a client; it does not connect.
@@ -99,13 +107,21 @@ func (c *Client) Register(ctx context.Context) (*shimlink.Ready, error) {
 // backoff; Failed answers are logged and retried, since dockerd will not restart the shim.
 func (c *Client) Hold(ctx context.Context) error {
 	attempt := 0
+	fresh := c.cur != nil && !c.adopted
 	for {
 		if c.cur == nil {
 			s, err := c.reopen(ctx, &attempt)
 			if err != nil {
 				return nil // ctx ended
 			}
-			c.cur = s
+			c.cur, fresh = s, true
+		}
+		var idle <-chan struct{}
+		if fresh && c.opts.Idle != nil {
+			idle = c.opts.IdleReady
+			if idle == nil {
+				idle = closed
+			}
 		}
 		select {
 		case <-ctx.Done():
@@ -116,8 +132,34 @@ func (c *Client) Hold(ctx context.Context) error {
 			c.opts.Log.Warn("registration lost; re-registering", "err", c.cur.endErr)
 			c.cur.close()
 			c.cur = nil
+		case <-idle:
+			fresh = false
+			c.flushLogs()
+			if err := c.opts.Idle(ctx, c.cur.conn.Unix()); err != nil && ctx.Err() == nil {
+				c.opts.Log.Info("holding the registration in Go", "why", err)
+			}
 		}
 	}
+}
+
+// closed is a channel that never blocks.
+var closed = func() chan struct{} { c := make(chan struct{}); close(c); return c }()
+
+// flushLogs gives the log lines still queued a moment to reach the server before Idle.
+func (c *Client) flushLogs() {
+	if c.opts.Relay == nil {
+		return
+	}
+	for deadline := time.Now().Add(20 * time.Millisecond); c.opts.Relay.Pending() > 0 && time.Now().Before(deadline); {
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// Adopt takes conn as a live registration (the one the idle shim held, package idle) for Hold.
+// Hold does not offer it to Idle again: only a fresh registration is.
+func (c *Client) Adopt(conn *shimlink.Conn) {
+	c.cur = c.newSession(conn, &shimlink.Ready{})
+	c.adopted = true
 }
 
 // reopen tries until a registration is Ready or ctx ends.
@@ -210,10 +252,14 @@ func (c *Client) open(ctx context.Context, open shimlink.Open) (*session, error)
 		conn.Close()
 		return nil, err
 	}
+	return c.newSession(conn, ready), nil
+}
+
+func (c *Client) newSession(conn *shimlink.Conn, ready *shimlink.Ready) *session {
 	s := &session{conn: conn, ready: ready, done: make(chan struct{}), stopLogs: make(chan struct{}), logsDone: make(chan struct{})}
 	go s.watch()
 	go s.sendLogs(c.opts.Relay)
-	return s, nil
+	return s
 }
 
 // start sends Open and reads the answer.

@@ -71,12 +71,10 @@ func startOpts(t testing.TB, gen testbed.Generation, opts stack.Options) *setup 
 	return s
 }
 
-// shims lists the running shim processes of this test that serve host port port (0: any).
+// shims lists the running shim processes of this test that serve host port port (0: any): by
+// their command line, which an idle shim keeps (its executable is then the idle program's memfd).
 func (s *setup) shims(port int) []int {
-	return procsServing(port, func(pid int, _ string) bool {
-		exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
-		return err == nil && exe == s.shim
-	})
+	return procsServing(port, func(_ int, argv0 string) bool { return argv0 == s.shim })
 }
 
 // procsServing lists the processes that is accepts and whose command line has -host-port port

@@ -33,8 +33,10 @@ import (
 
 	"github.com/envoy-docker-shim/envoy-docker-shim/internal/buildinfo"
 	"github.com/envoy-docker-shim/envoy-docker-shim/internal/mapping"
+	"github.com/envoy-docker-shim/envoy-docker-shim/internal/shimlink"
 	"github.com/envoy-docker-shim/envoy-docker-shim/shim/config"
 	"github.com/envoy-docker-shim/envoy-docker-shim/shim/handover"
+	"github.com/envoy-docker-shim/envoy-docker-shim/shim/idle"
 	"github.com/envoy-docker-shim/envoy-docker-shim/shim/proxyargs"
 	"github.com/envoy-docker-shim/envoy-docker-shim/shim/registration"
 	"github.com/envoy-docker-shim/envoy-docker-shim/shim/sctp"
@@ -57,19 +59,26 @@ func main() {
 	if ns, err := strconv.ParseInt(os.Getenv(startedEnv), 10, 64); err == nil {
 		start = time.Unix(0, ns)
 	}
-	args, argsErr := proxyargs.Parse(os.Args[1:])
-	if args.Mapping.Proto != mapping.SCTP { // SCTP may exec docker-proxy, which keeps its own default
-		oneProcessor(start)
-	}
-	status, pipeErr := statuspipe.Inherited() // before anything can open a file as fd 3
 	// From the start, so that a stop signal at any moment means "exit 0" (and not death by signal).
 	signals := make(chan os.Signal, 1)
 	signal.Notify(signals, os.Interrupt, syscall.SIGTERM)
+	args, argsErr := proxyargs.Parse(os.Args[1:])
+	// Run again by the idle program (package idle): fd 3 is the registration, not dockerd's pipe.
+	if conn, resumed, err := idle.Resumed(); resumed {
+		os.Exit(resume(conn, err, args, signals))
+	}
+	// A TCP shim that goes idle once ready sheds the Go runtime then; the others hold in Go, on
+	// one P. SCTP may exec docker-proxy, which keeps its own default.
+	if args.Mapping.Proto == mapping.UDP || (args.Mapping.Proto == mapping.TCP && !idle.Supported()) {
+		oneProcessor(start)
+	}
+	status, pipeErr := statuspipe.Inherited() // before anything can open a file as fd 3
 	os.Exit(shim(start, status, pipeErr, args, argsErr, signals))
 }
 
 // oneProcessor restarts the shim, in the same process, with GOMAXPROCS=1 unless the environment
-// already sets it. A TCP shim only holds its registration (Envoy carries the traffic; the shim
+// already sets it. It is for the shims that stay in Go once ready: UDP, and TCP where there is no
+// idle program (package idle) to hold the registration. A TCP shim only holds its registration (Envoy carries the traffic; the shim
 // proxies for some milliseconds during an fd-4 handover) and a UDP shim's proxy is one reading
 // goroutine plus one per flow, I/O-bound: one P serves both (BenchmarkUDPVsDockerProxy measures
 // UDP round trips at least as fast as docker-proxy's), and spares every idle shim the second P's
@@ -120,8 +129,12 @@ func shim(start time.Time, status *statuspipe.Pipe, pipeErr error, args proxyarg
 	for _, a := range args.Ignored {
 		log.Warn("ignoring an argument this version does not know", "arg", a)
 	}
+	// Once Envoy has the port and no connection runs through the shim, a TCP shim only holds its
+	// registration: it goes idle (package idle). idleReady says when.
+	idleReady := make(chan struct{})
 	reg := registration.New(registration.Options{
 		Socket: cfg.ShimSocket, Open: registration.NewOpen(m, m.Proto == mapping.UDP), Log: log, Relay: relay,
+		Idle: idler(m.Proto, log), IdleReady: idleReady,
 	})
 	deadline := start.Add(cfg.Timeout - 250*time.Millisecond) // leaves time to write the reason, even on a loaded host
 
@@ -158,12 +171,16 @@ func shim(start time.Time, status *statuspipe.Pipe, pipeErr error, args proxyarg
 			g.Add(func() error {
 				select {
 				case <-ready:
-					lis.HandOver(ctx)
+					if lis.HandOver(ctx) == nil && waitIdle(ctx, lis) {
+						close(idleReady)
+					}
 				case <-ctx.Done():
 				}
 				<-ctx.Done()
 				return nil
 			}, func(error) { cancel() })
+		} else {
+			close(idleReady) // Envoy binds the port itself: nothing runs through the shim
 		}
 		g.Add(func() error {
 			rctx, rcancel := context.WithDeadline(ctx, deadline)
@@ -216,6 +233,75 @@ func shim(start time.Time, status *statuspipe.Pipe, pipeErr error, args proxyarg
 	}
 	log.Error("stopped", "err", err)
 	return 1
+}
+
+// idler is the registration's Idle hook: TCP shims hand their process over to the idle program,
+// with the environment they are to resume with (one P: a resumed shim only re-registers).
+func idler(proto mapping.Protocol, log *logging.Logger) func(context.Context, *net.UnixConn) error {
+	if proto != mapping.TCP || !idle.Supported() {
+		return nil
+	}
+	return func(ctx context.Context, conn *net.UnixConn) error {
+		log.Debug("going idle: the registration is held without the Go runtime")
+		env := os.Environ()
+		if _, set := os.LookupEnv("GOMAXPROCS"); !set {
+			env = append(env, "GOMAXPROCS=1")
+		}
+		return idle.Enter(ctx, conn, env)
+	}
+}
+
+// waitIdle waits until the connections the shim accepted before the handover have ended (they
+// run through it until then), checking now and then; false if ctx ended first.
+func waitIdle(ctx context.Context, lis *handover.Listener) bool {
+	for wait := 10 * time.Millisecond; lis.Active() > 0; wait = min(2*wait, time.Second) {
+		select {
+		case <-ctx.Done():
+			return false
+		case <-time.After(wait):
+		}
+	}
+	return ctx.Err() == nil
+}
+
+// resume holds the registration the idle program held, after it ran the shim again because
+// something happened on it (the server went away, most likely): Hold re-registers, and goes idle
+// again once registered. Stop signals are handled as ever.
+func resume(conn *net.UnixConn, err error, args proxyargs.Result, signals <-chan os.Signal) int {
+	relay := logging.NewRelay(64)
+	log := logging.New(relay, "mapping", args.Mapping.String(), "pid", os.Getpid())
+	defer log.Close(100 * time.Millisecond)
+	if err != nil {
+		log.Error("resuming after idle", "err", err)
+		return 1
+	}
+	cfg, err := config.Load()
+	if err != nil {
+		log.Error("resuming after idle", "err", err)
+		return 1
+	}
+	reg := registration.New(registration.Options{
+		Socket: cfg.ShimSocket, Open: registration.NewOpen(args.Mapping, false), Log: log, Relay: relay,
+		Idle: idler(args.Mapping.Proto, log),
+	})
+	reg.Adopt(shimlink.NewConn(conn))
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var g run.Group
+	g.Add(func() error {
+		select {
+		case sig := <-signals:
+			log.Info("stopping", "signal", sig.String())
+			time.AfterFunc(stopWithin, func() { os.Exit(0) })
+			return nil
+		case <-ctx.Done():
+			return nil
+		}
+	}, func(error) { cancel() })
+	g.Add(func() error { return reg.Hold(ctx) }, func(error) { cancel() })
+	_ = g.Run()
+	log.Info("stopped")
+	return 0
 }
 
 type registrationFailed struct{ err error }
