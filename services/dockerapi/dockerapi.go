@@ -25,6 +25,7 @@ import (
 	"regexp"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/docker/docker/api/types/container"
@@ -62,7 +63,31 @@ type Finder struct {
 	Engine Engine
 	// Timeout bounds one lookup, all calls included: a slow Docker API must not hold up dockerd.
 	Timeout time.Duration
+
+	// recent remembers the last lookups: dockerd starts a range's proxies one after another, all
+	// for the same container IP, and waits for each. A remembered answer is used only while its
+	// network still lists the same endpoint (same key, same endpoint ID) at that IP: one call
+	// instead of a network list, an inspect per network and a container list. An endpoint ID
+	// names one attachment of one container, so a new container that got the IP is never taken
+	// for the old one; container labels never change, and a name changed by `docker rename` is
+	// stale for recentFor at most.
+	mu     sync.Mutex
+	recent map[netip.Addr]found
 }
+
+// found is one remembered lookup.
+type found struct {
+	ep        endpoint
+	networkID string
+	container labels.Container
+	at        time.Time
+}
+
+// recentFor bounds how long a lookup is remembered; recentMax how many are.
+const (
+	recentFor = 10 * time.Second
+	recentMax = 256
+)
 
 // FindByIP returns the container that has ip on one of its networks.
 func (f *Finder) FindByIP(ctx context.Context, ip netip.Addr) (labels.Container, error) {
@@ -71,7 +96,11 @@ func (f *Finder) FindByIP(ctx context.Context, ip netip.Addr) (labels.Container,
 		ctx, cancel = context.WithTimeout(ctx, f.Timeout)
 		defer cancel()
 	}
-	ep, err := f.endpointByIP(ctx, ip.Unmap())
+	ip = ip.Unmap()
+	if c, ok := f.remembered(ctx, ip); ok {
+		return c, nil
+	}
+	ep, networkID, err := f.endpointByIP(ctx, ip)
 	if err != nil {
 		return labels.Container{}, err
 	}
@@ -81,11 +110,52 @@ func (f *Finder) FindByIP(ctx context.Context, ip netip.Addr) (labels.Container,
 	}
 	for _, c := range list {
 		if ep.ownedBy(c) {
-			return labels.Container{ID: c.ID, Name: containerName(c.Names), Image: c.Image, Labels: c.Labels}, nil
+			found := labels.Container{ID: c.ID, Name: containerName(c.Names), Image: c.Image, Labels: c.Labels}
+			f.remember(ip, ep, networkID, found)
+			return found, nil
 		}
 	}
 	// Listed on a network but not in the container list: it was removed in between.
 	return labels.Container{}, fmt.Errorf("%s: %w", ep, ErrNotFound)
+}
+
+// remembered returns the container of a recent lookup of ip, if its network still lists the same
+// endpoint at ip.
+func (f *Finder) remembered(ctx context.Context, ip netip.Addr) (labels.Container, bool) {
+	f.mu.Lock()
+	r, ok := f.recent[ip]
+	f.mu.Unlock()
+	if !ok || time.Since(r.at) > recentFor {
+		return labels.Container{}, false
+	}
+	detail, err := f.Engine.NetworkInspect(ctx, r.networkID, network.InspectOptions{})
+	if err != nil {
+		return labels.Container{}, false
+	}
+	now, ok := detail.Containers[r.ep.key]
+	if !ok || now.EndpointID != r.ep.EndpointID || (!addressIs(now.IPv4Address, ip) && !addressIs(now.IPv6Address, ip)) {
+		f.forget(ip)
+		return labels.Container{}, false
+	}
+	return r.container, true
+}
+
+func (f *Finder) remember(ip netip.Addr, ep endpoint, networkID string, c labels.Container) {
+	if ep.EndpointID == "" {
+		return // nothing to recognise the attachment by
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.recent == nil || len(f.recent) >= recentMax {
+		f.recent = make(map[netip.Addr]found)
+	}
+	f.recent[ip] = found{ep: ep, networkID: networkID, container: c, at: time.Now()}
+}
+
+func (f *Finder) forget(ip netip.Addr) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	delete(f.recent, ip)
 }
 
 // containerName picks the container's own name from the list's names, which also hold the names
@@ -157,10 +227,11 @@ func (e endpoint) ownedBy(c container.Summary) bool {
 	return true
 }
 
-func (f *Finder) endpointByIP(ctx context.Context, ip netip.Addr) (endpoint, error) {
+// endpointByIP finds the endpoint with ip, and the ID of its network.
+func (f *Finder) endpointByIP(ctx context.Context, ip netip.Addr) (endpoint, string, error) {
 	nets, err := f.Engine.NetworkList(ctx, network.ListOptions{})
 	if err != nil {
-		return endpoint{}, fmt.Errorf("list networks: %w", err)
+		return endpoint{}, "", fmt.Errorf("list networks: %w", err)
 	}
 	for _, n := range nets {
 		if n.Driver == "host" || n.Driver == "null" {
@@ -169,17 +240,17 @@ func (f *Finder) endpointByIP(ctx context.Context, ip netip.Addr) (endpoint, err
 		detail, err := f.Engine.NetworkInspect(ctx, n.ID, network.InspectOptions{})
 		if err != nil {
 			if ctx.Err() != nil {
-				return endpoint{}, fmt.Errorf("inspect network %s: %w", n.Name, err)
+				return endpoint{}, "", fmt.Errorf("inspect network %s: %w", n.Name, err)
 			}
 			continue // removed since the list: not where our container is
 		}
 		for key, ep := range detail.Containers {
 			if addressIs(ep.IPv4Address, ip) || addressIs(ep.IPv6Address, ip) {
-				return endpoint{key: key, network: detail.Name, EndpointResource: ep}, nil
+				return endpoint{key: key, network: detail.Name, EndpointResource: ep}, n.ID, nil
 			}
 		}
 	}
-	return endpoint{}, fmt.Errorf("container IP %s: %w", ip, ErrNotFound)
+	return endpoint{}, "", fmt.Errorf("container IP %s: %w", ip, ErrNotFound)
 }
 
 // addressIs compares an endpoint address in CIDR form ("172.17.0.2/16") with ip.

@@ -16,6 +16,8 @@ import (
 	"github.com/docker/docker/api/types/events"
 	"github.com/docker/docker/api/types/filters"
 	"github.com/docker/docker/api/types/network"
+
+	"github.com/envoy-docker-shim/envoy-docker-shim/services/labels"
 )
 
 type fakeEngine struct {
@@ -265,5 +267,49 @@ func TestWatcherReportsGoneContainers(t *testing.T) {
 	cancel()
 	if err := <-done; err != nil {
 		t.Fatalf("Run = %v after cancel", err)
+	}
+}
+
+// A range's proxies register one after another for the same container IP: after the first
+// lookup, each costs one network inspect, and only while the network still lists the same
+// endpoint at the IP; a new container that got the IP is looked up afresh.
+func TestFindByIPRemembersWhileTheEndpointStays(t *testing.T) {
+	e := engine()
+	e.networks[1].Containers["c1"] = network.EndpointResource{Name: "web", EndpointID: "ep1", IPv4Address: "172.17.0.2/16"}
+	f := &Finder{Engine: e, Timeout: time.Second}
+	ip := netip.MustParseAddr("172.17.0.2")
+	find := func() labels.Container {
+		t.Helper()
+		e.inspected, e.listed = nil, nil
+		c, err := f.FindByIP(context.Background(), ip)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	if c := find(); c.ID != "c1" || len(e.listed) != 1 {
+		t.Fatalf("first lookup: %+v, %d container lists", c, len(e.listed))
+	}
+	for range 3 {
+		if c := find(); c.ID != "c1" || len(e.listed) != 0 || !slices.Equal(e.inspected, []string{"b"}) {
+			t.Fatalf("remembered lookup: %+v, %d container lists, inspected %v; want c1 from one inspect of b", c, len(e.listed), e.inspected)
+		}
+	}
+	// web is removed and a new container gets its IP (another endpoint).
+	delete(e.networks[1].Containers, "c1")
+	e.networks[1].Containers["c3"] = network.EndpointResource{Name: "api", EndpointID: "ep3", IPv4Address: "172.17.0.2/16"}
+	e.containers = append(e.containers[1:], container.Summary{ID: "c3", Names: []string{"/api"}, Labels: map[string]string{"ServiceName": "api"}})
+	if c := find(); c.ID != "c3" || c.Labels["ServiceName"] != "api" || len(e.listed) != 1 {
+		t.Fatalf("after the IP changed hands: %+v, %d container lists; want c3 looked up afresh", c, len(e.listed))
+	}
+	// Same key, another attachment (disconnected and connected again): looked up afresh too.
+	e.networks[1].Containers["c3"] = network.EndpointResource{Name: "api", EndpointID: "ep4", IPv4Address: "172.17.0.2/16"}
+	if c := find(); c.ID != "c3" || len(e.listed) != 1 {
+		t.Fatalf("after a new endpoint: %+v, %d container lists", c, len(e.listed))
+	}
+	// Gone: not found, remembered or not.
+	delete(e.networks[1].Containers, "c3")
+	if _, err := f.FindByIP(context.Background(), ip); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("after removal: %v, want ErrNotFound", err)
 	}
 }
