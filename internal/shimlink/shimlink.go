@@ -145,14 +145,14 @@ func decodeOpen(v url.Values) (*Open, error) {
 }
 
 // Conn is one registration's connection, from either end. Send and Recv may run concurrently
-// with each other, but not with themselves.
+// with each other, but not with themselves. It holds no buffer while it waits: the server has a
+// Conn per published port, each mostly waiting for years.
 type Conn struct {
-	uc  *net.UnixConn
-	buf []byte
+	uc *net.UnixConn
 }
 
 // NewConn wraps a SOCK_SEQPACKET connection, as Listener.Accept returns it.
-func NewConn(uc *net.UnixConn) *Conn { return &Conn{uc: uc, buf: make([]byte, MaxMessage+1)} }
+func NewConn(uc *net.UnixConn) *Conn { return &Conn{uc: uc} }
 
 // Dial connects to the server's socket. It is net.DialUnix rather than a net.Dialer: connecting to
 // a Unix socket does not block, and a Dialer would link Go's DNS resolver into every shim (90 KB
@@ -186,17 +186,40 @@ func (c *Conn) Send(m Message) error {
 
 // Recv reads the next message; io.EOF once the peer ended its side.
 func (c *Conn) Recv() (Message, error) {
-	n, _, flags, _, err := c.uc.ReadMsgUnix(c.buf, nil)
+	// Wait for the next packet and learn its length without a buffer (MSG_PEEK|MSG_TRUNC gives a
+	// packet's real length), then read it into one of that size.
+	raw, err := c.uc.SyscallConn()
+	if err != nil {
+		return nil, err
+	}
+	size := 0
+	var peekErr error
+	if err := raw.Read(func(fd uintptr) bool {
+		size, _, peekErr = syscall.Recvfrom(int(fd), nil, syscall.MSG_PEEK|syscall.MSG_TRUNC)
+		return peekErr != syscall.EAGAIN
+	}); err != nil {
+		return nil, err
+	}
+	if peekErr != nil {
+		return nil, &net.OpError{Op: "read", Net: "unixpacket", Err: peekErr}
+	}
+	if size == 0 {
+		// SOCK_SEQPACKET: an empty read is the peer's shutdown, never a message. Take it, so
+		// the next Recv sees the end as well.
+		return nil, io.EOF
+	}
+	buf := make([]byte, min(size, MaxMessage+1))
+	n, _, flags, _, err := c.uc.ReadMsgUnix(buf, nil)
 	if err != nil {
 		return nil, err
 	}
 	if n == 0 {
-		return nil, io.EOF // SOCK_SEQPACKET: an empty read is the peer's shutdown, never a message
+		return nil, io.EOF
 	}
-	if flags&syscall.MSG_TRUNC != 0 {
+	if flags&syscall.MSG_TRUNC != 0 || n > MaxMessage {
 		return nil, errors.New("message longer than shimlink.MaxMessage")
 	}
-	return Decode(c.buf[:n])
+	return Decode(buf[:n])
 }
 
 // Unix is the connection's socket.
