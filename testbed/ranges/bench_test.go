@@ -3,6 +3,7 @@ package ranges
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"fmt"
 	"net"
 	"os"
@@ -138,6 +139,10 @@ func benchmarkGeneration(b *testing.B, gen testbed.Generation, sizes []int, roun
 				logf("%s, %d ports, %s, round %d: docker run %v, %d procs, PSS %s MiB, USS %s MiB, docker rm -f %v, left %v",
 					gen, n, p.name, round+1, x.Run.Round(time.Millisecond), x.Procs, mib(x.Proxies.PSS), mib(x.Proxies.USS), x.Remove.Round(time.Millisecond), x.Left)
 				series[p.name].Samples = append(series[p.name].Samples, x)
+				if p.server != nil {
+					n, docker, envoy := p.server.breakdown()
+					logf("  the server's %d registrations: Docker API %.0f µs, Envoy's acknowledgement %.0f µs (medians)", n, docker, envoy)
+				}
 			}
 		}
 		for _, p := range []*path{stock, ours} {
@@ -277,8 +282,35 @@ func write(b *testing.B, all []Series, rounds int, settle time.Duration, loadBef
 // serverProc is envoy-docker-server as a process of its own, so that its memory is its own.
 type serverProc struct {
 	HTTPAddr, XDSAddr string
+	LogPath           string
 	pid               int
 	exited            chan struct{}
+	logRead           int64 // how much of the log breakdown has read
+}
+
+// breakdown is where the server says the registrations logged since the last call spent their
+// time (medians, µs): the Docker API, and Envoy's acknowledgement.
+func (s *serverProc) breakdown() (n int, docker, envoy float64) {
+	b, err := os.ReadFile(s.LogPath)
+	if err != nil || int64(len(b)) < s.logRead {
+		return 0, 0, 0
+	}
+	fresh := b[s.logRead:]
+	s.logRead = int64(len(b))
+	var dockerUS, envoyUS []float64
+	for line := range strings.SplitSeq(string(fresh), "\n") {
+		var rec struct {
+			Msg    string  `json:"msg"`
+			Docker float64 `json:"docker_us"`
+			Envoy  float64 `json:"envoy_us"`
+		}
+		if json.Unmarshal([]byte(line), &rec) != nil || rec.Msg != "ready" {
+			continue
+		}
+		dockerUS = append(dockerUS, rec.Docker)
+		envoyUS = append(envoyUS, rec.Envoy)
+	}
+	return len(dockerUS), bench.Median(dockerUS), bench.Median(envoyUS)
 }
 
 func startServer(b *testing.B, d *testbed.Daemon, shimSocket string) *serverProc {
@@ -290,6 +322,7 @@ func startServer(b *testing.B, d *testbed.Daemon, shimSocket string) *serverProc
 		exited:   make(chan struct{}),
 	}
 	logPath := filepath.Join(dir, "server.log")
+	s.LogPath = logPath
 	logFile, err := os.Create(logPath)
 	if err != nil {
 		b.Fatal(err)
