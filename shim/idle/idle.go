@@ -51,6 +51,12 @@ var (
 
 const connUses, exeUses = 3, 1
 
+// The placeholders of the process name (comm), in two halves of 8 bytes.
+var (
+	namePlaceholder1 = bytes.Repeat([]byte{0x6e}, 8)
+	namePlaceholder2 = bytes.Repeat([]byte{0x6f}, 8)
+)
+
 // endMarker ends the program in image_$GOARCH.s.
 var endMarker = []byte("EDS-IDLE-END---!")
 
@@ -88,9 +94,9 @@ func program() ([]byte, error) {
 const elfBase = 0x400000
 
 // Executable is the idle program for the registration on descriptor conn and the shim's
-// executable on exe, as a static ELF executable: a header, two program headers (the code, read and
-// execute; a non-executable stack) and the code.
-func Executable(conn, exe int) ([]byte, error) {
+// executable on exe, named name (the process's comm, up to 15 bytes), as a static ELF executable:
+// a header, two program headers (the code, read and execute; a non-executable stack) and the code.
+func Executable(conn, exe int, name string) ([]byte, error) {
 	code, err := program()
 	if err != nil {
 		return nil, err
@@ -103,6 +109,14 @@ func Executable(conn, exe int) ([]byte, error) {
 			return nil, fmt.Errorf("idle program: %d places for a descriptor, want %d", n, p.uses)
 		}
 		code = bytes.ReplaceAll(code, p.placeholder, binary.LittleEndian.AppendUint32(nil, uint32(p.fd)))
+	}
+	comm := make([]byte, 16)
+	copy(comm[:15], name)
+	for _, p := range []struct{ placeholder, value []byte }{{namePlaceholder1, comm[:8]}, {namePlaceholder2, comm[8:]}} {
+		if n := bytes.Count(code, p.placeholder); n != 1 {
+			return nil, fmt.Errorf("idle program: %d places for its name, want 1", n)
+		}
+		code = bytes.Replace(code, p.placeholder, p.value, 1)
 	}
 	const ehSize, phSize, phNum = 64, 56, 2
 	entry := uint64(ehSize + phSize*phNum)
@@ -166,7 +180,8 @@ func Enter(ctx context.Context, conn *net.UnixConn, env []string) error {
 		return fmt.Errorf("idle program: %w", err)
 	}
 	closeKept := func() { unix.Close(keptConn); unix.Close(keptSelf) }
-	exe, err := Executable(keptConn, keptSelf)
+	comm, _ := os.ReadFile("/proc/self/comm")
+	exe, err := Executable(keptConn, keptSelf, strings.TrimSuffix(string(comm), "\n"))
 	if err != nil {
 		closeKept()
 		return err

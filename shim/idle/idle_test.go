@@ -128,7 +128,7 @@ func helperBinary(t *testing.T) string {
 
 func TestExecutable(t *testing.T) {
 	requireProgram(t)
-	exe, err := Executable(123, 124)
+	exe, err := Executable(123, 124, "envoy-docker-shim")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -256,6 +256,10 @@ func TestIdleStopsOnSignal(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			s := startIdle(t, "-host-port", "1234")
 			cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", s.cmd.Process.Pid))
+			comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", s.cmd.Process.Pid))
+			if want := filepath.Base(helperBin.path); string(comm) != want[:min(len(want), 15)]+"\n" {
+				t.Errorf("the idle shim is named %q, want the shim's name %q", comm, want)
+			}
 			if !strings.Contains(string(cmdline), "\x00-host-port\x001234") {
 				t.Errorf("the idle shim's command line is %q, want the shim's", cmdline)
 			}
