@@ -65,12 +65,16 @@ type Finder struct {
 	Timeout time.Duration
 
 	// recent remembers the last lookups: dockerd starts a range's proxies one after another, all
-	// for the same container IP, and waits for each. A remembered answer is used only while its
-	// network still lists the same endpoint (same key, same endpoint ID) at that IP: one call
-	// instead of a network list, an inspect per network and a container list. An endpoint ID
-	// names one attachment of one container, so a new container that got the IP is never taken
-	// for the old one; container labels never change, and a name changed by `docker rename` is
-	// stale for recentFor at most.
+	// for the same container IP, and waits for each, while the Docker API, busy starting the
+	// container, takes a millisecond or more per call. A remembered answer is used only while
+	// its network still lists the same endpoint (same key, same endpoint ID) at that IP, checked
+	// with one call instead of a network list, an inspect per network and a container list, and
+	// at most every trustFor: an endpoint ID names one attachment of one container, so a new
+	// container that got the IP is never taken for the old one. Between checks, Forget (the
+	// container died or was destroyed) drops it: for its IP to go to another container, the old
+	// one must be gone, which dockerd reports before the new one can even be created.
+	// Container labels never change; a name changed by `docker rename` is stale for recentFor at
+	// most.
 	mu     sync.Mutex
 	recent map[netip.Addr]found
 }
@@ -80,14 +84,28 @@ type found struct {
 	ep        endpoint
 	networkID string
 	container labels.Container
-	at        time.Time
+	at        time.Time // looked up
+	checked   time.Time // last seen unchanged on its network
 }
 
-// recentFor bounds how long a lookup is remembered; recentMax how many are.
+// recentFor bounds how long a lookup is remembered, trustFor how long it is used without looking
+// at its network again, recentMax how many are remembered.
 const (
 	recentFor = 10 * time.Second
+	trustFor  = time.Second
 	recentMax = 256
 )
+
+// Forget drops what is remembered of a container that died or was destroyed.
+func (f *Finder) Forget(containerID string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for ip, r := range f.recent {
+		if r.container.ID == containerID {
+			delete(f.recent, ip)
+		}
+	}
+}
 
 // FindByIP returns the container that has ip on one of its networks.
 func (f *Finder) FindByIP(ctx context.Context, ip netip.Addr) (labels.Container, error) {
@@ -128,6 +146,9 @@ func (f *Finder) remembered(ctx context.Context, ip netip.Addr) (labels.Containe
 	if !ok || time.Since(r.at) > recentFor {
 		return labels.Container{}, false
 	}
+	if time.Since(r.checked) < trustFor {
+		return r.container, true
+	}
 	detail, err := f.Engine.NetworkInspect(ctx, r.networkID, network.InspectOptions{})
 	if err != nil {
 		return labels.Container{}, false
@@ -137,6 +158,12 @@ func (f *Finder) remembered(ctx context.Context, ip netip.Addr) (labels.Containe
 		f.forget(ip)
 		return labels.Container{}, false
 	}
+	f.mu.Lock()
+	if cur, ok := f.recent[ip]; ok && cur.ep.EndpointID == r.ep.EndpointID {
+		cur.checked = time.Now()
+		f.recent[ip] = cur
+	}
+	f.mu.Unlock()
 	return r.container, true
 }
 
@@ -149,7 +176,8 @@ func (f *Finder) remember(ip netip.Addr, ep endpoint, networkID string, c labels
 	if f.recent == nil || len(f.recent) >= recentMax {
 		f.recent = make(map[netip.Addr]found)
 	}
-	f.recent[ip] = found{ep: ep, networkID: networkID, container: c, at: time.Now()}
+	now := time.Now()
+	f.recent[ip] = found{ep: ep, networkID: networkID, container: c, at: now, checked: now}
 }
 
 func (f *Finder) forget(ip netip.Addr) {

@@ -290,12 +290,27 @@ func TestFindByIPRemembersWhileTheEndpointStays(t *testing.T) {
 	if c := find(); c.ID != "c1" || len(e.listed) != 1 {
 		t.Fatalf("first lookup: %+v, %d container lists", c, len(e.listed))
 	}
+	// Within trustFor of the lookup: no call at all.
+	if c := find(); c.ID != "c1" || len(e.listed) != 0 || len(e.inspected) != 0 {
+		t.Fatalf("trusted lookup: %+v, %d container lists, inspected %v; want c1 without a call", c, len(e.listed), e.inspected)
+	}
+	// Later: one inspect of its network.
+	expire := func() {
+		f.mu.Lock()
+		for ip, r := range f.recent {
+			r.checked = r.checked.Add(-trustFor)
+			f.recent[ip] = r
+		}
+		f.mu.Unlock()
+	}
 	for range 3 {
+		expire()
 		if c := find(); c.ID != "c1" || len(e.listed) != 0 || !slices.Equal(e.inspected, []string{"b"}) {
 			t.Fatalf("remembered lookup: %+v, %d container lists, inspected %v; want c1 from one inspect of b", c, len(e.listed), e.inspected)
 		}
 	}
 	// web is removed and a new container gets its IP (another endpoint).
+	expire()
 	delete(e.networks[1].Containers, "c1")
 	e.networks[1].Containers["c3"] = network.EndpointResource{Name: "api", EndpointID: "ep3", IPv4Address: "172.17.0.2/16"}
 	e.containers = append(e.containers[1:], container.Summary{ID: "c3", Names: []string{"/api"}, Labels: map[string]string{"ServiceName": "api"}})
@@ -303,13 +318,39 @@ func TestFindByIPRemembersWhileTheEndpointStays(t *testing.T) {
 		t.Fatalf("after the IP changed hands: %+v, %d container lists; want c3 looked up afresh", c, len(e.listed))
 	}
 	// Same key, another attachment (disconnected and connected again): looked up afresh too.
+	expire()
 	e.networks[1].Containers["c3"] = network.EndpointResource{Name: "api", EndpointID: "ep4", IPv4Address: "172.17.0.2/16"}
 	if c := find(); c.ID != "c3" || len(e.listed) != 1 {
 		t.Fatalf("after a new endpoint: %+v, %d container lists", c, len(e.listed))
 	}
 	// Gone: not found, remembered or not.
+	expire()
 	delete(e.networks[1].Containers, "c3")
 	if _, err := f.FindByIP(context.Background(), ip); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("after removal: %v, want ErrNotFound", err)
+	}
+}
+
+// The Docker events say a container died or was destroyed: what was remembered of it goes, even
+// within trustFor.
+func TestFindByIPForgetsGoneContainers(t *testing.T) {
+	e := engine()
+	e.networks[1].Containers["c1"] = network.EndpointResource{Name: "web", EndpointID: "ep1", IPv4Address: "172.17.0.2/16"}
+	f := &Finder{Engine: e, Timeout: time.Second}
+	ip := netip.MustParseAddr("172.17.0.2")
+	if c, err := f.FindByIP(context.Background(), ip); err != nil || c.ID != "c1" {
+		t.Fatalf("%+v, %v", c, err)
+	}
+	f.Forget("c2") // another container: no effect
+	e.listed = nil
+	if c, _ := f.FindByIP(context.Background(), ip); c.ID != "c1" || len(e.listed) != 0 {
+		t.Fatalf("after forgetting another container: %+v, %d lists", c, len(e.listed))
+	}
+	f.Forget("c1")
+	delete(e.networks[1].Containers, "c1")
+	e.networks[1].Containers["c3"] = network.EndpointResource{Name: "api", EndpointID: "ep3", IPv4Address: "172.17.0.2/16"}
+	e.containers = append(e.containers, container.Summary{ID: "c3", Names: []string{"/api"}})
+	if c, err := f.FindByIP(context.Background(), ip); err != nil || c.ID != "c3" {
+		t.Fatalf("after c1 was gone: %+v, %v; want c3", c, err)
 	}
 }

@@ -42,7 +42,7 @@ type Server struct {
 	tracker  *xds.Tracker
 	metrics  *prometheus.Registry
 	engine   dockerapi.Engine
-	finder   registrar.ContainerFinder
+	finder   *dockerapi.Finder
 	firewall *netfilter.Reconciler // nil without a table name or a Docker API
 }
 
@@ -196,6 +196,7 @@ func (s *Server) Run(ctx context.Context) error {
 	watcher := &dockerapi.Watcher{
 		Engine: s.engine,
 		Gone: func(id string) {
+			s.finder.Forget(id)
 			for _, e := range s.registry.RemoveContainer(id) {
 				s.log.Info("container gone; mapping removed", "mapping", e.Key.String(), "container", id)
 			}

@@ -206,9 +206,9 @@ func measure(b *testing.B, p *path, n int, settle time.Duration) Sample {
 		b.Fatalf("docker rm -f on %s: %v", p.name, err)
 	}
 	x.Remove = time.Since(start)
-	x.Left = leftovers(b, p, base)
+	x.Left = leftovers(b, p, base, lo, n)
 	time.Sleep(time.Second)
-	x.Later = leftovers(b, p, base)
+	x.Later = leftovers(b, p, base, lo, n)
 	return x
 }
 
@@ -221,7 +221,7 @@ func memoryOf(b *testing.B, pid int) bench.Memory {
 }
 
 // counts is what Envoy and the server hold, to compare with before the run.
-type counts struct{ listeners, clusters, registrations int }
+type counts struct{ listeners, draining, clusters, registrations int }
 
 func stackCounts(b *testing.B, p *path) counts {
 	stat := func(name string) int {
@@ -232,19 +232,41 @@ func stackCounts(b *testing.B, p *path) counts {
 		return int(v)
 	}
 	return counts{
-		listeners:     stat("listener_manager.total_listeners_active") + stat("listener_manager.total_listeners_warming") + stat("listener_manager.total_listeners_draining"),
+		listeners:     stat("listener_manager.total_listeners_active") + stat("listener_manager.total_listeners_warming"),
+		draining:      stat("listener_manager.total_listeners_draining"),
 		clusters:      stat("cluster_manager.active_clusters") + stat("cluster_manager.warming_clusters"),
 		registrations: p.server.registrations(b),
 	}
 }
 
-func leftovers(b *testing.B, p *path, base counts) Leftovers {
-	l := Leftovers{Procs: len(p.daemon.Processes(p.proxy)), Listeners: -1, Clusters: -1, Registrations: -1}
+func leftovers(b *testing.B, p *path, base counts, lo, n int) Leftovers {
+	l := Leftovers{Procs: len(p.daemon.Processes(p.proxy)), Sockets: listening(lo, n), Listeners: -1, Draining: -1, Clusters: -1, Registrations: -1}
 	if p.server != nil {
 		now := stackCounts(b, p)
-		l.Listeners, l.Clusters, l.Registrations = now.listeners-base.listeners, now.clusters-base.clusters, now.registrations-base.registrations
+		l.Listeners, l.Draining = now.listeners-base.listeners, now.draining-base.draining
+		l.Clusters, l.Registrations = now.clusters-base.clusters, now.registrations-base.registrations
 	}
 	return l
+}
+
+// listening counts the TCP sockets listening on a port in [lo, lo+n), from /proc/net/tcp and tcp6.
+func listening(lo, n int) int {
+	count := 0
+	for _, file := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
+		b, _ := os.ReadFile(file)
+		for line := range strings.SplitSeq(string(b), "\n") {
+			f := strings.Fields(line)
+			if len(f) < 4 || f[3] != "0A" { // TCP_LISTEN
+				continue
+			}
+			_, portHex, ok := strings.Cut(f[1], ":")
+			port, err := strconv.ParseUint(portHex, 16, 16)
+			if ok && err == nil && int(port) >= lo && int(port) < lo+n {
+				count++
+			}
+		}
+	}
+	return count
 }
 
 func write(b *testing.B, all []Series, rounds int, settle time.Duration, loadBefore string) {

@@ -14,9 +14,11 @@ import (
 )
 
 // Leftovers is what one path still holds after `docker rm -f` returned; -1 where the path has no
-// such thing (docker-proxy has no Envoy and no server).
+// such thing (docker-proxy has no Envoy and no server). Sockets counts the sockets still listening
+// on the range's host ports; Listeners Envoy's active (and warming) listeners, Draining those it
+// removed and lets drain (no longer listening: Envoy forgets them after its drain time).
 type Leftovers struct {
-	Procs, Listeners, Clusters, Registrations int
+	Procs, Sockets, Listeners, Draining, Clusters, Registrations int
 }
 
 func (l Leftovers) String() string {
@@ -27,7 +29,7 @@ func (l Leftovers) String() string {
 		return fmt.Sprintf("%d %s", n, what)
 	}
 	var parts []string
-	for _, p := range []string{part(l.Procs, "procs"), part(l.Listeners, "lis"), part(l.Clusters, "cl"), part(l.Registrations, "reg")} {
+	for _, p := range []string{part(l.Procs, "procs"), part(l.Sockets, "sockets"), part(l.Listeners, "lis"), part(l.Clusters, "cl"), part(l.Registrations, "reg")} {
 		if p != "" {
 			parts = append(parts, p)
 		}
@@ -35,9 +37,9 @@ func (l Leftovers) String() string {
 	return strings.Join(parts, ", ")
 }
 
-// None reports whether nothing is left.
+// None reports whether nothing is left (draining listeners aside, which listen no more).
 func (l Leftovers) None() bool {
-	return max(l.Procs, 0)+max(l.Listeners, 0)+max(l.Clusters, 0)+max(l.Registrations, 0) == 0
+	return max(l.Procs, 0)+max(l.Sockets, 0)+max(l.Listeners, 0)+max(l.Clusters, 0)+max(l.Registrations, 0) == 0
 }
 
 // Sample is one `docker run` of N published ports and its `docker rm -f`.
@@ -114,7 +116,8 @@ func Summarize(s Series) Summary {
 }
 
 func worst(a, b Leftovers) Leftovers {
-	return Leftovers{max(a.Procs, b.Procs), max(a.Listeners, b.Listeners), max(a.Clusters, b.Clusters), max(a.Registrations, b.Registrations)}
+	return Leftovers{max(a.Procs, b.Procs), max(a.Sockets, b.Sockets), max(a.Listeners, b.Listeners), max(a.Draining, b.Draining),
+		max(a.Clusters, b.Clusters), max(a.Registrations, b.Registrations)}
 }
 
 // Reference is the path the others are compared with.
@@ -171,10 +174,14 @@ func Markdown(sums []Summary) string {
 				server = kib(s.ServerPer.RSS) + ", " + kib(s.ServerPer.PSS)
 			}
 			left := func(l Leftovers) string {
+				text := l.String()
 				if l.None() {
-					return "nothing"
+					text = "nothing"
 				}
-				return l.String()
+				if l.Draining > 0 {
+					text += fmt.Sprintf(" (%d lis draining)", l.Draining)
+				}
+				return text
 			}
 			fmt.Fprintf(&b, "| %s | %s | %d | %.2f%s | %.2f | %d | %s%s | %s%s | %s%s | %s | %s | %.2f%s | %s | %s |\n",
 				bench.Thousands(float64(s.Ports)), s.Path, len(s.Samples),
