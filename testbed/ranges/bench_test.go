@@ -136,8 +136,8 @@ func benchmarkGeneration(b *testing.B, gen testbed.Generation, sizes []int, roun
 		for round := range rounds {
 			for _, p := range []*path{stock, ours} {
 				x := measure(b, p, n, settle)
-				logf("%s, %d ports, %s, round %d: docker run %v, %d procs, PSS %s MiB, USS %s MiB, docker rm -f %v, left %v",
-					gen, n, p.name, round+1, x.Run.Round(time.Millisecond), x.Procs, mib(x.Proxies.PSS), mib(x.Proxies.USS), x.Remove.Round(time.Millisecond), x.Left)
+				logf("%s, %d ports, %s, round %d: docker run %v, %d procs, PSS %s MiB, USS %s MiB, docker rm -f %v, left %v; CPU during docker run: %v",
+					gen, n, p.name, round+1, x.Run.Round(time.Millisecond), x.Procs, mib(x.Proxies.PSS), mib(x.Proxies.USS), x.Remove.Round(time.Millisecond), x.Left, x.CPU)
 				series[p.name].Samples = append(series[p.name].Samples, x)
 				if p.server != nil {
 					n, docker, envoy := p.server.breakdown()
@@ -177,9 +177,11 @@ func measure(b *testing.B, p *path, n int, settle time.Duration) Sample {
 		serverBefore = memoryOf(b, p.server.pid)
 		base = stackCounts(b, p)
 	}
+	cpuBefore := cpuOf(p)
 	start := time.Now()
 	id, _, err := p.daemon.Start(ctx, opts)
 	x.Run = time.Since(start)
+	x.CPU = cpuOf(p).sub(cpuBefore)
 	if err != nil {
 		b.Fatalf("docker run -p %s on %s: %v", publish, p.name, err)
 	}
@@ -210,6 +212,22 @@ func measure(b *testing.B, p *path, n int, settle time.Duration) Sample {
 	time.Sleep(time.Second)
 	x.Later = leftovers(b, p, base, lo, n)
 	return x
+}
+
+// cpuOf is the CPU time dockerd, the proxies, Envoy and the server have used so far (a
+// process's CPU time survives its exec into the idle program; a proxy that exited is not counted).
+func cpuOf(p *path) CPU {
+	var c CPU
+	c.Dockerd, _ = bench.CPUTime(p.daemon.Pid())
+	for _, pid := range p.daemon.Processes(p.proxy) {
+		d, _ := bench.CPUTime(pid)
+		c.Proxies += d
+	}
+	if p.server != nil {
+		c.Envoy, _ = bench.CPUTime(p.envoy.Pid())
+		c.Server, _ = bench.CPUTime(p.server.pid)
+	}
+	return c
 }
 
 func memoryOf(b *testing.B, pid int) bench.Memory {

@@ -55,6 +55,24 @@ type Sample struct {
 	HasStack      bool
 	// Left is what remained when `docker rm -f` returned, Later a moment after.
 	Left, Later Leftovers
+	// CPU is what `docker run` cost in CPU time.
+	CPU CPU
+}
+
+// CPU is the CPU time used during `docker run`, by process.
+type CPU struct {
+	Dockerd, Proxies, Envoy, Server time.Duration
+}
+
+func (c CPU) sub(o CPU) CPU {
+	return CPU{c.Dockerd - o.Dockerd, c.Proxies - o.Proxies, c.Envoy - o.Envoy, c.Server - o.Server}
+}
+
+// Total is the sum over the processes.
+func (c CPU) Total() time.Duration { return c.Dockerd + c.Proxies + c.Envoy + c.Server }
+
+func (c CPU) String() string {
+	return fmt.Sprintf("dockerd %v, proxies %v, envoy %v, server %v", c.Dockerd, c.Proxies, c.Envoy, c.Server)
 }
 
 // Series is one path's samples for one generation and port count.
@@ -74,6 +92,7 @@ type Summary struct {
 	Proxies                 bench.Memory
 	EnvoyPerPort, ServerPer bench.Memory // bytes per port
 	Left, Later             Leftovers    // the worst round's
+	CPUPerPort              time.Duration
 }
 
 // Summarize takes the medians of s's samples (leftovers: the worst round's).
@@ -104,6 +123,7 @@ func Summarize(s Series) Summary {
 	out.Remove = time.Duration(med(func(x Sample) float64 { return float64(x.Remove) }))
 	out.PerPort = out.Run / time.Duration(max(s.Ports, 1))
 	out.Procs = int(med(func(x Sample) float64 { return float64(x.Procs) }))
+	out.CPUPerPort = time.Duration(med(func(x Sample) float64 { return float64(x.CPU.Total()) })) / time.Duration(max(s.Ports, 1))
 	out.Proxies = memMed(func(x Sample) bench.Memory { return x.Proxies })
 	out.EnvoyPerPort = perPort(memMed(func(x Sample) bench.Memory { return x.Envoy }))
 	out.ServerPer = perPort(memMed(func(x Sample) bench.Memory { return x.Server }))
@@ -146,8 +166,8 @@ func Markdown(sums []Summary) string {
 	}
 	for _, gen := range gens {
 		fmt.Fprintf(&b, "### %s\n\n", gen)
-		b.WriteString("| ports | path | rounds | `docker run` s | per port ms | proxies | RSS MiB | PSS MiB | USS MiB | Envoy KiB/port (RSS, PSS) | server KiB/port (RSS, PSS) | `docker rm -f` s | left at return | left 1 s later |\n")
-		b.WriteString("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n")
+		b.WriteString("| ports | path | rounds | `docker run` s | per port ms | proxies | RSS MiB | PSS MiB | USS MiB | Envoy KiB/port (RSS, PSS) | server KiB/port (RSS, PSS) | `docker rm -f` s | left at return | left 1 s later | CPU ms/port |\n")
+		b.WriteString("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|\n")
 		for _, s := range sums {
 			if s.Generation != gen {
 				continue
@@ -183,12 +203,12 @@ func Markdown(sums []Summary) string {
 				}
 				return text
 			}
-			fmt.Fprintf(&b, "| %s | %s | %d | %.2f%s | %.2f | %d | %s%s | %s%s | %s%s | %s | %s | %.2f%s | %s | %s |\n",
+			fmt.Fprintf(&b, "| %s | %s | %d | %.2f%s | %.2f | %d | %s%s | %s%s | %s%s | %s | %s | %.2f%s | %s | %s | %.2f |\n",
 				bench.Thousands(float64(s.Ports)), s.Path, len(s.Samples),
 				s.Run.Seconds(), rr(s.Run.Seconds(), refRun), float64(s.PerPort.Microseconds())/1000, s.Procs,
 				mib(s.Proxies.RSS), rr(float64(s.Proxies.RSS), refRSS), mib(s.Proxies.PSS), rr(float64(s.Proxies.PSS), refPSS),
 				mib(s.Proxies.USS), rr(float64(s.Proxies.USS), refUSS), envoy, server,
-				s.Remove.Seconds(), rr(s.Remove.Seconds(), refRm), left(s.Left), left(s.Later))
+				s.Remove.Seconds(), rr(s.Remove.Seconds(), refRm), left(s.Left), left(s.Later), float64(s.CPUPerPort.Microseconds())/1000)
 		}
 		b.WriteString("\n")
 	}
@@ -198,16 +218,17 @@ func Markdown(sums []Summary) string {
 // Rounds lists every round's figures, for a reader who wants more than the medians.
 func Rounds(series []Series) string {
 	var b strings.Builder
-	b.WriteString("| generation | ports | path | round | `docker run` s | PSS MiB | USS MiB | Envoy RSS +MiB | server RSS +MiB | `docker rm -f` s |\n")
-	b.WriteString("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|\n")
+	b.WriteString("| generation | ports | path | round | `docker run` s | PSS MiB | USS MiB | Envoy RSS +MiB | server RSS +MiB | `docker rm -f` s | CPU s: dockerd, proxies, Envoy, server |\n")
+	b.WriteString("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|\n")
 	for _, s := range series {
 		for i, x := range s.Samples {
 			envoy, server := "–", "–"
 			if x.HasStack {
 				envoy, server = mib(x.Envoy.RSS), mib(x.Server.RSS)
 			}
-			fmt.Fprintf(&b, "| %s | %d | %s | %d | %.2f | %s | %s | %s | %s | %.2f |\n",
-				s.Generation, s.Ports, s.Path, i+1, x.Run.Seconds(), mib(x.Proxies.PSS), mib(x.Proxies.USS), envoy, server, x.Remove.Seconds())
+			fmt.Fprintf(&b, "| %s | %d | %s | %d | %.2f | %s | %s | %s | %s | %.2f | %.2f, %.2f, %.2f, %.2f |\n",
+				s.Generation, s.Ports, s.Path, i+1, x.Run.Seconds(), mib(x.Proxies.PSS), mib(x.Proxies.USS), envoy, server, x.Remove.Seconds(),
+				x.CPU.Dockerd.Seconds(), x.CPU.Proxies.Seconds(), x.CPU.Envoy.Seconds(), x.CPU.Server.Seconds())
 		}
 	}
 	return b.String()
