@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -177,11 +178,13 @@ func measure(b *testing.B, p *path, n int, settle time.Duration) Sample {
 		serverBefore = memoryOf(b, p.server.pid)
 		base = stackCounts(b, p)
 	}
+	stopPerf := perfRecord(b, p, n)
 	cpuBefore := cpuOf(p)
 	start := time.Now()
 	id, _, err := p.daemon.Start(ctx, opts)
 	x.Run = time.Since(start)
 	x.CPU = cpuOf(p).sub(cpuBefore)
+	stopPerf()
 	if err != nil {
 		b.Fatalf("docker run -p %s on %s: %v", publish, p.name, err)
 	}
@@ -214,20 +217,74 @@ func measure(b *testing.B, p *path, n int, settle time.Duration) Sample {
 	return x
 }
 
+// perfRecord profiles the server and Envoy with perf while `docker run` runs, once per port
+// count, when BENCH_RANGE_PERF names a directory: perf-<server|envoy>-<n>.data there.
+func perfRecord(b *testing.B, p *path, n int) func() {
+	dir := os.Getenv("BENCH_RANGE_PERF")
+	if dir == "" || p.server == nil {
+		return func() {}
+	}
+	var cmds []*exec.Cmd
+	for name, pid := range map[string]int{"server": p.server.pid, "envoy": p.envoy.Pid()} {
+		out := filepath.Join(dir, fmt.Sprintf("perf-%s-%d.data", name, n))
+		if _, err := os.Stat(out); err == nil {
+			continue // once per port count
+		}
+		cmd := exec.Command("perf", "record", "-F", "2000", "-g", "-o", out, "-p", strconv.Itoa(pid))
+		if err := cmd.Start(); err != nil {
+			b.Logf("perf: %v", err)
+			continue
+		}
+		cmds = append(cmds, cmd)
+	}
+	time.Sleep(300 * time.Millisecond) // perf attaches
+	return func() {
+		for _, cmd := range cmds {
+			_ = cmd.Process.Signal(os.Interrupt)
+			_ = cmd.Wait()
+		}
+	}
+}
+
 // cpuOf is the CPU time dockerd, the proxies, Envoy and the server have used so far (a
 // process's CPU time survives its exec into the idle program; a proxy that exited is not counted).
 func cpuOf(p *path) CPU {
 	var c CPU
-	c.Dockerd, _ = bench.CPUTime(p.daemon.Pid())
+	c.Dockerd = onCPU(p.daemon.Pid())
 	for _, pid := range p.daemon.Processes(p.proxy) {
-		d, _ := bench.CPUTime(pid)
-		c.Proxies += d
+		c.Proxies += onCPU(pid)
 	}
 	if p.server != nil {
-		c.Envoy, _ = bench.CPUTime(p.envoy.Pid())
-		c.Server, _ = bench.CPUTime(p.server.pid)
+		c.Envoy = onCPU(p.envoy.Pid())
+		c.Server = onCPU(p.server.pid)
 	}
 	return c
+}
+
+// onCPU is the CPU time of a process: the run time of its live threads in nanoseconds
+// (/proc/PID/task/*/schedstat; a proxy's start-up takes less than one 10 ms tick), or its ticks in
+// /proc/PID/stat, which also count the threads that are gone (a shim's, once it went idle),
+// whichever is larger.
+func onCPU(pid int) time.Duration {
+	read := func(path string) time.Duration {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return 0
+		}
+		f := strings.Fields(string(b))
+		if len(f) == 0 {
+			return 0
+		}
+		ns, _ := strconv.ParseInt(f[0], 10, 64)
+		return time.Duration(ns)
+	}
+	var threads time.Duration
+	tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/schedstat", pid))
+	for _, t := range tasks {
+		threads += read(t)
+	}
+	ticks, _ := bench.CPUTime(pid)
+	return max(threads, ticks)
 }
 
 func memoryOf(b *testing.B, pid int) bench.Memory {
