@@ -142,7 +142,8 @@ func benchmarkGeneration(b *testing.B, gen testbed.Generation, sizes []int, roun
 				series[p.name].Samples = append(series[p.name].Samples, x)
 				if p.server != nil {
 					n, docker, envoy := p.server.breakdown()
-					logf("  the server's %d registrations: Docker API %.0f µs, Envoy's acknowledgement %.0f µs (medians)", n, docker, envoy)
+					logf("  the server's %d registrations: Docker API %.0f µs, Envoy's acknowledgement %.0f µs (medians); push to ACK so far (means): %s",
+						n, docker, envoy, p.server.pushToAck(b))
 				}
 			}
 		}
@@ -468,6 +469,38 @@ func startServer(b *testing.B, d *testbed.Daemon, shimSocket string) *serverProc
 		return c.Close()
 	})
 	return s
+}
+
+// pushToAck is the mean time from a push to Envoy's answer, by resource type, from the server's
+// eds_xds_push_to_ack_seconds histogram (since the server started).
+func (s *serverProc) pushToAck(b *testing.B) string {
+	status, body, err := testbed.HTTPGet(context.Background(), "http://"+s.HTTPAddr+"/metrics")
+	if err != nil || status != 200 {
+		b.Fatalf("server /metrics: %d %v", status, err)
+	}
+	sums, counts := map[string]float64{}, map[string]float64{}
+	for line := range strings.SplitSeq(body, "\n") {
+		for suffix, into := range map[string]map[string]float64{"_sum{": sums, "_count{": counts} {
+			rest, ok := strings.CutPrefix(line, "eds_xds_push_to_ack_seconds"+suffix)
+			if !ok {
+				continue
+			}
+			labels, value, ok := strings.Cut(rest, "} ")
+			if !ok {
+				continue
+			}
+			v, _ := strconv.ParseFloat(strings.TrimSpace(value), 64)
+			into[labels] = v
+		}
+	}
+	var parts []string
+	for labels, n := range counts {
+		if n > 0 {
+			parts = append(parts, fmt.Sprintf("%s %.0f µs", labels, sums[labels]/n*1e6))
+		}
+	}
+	slices.Sort(parts)
+	return strings.Join(parts, ", ")
 }
 
 // registrations is the server's eds_registrations gauge.
