@@ -58,7 +58,8 @@ const (
 	TCPIdleTimeout = 0
 	// RetryBaseInterval and RetryMaxInterval shape the backoff between connection attempts to a
 	// container that refuses (its app is still starting): Envoy's fully jittered exponential
-	// backoff waits a random time below (2^n-1)·base before retry n, never above the max.
+	// backoff waits a random time below a bound that starts at the base and doubles until it
+	// reaches half the max, then is the max (below 25, 50, 100, 200, then 250 ms each).
 	RetryBaseInterval = 25 * time.Millisecond
 	RetryMaxInterval  = 250 * time.Millisecond
 	// MaxRetries is the per-mapping circuit breaker on concurrent retries: Envoy's default of 3
@@ -71,19 +72,49 @@ const (
 	EarlyDataBytes = 64 << 10
 )
 
-// ConnectRetries is how many times Envoy retries connecting to a container that refuses, so that
-// the backoffs between the attempts add up to at most window even when each is drawn at its
-// longest: the bound an operator sets with EDS_CONNECT_RETRY_WINDOW.
+// ConnectRetries is how many times Envoy retries connecting to a container that refuses, so
+// that the backoffs between the attempts add up to window on average: each is drawn at random
+// below its bound, half of it on average. A client of an app that never listens gets its answer
+// after about window, and never later than LongestConnectRetries(window).
 func ConnectRetries(window time.Duration) uint32 {
 	var retries uint32
 	var total time.Duration
-	for n := 1; ; n++ {
-		wait := min(RetryBaseInterval*(1<<min(n, 30)-1), RetryMaxInterval)
-		if total+wait > window {
+	for bound := range retryBounds() {
+		if total+bound/2 > window {
 			return retries
 		}
-		total += wait
+		total += bound / 2
 		retries++
+	}
+	return retries
+}
+
+// LongestConnectRetries is the most the backoffs of ConnectRetries(window) can add up to, every
+// one drawn at its bound.
+func LongestConnectRetries(window time.Duration) time.Duration {
+	var total time.Duration
+	n := ConnectRetries(window)
+	for bound := range retryBounds() {
+		if n == 0 {
+			break
+		}
+		total += bound
+		n--
+	}
+	return total
+}
+
+// retryBounds yields the bound of each backoff in turn, as Envoy computes it.
+func retryBounds() func(yield func(time.Duration) bool) {
+	return func(yield func(time.Duration) bool) {
+		bound := RetryBaseInterval
+		for yield(bound) {
+			if bound < RetryMaxInterval/2 {
+				bound *= 2
+			} else {
+				bound = RetryMaxInterval
+			}
+		}
 	}
 }
 

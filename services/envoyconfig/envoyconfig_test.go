@@ -102,24 +102,28 @@ func TestNames(t *testing.T) {
 	}
 }
 
-// TestConnectRetries: as many retries as fit in the window when every backoff is drawn at its
-// longest (25, 75, 175, then 250 ms each).
+// TestConnectRetries: as many retries as fit in the window on average (half of each bound: 12.5,
+// 25, 50, 100, then 125 ms), and the longest they can take (every bound: 25, 50, 100, 200, 250).
 func TestConnectRetries(t *testing.T) {
 	for _, tc := range []struct {
-		window time.Duration
-		want   uint32
+		window  time.Duration
+		want    uint32
+		longest time.Duration
 	}{
-		{0, 0},
-		{24 * time.Millisecond, 0},
-		{25 * time.Millisecond, 1},
-		{100 * time.Millisecond, 2},
-		{274 * time.Millisecond, 2},
-		{275 * time.Millisecond, 3},
-		{3 * time.Second, 13}, // the default: 275 ms + 10 x 250 ms = 2.775 s
-		{time.Minute, 241},    // 3 + (60 s - 275 ms) / 250 ms
+		{0, 0, 0},
+		{12 * time.Millisecond, 0, 0},
+		{13 * time.Millisecond, 1, 25 * time.Millisecond},
+		{37500 * time.Microsecond, 2, 75 * time.Millisecond},
+		{187 * time.Millisecond, 3, 175 * time.Millisecond},
+		{188 * time.Millisecond, 4, 375 * time.Millisecond},
+		{3 * time.Second, 26, 5875 * time.Millisecond}, // the default: 187.5 ms + 22 x 125 ms = 2.9375 s
+		{time.Minute, 482, 119875 * time.Millisecond},  // 4 + (60 s - 187.5 ms) / 125 ms
 	} {
 		if got := ConnectRetries(tc.window); got != tc.want {
 			t.Errorf("ConnectRetries(%v) = %d, want %d", tc.window, got, tc.want)
+		}
+		if got := LongestConnectRetries(tc.window); got != tc.longest {
+			t.Errorf("LongestConnectRetries(%v) = %v, want %v", tc.window, got, tc.longest)
 		}
 	}
 }

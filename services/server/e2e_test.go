@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/envoy-docker-shim/envoy-docker-shim/services/envoyconfig"
 	pb "github.com/envoy-docker-shim/envoy-docker-shim/services/registration/registrationpb"
 	"github.com/envoy-docker-shim/envoy-docker-shim/testbed"
 	"github.com/envoy-docker-shim/envoy-docker-shim/testbed/stack"
@@ -492,7 +493,8 @@ func metricIs(url, name, want string) error {
 
 // testConnectRetries: a client arriving while the container's app is not listening yet waits for
 // it instead of failing (HTTP and TCP mode); an app that never listens fails within the window
-// (EDS_CONNECT_RETRY_WINDOW, 3 s by default) plus a second, and Envoy's flags say why.
+// (EDS_CONNECT_RETRY_WINDOW, 3 s by default, on average; see envoyconfig.ConnectRetries), and
+// Envoy's flags say why.
 func testConnectRetries(t *testing.T, st *stack.Stack, daemon *testbed.Daemon, web, db *testbed.Container) {
 	const lateBy = 300 * time.Millisecond
 	window := st.Config.ConnectRetryWindow
@@ -522,25 +524,27 @@ func testConnectRetries(t *testing.T, st *stack.Stack, daemon *testbed.Daemon, w
 			port := testbed.FreePort(t)
 			appPort := testbed.FreePort(t) // a port number no earlier run left an app on in the container
 			ready(t, first(st.Register(t, stack.TCP(port, tc.container.IP.String(), appPort))))
-			// The app: a second echo server in the same container, listening only after lateBy.
-			go func() {
-				time.Sleep(lateBy)
-				args := []string{"exec", "-d"}
-				for _, env := range []string{"ECHO_HTTP_PORTS", "ECHO_TCP_PORTS", "ECHO_UDP_PORTS"} {
-					if env == tc.appEnv {
-						args = append(args, "-e", fmt.Sprintf("%s=%d", env, appPort))
-					} else {
-						args = append(args, "-e", env+"=")
-					}
+			// The app: a second echo server in the same container, started before the request and
+			// listening lateBy after it started (ECHO_LISTEN_DELAY). The delay is the app's own:
+			// how long `docker exec` takes on a loaded machine must not add to it.
+			args := []string{"exec", "-d", "-e", "ECHO_LISTEN_DELAY=" + lateBy.String()}
+			for _, env := range []string{"ECHO_HTTP_PORTS", "ECHO_TCP_PORTS", "ECHO_UDP_PORTS"} {
+				if env == tc.appEnv {
+					args = append(args, "-e", fmt.Sprintf("%s=%d", env, appPort))
+				} else {
+					args = append(args, "-e", env+"=")
 				}
-				_, _ = daemon.Docker(context.Background(), append(args, tc.container.ID, "/echoserver")...)
-			}()
+			}
+			started := time.Now()
+			if _, err := daemon.Docker(context.Background(), append(args, tc.container.ID, "/echoserver")...); err != nil {
+				t.Fatalf("starting the late app: %v", err)
+			}
 			start := time.Now()
 			if err := tc.request(fmt.Sprintf("127.0.0.1:%d", port)); err != nil {
-				t.Fatalf("first request, sent while the app was not listening: %v", err)
+				t.Fatalf("first request, sent while the app was not listening yet: %v", err)
 			}
-			if took := time.Since(start); took < lateBy {
-				t.Fatalf("answered after %v, before the app listened (%v): the app was not late", took, lateBy)
+			if took := time.Since(started); took < lateBy {
+				t.Fatalf("answered %v after the app started, before it listened (%v): the app was not late", took, lateBy)
 			}
 			t.Logf("answered %v after the request, the app listening after %v", time.Since(start).Round(time.Millisecond), lateBy)
 		})
@@ -553,8 +557,10 @@ func testConnectRetries(t *testing.T, st *stack.Stack, daemon *testbed.Daemon, w
 			if err == nil {
 				t.Fatal("a request to an app that never listens succeeded")
 			}
-			if took > window+time.Second {
-				t.Fatalf("failed after %v, want within the window %v + 1 s", took, window)
+			// The retries' backoffs add up to the window on average, and to at most
+			// LongestConnectRetries; a second more covers the connection attempts themselves.
+			if longest := envoyconfig.LongestConnectRetries(window); took > longest+time.Second {
+				t.Fatalf("failed after %v, want within the longest retries of the window %v (%v) + 1 s", took, window, longest)
 			}
 			t.Logf("failed after %v (window %v): %v", took.Round(time.Millisecond), window, err)
 			if tc.mode == "http" && !strings.Contains(err.Error(), "HTTP 503") {
