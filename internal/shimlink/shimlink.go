@@ -5,6 +5,8 @@
 //	shim → server  Open    the mapping, once, first
 //	server → shim  Ready   Envoy serves the port; or Failed with a reason for docker run
 //	shim → server  Log     the shim's log lines, for as long as it lives
+//	shim → server  Stats   the traffic a shim carries itself (UDP): every few seconds while it
+//	                       changes, and once more at the end; cumulative, so a lost one loses nothing
 //	shim → server  end of stream (shutdown): deregistration; the server closes once Envoy let go
 //
 // The server ending the connection means it stopped; the shim re-registers when it is back. Both
@@ -32,7 +34,7 @@ const DefaultSocket = "/run/envoy-docker-shim/shim.sock"
 // MaxMessage bounds a message; longer log lines are cut to fit.
 const MaxMessage = 16 << 10
 
-// Message is one of Open, Ready, Failed and Log.
+// Message is one of Open, Ready, Failed, Log and Stats.
 type Message interface{ values() url.Values }
 
 // Open is what a shim registers.
@@ -67,6 +69,14 @@ type Log struct {
 	Message string
 }
 
+// Stats are the counters of a shim that proxies a port itself (UDP), since the shim started.
+type Stats struct {
+	// In: datagrams and payload bytes from clients; Out: from the container back to clients.
+	InDatagrams, InBytes, OutDatagrams, OutBytes uint64
+	// Flows is the number of live flows (client address and port); FlowsTotal every one started.
+	Flows, FlowsTotal uint64
+}
+
 func (o *Open) values() url.Values {
 	v := url.Values{"type": {"open"}, "proto": {string(o.Mapping.Proto)},
 		"host": {o.Mapping.Host().String()}, "container": {o.Mapping.Container().String()},
@@ -91,6 +101,12 @@ func (l *Log) values() url.Values {
 	return url.Values{"type": {"log"}, "level": {l.Level}, "message": {l.Message}}
 }
 
+func (s *Stats) values() url.Values {
+	u := func(n uint64) []string { return []string{strconv.FormatUint(n, 10)} }
+	return url.Values{"type": {"stats"}, "in": u(s.InDatagrams), "in_bytes": u(s.InBytes),
+		"out": u(s.OutDatagrams), "out_bytes": u(s.OutBytes), "flows": u(s.Flows), "flows_total": u(s.FlowsTotal)}
+}
+
 // Encode is the packet of m.
 func Encode(m Message) []byte { return []byte(m.values().Encode()) }
 
@@ -110,6 +126,8 @@ func Decode(b []byte) (Message, error) {
 		return &Failed{Reason: v.Get("reason")}, nil
 	case "log":
 		return &Log{Level: v.Get("level"), Message: v.Get("message")}, nil
+	case "stats":
+		return decodeStats(v)
 	default:
 		return nil, fmt.Errorf("unknown message type %q", t)
 	}
@@ -142,6 +160,22 @@ func decodeOpen(v url.Values) (*Open, error) {
 	}
 	return &Open{Mapping: m, PID: pid, Version: v.Get("version"),
 		ProxiesItself: v.Get("proxies_itself") == "1", Serving: v.Get("serving") == "1"}, nil
+}
+
+func decodeStats(v url.Values) (*Stats, error) {
+	var s Stats
+	for _, f := range []struct {
+		key string
+		to  *uint64
+	}{{"in", &s.InDatagrams}, {"in_bytes", &s.InBytes}, {"out", &s.OutDatagrams}, {"out_bytes", &s.OutBytes},
+		{"flows", &s.Flows}, {"flows_total", &s.FlowsTotal}} {
+		n, err := strconv.ParseUint(v.Get(f.key), 10, 64)
+		if err != nil {
+			return nil, fmt.Errorf("stats %s: %w", f.key, err)
+		}
+		*f.to = n
+	}
+	return &s, nil
 }
 
 // Conn is one registration's connection, from either end. Send and Recv may run concurrently

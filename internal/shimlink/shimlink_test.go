@@ -26,6 +26,8 @@ func TestRoundTrip(t *testing.T) {
 		&Ready{Service: "web-test", Mode: "http", ContainerID: "c0ffee", ContainerName: "web-1", Listener: "tcp_127.0.0.1_8080"},
 		&Failed{Reason: "listen tcp4 0.0.0.0:80: bind: address already in use & more=odd"},
 		&Log{Level: "WARN", Message: "msg=\"ünïcode\" n=1\nsecond line"},
+		&Stats{InDatagrams: 1000, InBytes: 18890, OutDatagrams: 999, OutBytes: 18880, Flows: 2, FlowsTotal: 1 << 40},
+		&Stats{},
 	} {
 		got, err := Decode(Encode(m))
 		if err != nil || !reflect.DeepEqual(got, m) {
@@ -44,6 +46,8 @@ func TestDecodeRejects(t *testing.T) {
 		{"type=open&proto=tcp&host=127.0.0.1:0&container=10.0.0.1:1&pid=1", "host port"},
 		{"type=open&proto=tcp&host=127.0.0.1:1&container=10.0.0.1:1", "pid"},
 		{"type=log&%zz", "malformed"},
+		{"type=stats&in=1&in_bytes=2&out=3&out_bytes=4&flows=5", "flows_total"},
+		{"type=stats&in=-1&in_bytes=2&out=3&out_bytes=4&flows=5&flows_total=6", "stats in"},
 	} {
 		if _, err := Decode([]byte(tc.packet)); err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("Decode(%q) = %v, want an error containing %q", tc.packet, err, tc.want)
@@ -55,6 +59,7 @@ func TestDecodeRejects(t *testing.T) {
 func FuzzDecode(f *testing.F) {
 	f.Add(Encode(&Open{Mapping: tcp("127.0.0.1:8080", "172.17.0.2:80"), PID: 42}))
 	f.Add(Encode(&Log{Level: "INFO", Message: "x"}))
+	f.Add(Encode(&Stats{InDatagrams: 1, InBytes: 2, OutDatagrams: 3, OutBytes: 4, Flows: 5, FlowsTotal: 6}))
 	f.Add([]byte("type=open&proto=udp&host=[::]:1&container=[::1]:2&pid=-1&serving=1"))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		m, err := Decode(b)

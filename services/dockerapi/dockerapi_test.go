@@ -87,7 +87,7 @@ func engine() *fakeEngine {
 		},
 		containers: []container.Summary{
 			{ID: "c1", Names: []string{"/web"}, Labels: map[string]string{"ServiceName": "web"}},
-			{ID: "c2", Names: []string{"/db"}, Labels: map[string]string{"ProxyMode": "tcp"}},
+			{ID: "c2", Names: []string{"/db"}, Image: "postgres:16", Labels: map[string]string{"ProxyMode": "tcp"}},
 		},
 	}
 }
@@ -118,7 +118,7 @@ func TestFindByIP(t *testing.T) {
 		}
 	}
 	c, _ := (&Finder{Engine: engine()}).FindByIP(context.Background(), netip.MustParseAddr("10.5.0.3"))
-	if c.Name != "db" || c.Labels["ProxyMode"] != "tcp" {
+	if c.Name != "db" || c.Image != "postgres:16" || c.Labels["ProxyMode"] != "tcp" {
 		t.Errorf("container %+v", c)
 	}
 }

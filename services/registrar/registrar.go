@@ -23,6 +23,7 @@ import (
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/labels"
 	pb "github.com/envoy-docker-shim/envoy-docker-shim/services/registration/registrationpb"
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/registry"
+	"github.com/envoy-docker-shim/envoy-docker-shim/services/udpstats"
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/xds"
 )
 
@@ -50,6 +51,8 @@ type Server struct {
 	Metrics      *Metrics
 	// OnRestored is called after resync's Restore: the registry is as complete as it will get.
 	OnRestored func()
+	// UDP, if not nil, keeps the counters shims report for the ports they proxy themselves.
+	UDP *udpstats.Store
 
 	linkMu  sync.Mutex
 	live    map[*shimlink.Conn]bool
@@ -95,8 +98,9 @@ type session interface {
 	Open() (shimlink.Open, error)
 	Ready(registry.Entry) error
 	Fail(reason string) error
-	// Next reads the shim's next log line; io.EOF once the shim ended the registration.
-	Next() (*shimlink.Log, error)
+	// Next reads the shim's next message after Open (a *shimlink.Log or *shimlink.Stats); io.EOF
+	// once the shim ended the registration.
+	Next() (shimlink.Message, error)
 }
 
 // errShimGone says the shim went away before saying anything: there is nobody to answer.
@@ -135,6 +139,9 @@ func (s *Server) serve(sess session) {
 		return
 	}
 	closedByShim := false
+	if s.UDP != nil {
+		defer s.UDP.End(owner)
+	}
 	defer func() {
 		withdrawn, released := s.Registry.Release(m.Key, owner)
 		if !released {
@@ -170,15 +177,24 @@ func (s *Server) serve(sess session) {
 		return
 	}
 
-	// Hold the mapping until the session ends, relaying what the shim logs: under dockerd its
-	// stdout and stderr go nowhere, and this is where an operator looks.
+	// Hold the mapping until the session ends, relaying what the shim logs (under dockerd its
+	// stdout and stderr go nowhere, and this is where an operator looks) and keeping the
+	// counters of the traffic it carries itself.
+	udpKey := udpstats.Key{Service: service.Name, Address: m.Host()}
 	for {
-		l, err := sess.Next()
+		msg, err := sess.Next()
 		if err != nil {
 			closedByShim = errors.Is(err, io.EOF)
 			return
 		}
-		log.Log(sess.Context(), shimLevel(l.Level), l.Message, "source", "shim")
+		switch msg := msg.(type) {
+		case *shimlink.Log:
+			log.Log(sess.Context(), shimLevel(msg.Level), msg.Message, "source", "shim")
+		case *shimlink.Stats:
+			if s.UDP != nil && service.Mode == registry.ModeProxiedByShim {
+				s.UDP.Report(owner, udpKey, *msg)
+			}
+		}
 	}
 }
 

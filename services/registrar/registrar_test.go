@@ -19,11 +19,13 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/envoy-docker-shim/envoy-docker-shim/internal/mapping"
+	"github.com/envoy-docker-shim/envoy-docker-shim/internal/shimlink"
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/dockerapi"
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/envoyconfig"
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/labels"
 	pb "github.com/envoy-docker-shim/envoy-docker-shim/services/registration/registrationpb"
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/registry"
+	"github.com/envoy-docker-shim/envoy-docker-shim/services/udpstats"
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/xds"
 )
 
@@ -386,5 +388,66 @@ func TestRegistrationTranslatesOnce(t *testing.T) {
 	defer f.confirmer.mu.Unlock()
 	if f.confirmer.waits != 2 {
 		t.Fatalf("%d waits on Envoy, want 2 (ready, removal)", f.confirmer.waits)
+	}
+}
+
+// The counters a UDP shim reports on the link reach the store under the service's name and the
+// published address; the last one before the shim ends its side stays in the port's totals. A
+// TCP port's shim reports nothing worth keeping (Envoy counts its traffic), so nothing is kept.
+func TestShimLinkStats(t *testing.T) {
+	f := newFixture(t)
+	f.server.UDP = udpstats.New()
+	sock := filepath.Join(t.TempDir(), "shim.sock")
+	l, err := shimlink.Listen(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan error, 1)
+	go func() { served <- f.server.ServeShims(l) }()
+	t.Cleanup(func() { l.Close(); <-served; f.server.CloseShims() })
+
+	register := func(proto mapping.Protocol, port uint16) *shimlink.Conn {
+		t.Helper()
+		c, err := shimlink.Dial(sock)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		m := mapping.Mapping{Key: mapping.Key{Proto: proto, HostIP: netip.MustParseAddr("127.0.0.1"), HostPort: port},
+			ContainerIP: netip.MustParseAddr("172.17.0.2"), ContainerPort: 53}
+		if err := c.Send(&shimlink.Open{Mapping: m, PID: 7, ProxiesItself: proto == mapping.UDP}); err != nil {
+			t.Fatal(err)
+		}
+		if msg, err := c.Recv(); err != nil {
+			t.Fatal(err)
+		} else if _, ok := msg.(*shimlink.Ready); !ok {
+			t.Fatalf("answer %+v", msg)
+		}
+		return c
+	}
+	udp, tcp := register(mapping.UDP, 5353), register(mapping.TCP, 8053)
+	key := udpstats.Key{Service: "web-test", Address: netip.MustParseAddrPort("127.0.0.1:5353")}
+	for _, s := range []shimlink.Stats{{InDatagrams: 1, InBytes: 3, Flows: 1, FlowsTotal: 1}, {InDatagrams: 1000, InBytes: 9000, OutDatagrams: 1000, OutBytes: 9000, Flows: 1, FlowsTotal: 1}} {
+		if err := udp.Send(&s); err != nil {
+			t.Fatal(err)
+		}
+		if err := tcp.Send(&s); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, c := range []*shimlink.Conn{udp, tcp} {
+		if err := c.CloseWrite(); err != nil { // the deregistration
+			t.Fatal(err)
+		}
+		if _, err := c.Recv(); !errors.Is(err, io.EOF) {
+			t.Fatalf("after the deregistration: %v, want the server's end", err)
+		}
+	}
+	want := udpstats.Counters{InDatagrams: 1000, InBytes: 9000, OutDatagrams: 1000, OutBytes: 9000, FlowsTotal: 1}
+	if got, ok := f.server.UDP.Port(key); !ok || got != want {
+		t.Errorf("port %v: %+v (%v), want %+v", key, got, ok, want)
+	}
+	if got, ok := f.server.UDP.Port(udpstats.Key{Service: "web-test", Address: netip.MustParseAddrPort("127.0.0.1:8053")}); ok {
+		t.Errorf("a TCP port's reports were kept: %+v", got)
 	}
 }

@@ -15,7 +15,7 @@ import (
 
 // ServeShim holds the registration a shim opens on conn, and closes conn when it ends.
 func (s *Server) ServeShim(ctx context.Context, conn *shimlink.Conn) {
-	sess := &linkSession{conn: conn, msgs: make(chan *shimlink.Log)}
+	sess := &linkSession{conn: conn, msgs: make(chan shimlink.Message)}
 	sess.ctx, sess.cancel = context.WithCancel(ctx)
 	defer func() {
 		sess.cancel()
@@ -31,8 +31,8 @@ type linkSession struct {
 	conn   *shimlink.Conn
 	ctx    context.Context
 	cancel context.CancelFunc
-	msgs   chan *shimlink.Log
-	end    error // why the reader stopped; read after msgs is closed
+	msgs   chan shimlink.Message // what the shim sends after Open: log lines and counters
+	end    error                 // why the reader stopped; read after msgs is closed
 	ready  atomic.Bool
 }
 
@@ -68,9 +68,10 @@ func (l *linkSession) read() {
 			}
 			return
 		}
-		if log, ok := msg.(*shimlink.Log); ok {
+		switch msg.(type) {
+		case *shimlink.Log, *shimlink.Stats:
 			select {
-			case l.msgs <- log:
+			case l.msgs <- msg:
 			case <-l.ctx.Done():
 				l.end = l.ctx.Err()
 				return
@@ -89,9 +90,9 @@ func (l *linkSession) Ready(e registry.Entry) error {
 
 func (l *linkSession) Fail(reason string) error { return l.conn.Send(&shimlink.Failed{Reason: reason}) }
 
-func (l *linkSession) Next() (*shimlink.Log, error) {
-	if log, ok := <-l.msgs; ok {
-		return log, nil
+func (l *linkSession) Next() (shimlink.Message, error) {
+	if msg, ok := <-l.msgs; ok {
+		return msg, nil
 	}
 	return nil, l.end
 }
@@ -134,7 +135,8 @@ func (g grpcSession) Fail(reason string) error {
 	return g.stream.Send(&pb.RegisterResponse{Response: &pb.RegisterResponse_Failed{Failed: &pb.Failed{Reason: reason}}})
 }
 
-func (g grpcSession) Next() (*shimlink.Log, error) {
+// Next reads log lines only: shims of earlier releases report no counters.
+func (g grpcSession) Next() (shimlink.Message, error) {
 	for {
 		msg, err := g.stream.Recv()
 		if err != nil {

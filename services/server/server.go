@@ -28,6 +28,7 @@ import (
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/registrar"
 	pb "github.com/envoy-docker-shim/envoy-docker-shim/services/registration/registrationpb"
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/registry"
+	"github.com/envoy-docker-shim/envoy-docker-shim/services/udpstats"
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/xds"
 )
 
@@ -43,6 +44,7 @@ type Server struct {
 	metrics  *prometheus.Registry
 	engine   dockerapi.Engine
 	finder   *dockerapi.Finder
+	udp      *udpstats.Store
 	firewall *netfilter.Reconciler // nil without a table name or a Docker API
 }
 
@@ -61,6 +63,8 @@ func New(cfg Config, log *slog.Logger, engine dockerapi.Engine) (*Server, error)
 	}
 	metrics := prometheus.NewRegistry()
 	metrics.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	udp := udpstats.New()
+	metrics.MustRegister(udp)
 	xdsMetrics := xds.NewMetrics(metrics)
 	tracker := xds.NewTracker(xdsMetrics)
 	c, err := xds.NewCache(bootID(), cfg.EnvoyOptions(), xdsMetrics, tracker)
@@ -90,6 +94,7 @@ func New(cfg Config, log *slog.Logger, engine dockerapi.Engine) (*Server, error)
 		metrics:  metrics,
 		engine:   engine,
 		finder:   &dockerapi.Finder{Engine: engine, Timeout: cfg.DockerTimeout},
+		udp:      udp,
 	}, nil
 }
 
@@ -152,6 +157,7 @@ func (s *Server) Run(ctx context.Context) error {
 		ReadyTimeout: s.cfg.ReadyTimeout,
 		Log:          s.log.With("component", "registrar"),
 		Metrics:      registrar.NewMetrics(s.metrics, s.registry),
+		UDP:          s.udp,
 		OnRestored: func() {
 			if !s.cache.IsOpen() {
 				s.log.Info("resync done: answering envoy", "registrations", s.registry.Len())
@@ -271,6 +277,7 @@ func (s *Server) httpHandler() http.Handler {
 		w.Header().Set("Content-Type", "application/json")
 		_, _ = w.Write(b)
 	})
+	mux.HandleFunc("GET /ports", s.ports)
 	return mux
 }
 

@@ -72,6 +72,9 @@ func TestServerWithoutEnvoy(t *testing.T) {
 			t.Errorf("/metrics lacks %q", series)
 		}
 	}
+	if code, body := get("/ports"); code != 200 || body != `{"ports":[]}` {
+		t.Errorf("/ports = %d %q, want an empty list", code, body)
+	}
 	code, body := get("/registrations")
 	var list struct{ Registrations []any }
 	if err := json.Unmarshal([]byte(body), &list); code != 200 || err != nil || list.Registrations == nil || len(list.Registrations) != 0 {

@@ -6,11 +6,12 @@
 // The client owns that connection: it registers (bounded by the caller's deadline), holds the
 // registration, and when the server goes away it re-registers with backoff until the server is
 // back, without touching the port (Envoy keeps serving it meanwhile). It forwards the shim's log
-// lines on the stream. It never writes to fd 3 and never decides what the shim tells dockerd:
+// lines on the stream, and the counters of a port the shim proxies itself. It never writes to fd 3 and never decides what the shim tells dockerd:
 // its errors are messages the caller can show.
 package registration
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -40,6 +41,8 @@ const (
 	reregisterTimeout = 10 * time.Second
 	backoffMin        = 100 * time.Millisecond
 	backoffMax        = 5 * time.Second
+	// DefaultStatsEvery is how often a shim reports its counters, while they change.
+	DefaultStatsEvery = 5 * time.Second
 )
 
 // Options configure a Client.
@@ -58,6 +61,11 @@ type Options struct {
 	// it could not. The shim then goes on holding the registration in Go.
 	Idle      func(ctx context.Context, conn *net.UnixConn) error
 	IdleReady <-chan struct{}
+	// Stats, if not nil, are the counters of the traffic the shim carries itself (UDP). They are
+	// sent when a registration opens, every StatsEvery while they change, and when it ends.
+	Stats func() shimlink.Stats
+	// StatsEvery defaults to DefaultStatsEvery.
+	StatsEvery time.Duration
 }
 
 // Client holds one registration. Register, then Hold, from one goroutine.
@@ -258,7 +266,7 @@ func (c *Client) open(ctx context.Context, open shimlink.Open) (*session, error)
 func (c *Client) newSession(conn *shimlink.Conn, ready *shimlink.Ready) *session {
 	s := &session{conn: conn, ready: ready, done: make(chan struct{}), stopLogs: make(chan struct{}), logsDone: make(chan struct{})}
 	go s.watch()
-	go s.sendLogs(c.opts.Relay)
+	go s.send(c.opts.Relay, c.opts.Stats, cmp.Or(c.opts.StatsEvery, DefaultStatsEvery))
 	return s
 }
 
@@ -298,37 +306,66 @@ func (s *session) watch() {
 	}
 }
 
-// sendLogs forwards log lines; it is the only sender after Open.
-func (s *session) sendLogs(out *logging.Relay) {
+// send forwards log lines and counters; it is the only sender after Open. Counters go out at
+// once (a re-registration tells a restarted server everything so far), then every period while
+// they change, and a last time when the registration ends.
+func (s *session) send(out *logging.Relay, stats func() shimlink.Stats, period time.Duration) {
 	defer close(s.logsDone)
-	if out == nil {
-		<-s.stopLogs
-		return
+	var lines <-chan logging.Line
+	if out != nil {
+		lines = out.Lines()
+	}
+	var tick <-chan time.Time
+	var sent shimlink.Stats
+	sendStats := func(always bool) error {
+		if stats == nil {
+			return nil
+		}
+		now := stats()
+		if now == sent && !always {
+			return nil
+		}
+		sent = now
+		return s.conn.Send(&now)
+	}
+	if stats != nil {
+		t := time.NewTicker(period)
+		defer t.Stop()
+		tick = t.C
+		if sendStats(true) != nil {
+			<-s.stopLogs
+			return
+		}
 	}
 	send := func(l logging.Line) error {
 		return s.conn.Send(&shimlink.Log{Level: l.Level.String(), Message: l.Message})
 	}
 	for {
+		var err error
 		select {
-		case l := <-out.Lines():
-			if send(l) != nil {
-				<-s.stopLogs
-				return
-			}
+		case l := <-lines:
+			err = send(l)
+		case <-tick:
+			err = sendStats(false)
 		case <-s.done:
 			<-s.stopLogs
 			return
 		case <-s.stopLogs:
-			for { // flush what is queued, without waiting for more
+			for { // flush what is queued, without waiting for more, then the last counters
 				select {
-				case l := <-out.Lines():
+				case l := <-lines:
 					if send(l) != nil {
 						return
 					}
 				default:
+					_ = sendStats(false)
 					return
 				}
 			}
+		}
+		if err != nil {
+			<-s.stopLogs
+			return
 		}
 	}
 }

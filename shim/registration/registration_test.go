@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -69,6 +70,57 @@ func TestRegisterReadyHoldAndDeregister(t *testing.T) {
 	}
 	if !srv.WaitFor(time.Second, func(r *shimtest.Registrar) bool { return len(r.Live()) == 0 }) {
 		t.Fatal("server still holds the registration after Hold returned")
+	}
+}
+
+// The counters of a port the shim proxies itself: sent when the registration opens, then every
+// period only while they change, and once more at the deregistration, before the shim's side ends.
+func TestStatsReports(t *testing.T) {
+	sock := socketPath(t)
+	srv := shimtest.StartRegistrar(t, sock, nil)
+	var mu sync.Mutex
+	now := shimlink.Stats{InDatagrams: 1, InBytes: 10}
+	set := func(s shimlink.Stats) { mu.Lock(); now = s; mu.Unlock() }
+	const period = 50 * time.Millisecond
+	c := New(Options{Socket: sock, Open: open(), Log: logging.Discard(), StatsEvery: period,
+		Stats: func() shimlink.Stats { mu.Lock(); defer mu.Unlock(); return now }})
+	if _, err := c.Register(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	holdCtx, stop := context.WithCancel(context.Background())
+	held := make(chan error)
+	go func() { held <- c.Hold(holdCtx) }()
+	reports := func(n int) []shimlink.Stats {
+		t.Helper()
+		if !srv.WaitFor(2*time.Second, func(r *shimtest.Registrar) bool { return len(r.Stats()) >= n }) {
+			t.Fatalf("%d reports, want %d", len(srv.Stats()), n)
+		}
+		var out []shimlink.Stats
+		for _, s := range srv.Stats() {
+			out = append(out, *s)
+		}
+		return out
+	}
+	if got := reports(1); got[0] != now {
+		t.Fatalf("first report %+v, want %+v", got[0], now)
+	}
+	time.Sleep(5 * period) // unchanged: nothing more is sent
+	if got := srv.Stats(); len(got) != 1 {
+		t.Fatalf("%d reports of unchanged counters, want 1", len(got))
+	}
+	second := shimlink.Stats{InDatagrams: 2, InBytes: 20, OutDatagrams: 1, OutBytes: 10, Flows: 1, FlowsTotal: 1}
+	set(second)
+	if got := reports(2); got[1] != second {
+		t.Fatalf("second report %+v, want %+v", got[1], second)
+	}
+	// Changed just before the stop: the period has not come, the last report still carries it.
+	last := shimlink.Stats{InDatagrams: 3, InBytes: 30, OutDatagrams: 3, OutBytes: 30, FlowsTotal: 1}
+	set(last)
+	stop()
+	<-held
+	got := reports(3)
+	if got[len(got)-1] != last {
+		t.Fatalf("reports %+v: the last is not %+v", got, last)
 	}
 }
 

@@ -49,6 +49,7 @@ type Registrar struct {
 	live     map[int]*shimlink.Open
 	nextID   int
 	logs     []*shimlink.Log
+	stats    []*shimlink.Stats
 	change   chan struct{} // closed and replaced on every change
 }
 
@@ -170,12 +171,15 @@ func (r *Registrar) serve(conn *shimlink.Conn) {
 		r.mu.Unlock()
 	}()
 	for m := range msgs {
-		if l, ok := m.(*shimlink.Log); ok {
-			r.mu.Lock()
-			r.logs = append(r.logs, l)
-			r.notifyLocked()
-			r.mu.Unlock()
+		r.mu.Lock()
+		switch m := m.(type) {
+		case *shimlink.Log:
+			r.logs = append(r.logs, m)
+		case *shimlink.Stats:
+			r.stats = append(r.stats, m)
 		}
+		r.notifyLocked()
+		r.mu.Unlock()
 	}
 	// The shim ended its side (deregistration) or went away: the connection closes on return.
 }
@@ -208,6 +212,13 @@ func (r *Registrar) Logs() []*shimlink.Log {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return append([]*shimlink.Log(nil), r.logs...)
+}
+
+// Stats returns the counters shims sent, in order.
+func (r *Registrar) Stats() []*shimlink.Stats {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]*shimlink.Stats(nil), r.stats...)
 }
 
 // WaitFor waits until cond (called under no lock, after every change) holds, or timeout.

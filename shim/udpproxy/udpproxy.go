@@ -16,6 +16,7 @@ import (
 	"net/netip"
 	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -77,6 +78,30 @@ type Proxy struct {
 	flows  map[netip.AddrPort]*flow
 	closed bool
 	wg     sync.WaitGroup
+
+	// Counters since the shim started, read by Stats while the proxy runs.
+	inDatagrams, inBytes, outDatagrams, outBytes, flowsTotal atomic.Uint64
+}
+
+// Stats are a proxy's counters since it started: what the shim reports to envoy-docker-server,
+// cumulative, so that a lost report loses nothing.
+type Stats struct {
+	// In: datagrams (and their payload bytes) received from clients.
+	InDatagrams, InBytes uint64
+	// Out: datagrams (and their payload bytes) from the container, sent back to clients.
+	OutDatagrams, OutBytes uint64
+	// Flows is the number of live flows; FlowsTotal counts every flow started.
+	Flows      int
+	FlowsTotal uint64
+}
+
+// Stats returns the proxy's counters.
+func (p *Proxy) Stats() Stats {
+	return Stats{
+		InDatagrams: p.inDatagrams.Load(), InBytes: p.inBytes.Load(),
+		OutDatagrams: p.outDatagrams.Load(), OutBytes: p.outBytes.Load(),
+		Flows: p.Flows(), FlowsTotal: p.flowsTotal.Load(),
+	}
 }
 
 type flow struct {
@@ -122,6 +147,8 @@ func (p *Proxy) Run() error {
 			}
 			return fmt.Errorf("reading from %s: %w", p.front.LocalAddr(), err)
 		}
+		p.inDatagrams.Add(1)
+		p.inBytes.Add(uint64(n))
 		f, err := p.flowFor(from, oob[:oobn])
 		if err != nil {
 			p.log.Warn("cannot proxy a datagram to the container", "container", p.backend, "client", from, "err", err)
@@ -154,6 +181,7 @@ func (p *Proxy) flowFor(client netip.AddrPort, oob []byte) (*flow, error) {
 	}
 	f := &flow{conn: conn, client: client, oob: p.replySource(oob), last: time.Now()}
 	p.flows[client] = f
+	p.flowsTotal.Add(1)
 	p.wg.Add(1)
 	go p.replies(f)
 	return f, nil
@@ -209,6 +237,9 @@ func (p *Proxy) replies(f *flow) {
 		p.mu.Lock()
 		f.last = time.Now()
 		p.mu.Unlock()
+		// Counted before the write, so a client that has its reply finds it counted.
+		p.outDatagrams.Add(1)
+		p.outBytes.Add(uint64(n))
 		if _, _, err := p.front.WriteMsgUDPAddrPort(buf[:n], f.oob, f.client); err != nil {
 			if errors.Is(err, net.ErrClosed) {
 				return

@@ -215,3 +215,27 @@ func TestListenPortInUse(t *testing.T) {
 		t.Fatalf("err = %v\nwant %s", err, want)
 	}
 }
+
+// The counters the shim reports: every datagram and byte each way, live and started flows. A
+// datagram the container never answers counts in, not out.
+func TestStats(t *testing.T) {
+	e := startEcho(t, "127.0.0.1:0")
+	p, front := startProxy(t, "127.0.0.1:0", e.addr())
+	if got := p.Stats(); got != (Stats{}) {
+		t.Fatalf("before any traffic: %+v", got)
+	}
+	var bytes uint64
+	for i := range 1000 {
+		bytes += uint64(len(fmt.Sprintf("datagram %d", i)))
+	}
+	a, _ := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(front))
+	defer a.Close()
+	b, _ := net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(front))
+	defer b.Close()
+	roundTrips(t, a, 1000)
+	roundTrips(t, b, 1000)
+	want := Stats{InDatagrams: 2000, InBytes: 2 * bytes, OutDatagrams: 2000, OutBytes: 2 * bytes, Flows: 2, FlowsTotal: 2}
+	if got := p.Stats(); got != want {
+		t.Fatalf("after 2 × 1000 round trips: %+v, want %+v", got, want)
+	}
+}

@@ -5,11 +5,14 @@ package e2e
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strconv"
 	"strings"
 	"syscall"
@@ -17,6 +20,9 @@ import (
 	"time"
 
 	pb "github.com/envoy-docker-shim/envoy-docker-shim/services/registration/registrationpb"
+	"github.com/envoy-docker-shim/envoy-docker-shim/services/server"
+	"github.com/envoy-docker-shim/envoy-docker-shim/services/udpstats"
+	"github.com/envoy-docker-shim/envoy-docker-shim/shim/registration"
 	"github.com/envoy-docker-shim/envoy-docker-shim/testbed"
 	"github.com/envoy-docker-shim/envoy-docker-shim/testbed/stack"
 )
@@ -355,6 +361,9 @@ func testShimUnderDockerd(t *testing.T, gen testbed.Generation) {
 		}
 	}
 	t.Run("udp echoes 1000 datagrams", udpEcho)
+	t.Run("udp traffic is counted on the server's /metrics and /ports under the service's name", func(t *testing.T) {
+		testUDPCounted(t, s)
+	})
 
 	s.stack.StopServer(t)
 	t.Run("server stopped: docker run -p fails within 10s naming the socket", func(t *testing.T) {
@@ -374,4 +383,104 @@ func testShimUnderDockerd(t *testing.T, gen testbed.Generation) {
 		}
 	})
 	t.Run("udp echoes 1000 datagrams with the server stopped", udpEcho)
+}
+
+// testUDPCounted echoes 1,000 datagrams through a UDP port the shim proxies itself: the shim's
+// periodic report makes them 1,000 in and 1,000 out on the server's /metrics and /ports, under
+// the service's name and the published address. 500 more just before docker stop reach the
+// server in the shim's last report, so the port's totals keep them after it is gone.
+func testUDPCounted(t *testing.T, s *setup) {
+	port := testbed.FreePort(t)
+	c := s.daemon.Run(t, testbed.RunOptions{
+		Publish: []string{fmt.Sprintf("127.0.0.1:%d:7/udp", port)},
+		Labels:  map[string]string{"ServiceName": "udpcount", "EnvironmentName": "test"},
+	})
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	conn, err := testbed.Dial(context.Background(), "udp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	bytes := 0
+	echo := func(from, to int) {
+		buf := make([]byte, 2048)
+		for i := from; i < to; i++ {
+			msg := fmt.Sprintf("datagram %d", i)
+			conn.SetDeadline(time.Now().Add(5 * time.Second))
+			if _, err := conn.Write([]byte(msg)); err != nil {
+				t.Fatal(err)
+			}
+			n, err := conn.Read(buf)
+			if err != nil || string(buf[:n]) != msg {
+				t.Fatalf("datagram %d: %q %v", i, buf[:n], err)
+			}
+			bytes += n
+		}
+	}
+	series := func(datagrams, bytes int) []string {
+		var out []string
+		for _, dir := range []string{"in", "out"} {
+			labels := fmt.Sprintf(`{address="%s",direction="%s",service="udpcount-test"}`, addr, dir)
+			out = append(out, fmt.Sprintf("eds_udp_datagrams_total%s %d", labels, datagrams), fmt.Sprintf("eds_udp_bytes_total%s %d", labels, bytes))
+		}
+		return out
+	}
+	metrics := func() string {
+		status, body, err := testbed.HTTPGet(context.Background(), "http://"+s.stack.Config.HTTPAddr+"/metrics")
+		if err != nil || status != 200 {
+			t.Fatalf("/metrics: %d %v", status, err)
+		}
+		return body
+	}
+	missing := func(body string, want []string) error {
+		for _, w := range want {
+			if !strings.Contains(body, w+"\n") {
+				return fmt.Errorf("/metrics lacks %q", w)
+			}
+		}
+		return nil
+	}
+
+	echo(0, 1000)
+	start := time.Now()
+	testbed.WaitFor(t, 3*registration.DefaultStatsEvery, "1,000 datagrams each way on /metrics", func() error {
+		return missing(metrics(), series(1000, bytes))
+	})
+	t.Logf("counted on /metrics %v after the last datagram", time.Since(start).Round(time.Millisecond))
+	if err := missing(metrics(), []string{fmt.Sprintf(`eds_udp_flows{address="%s",service="udpcount-test"} 1`, addr),
+		fmt.Sprintf(`eds_udp_flows_total{address="%s",service="udpcount-test"} 1`, addr)}); err != nil {
+		t.Error(err)
+	}
+	status, body, err := testbed.HTTPGet(context.Background(), "http://"+s.stack.Config.HTTPAddr+"/ports")
+	var ports struct{ Ports []server.Port }
+	if err != nil || status != 200 || json.Unmarshal([]byte(body), &ports) != nil {
+		t.Fatalf("/ports: %d %v %.300s", status, err, body)
+	}
+	want := server.Port{Proto: "udp", Published: addr, Container: netip.AddrPortFrom(c.IP, 7).String(), ContainerID: c.ID,
+		ContainerName: c.Name, Image: testbed.EchoImageTag, Service: "udpcount-test", Mode: "shim",
+		UDP: &udpstats.Counters{InDatagrams: 1000, InBytes: uint64(bytes), OutDatagrams: 1000, OutBytes: uint64(bytes), Flows: 1, FlowsTotal: 1}}
+	found := false
+	for _, p := range ports.Ports {
+		if p.Published == addr {
+			found = true
+			if !reflect.DeepEqual(p, want) {
+				t.Errorf("/ports lists %+v %+v\nwant %+v %+v", p, p.UDP, want, want.UDP)
+			}
+		}
+	}
+	if !found {
+		t.Errorf("/ports does not list %s: %s", addr, body)
+	}
+
+	echo(1000, 1500)
+	s.daemon.Stop(t, c)
+	testbed.WaitFor(t, 5*time.Second, "the port deregistered", func() error {
+		if l := s.listed(t, port); len(l) != 0 {
+			return fmt.Errorf("still listed: %v", l)
+		}
+		return nil
+	})
+	if err := missing(metrics(), series(1500, bytes)); err != nil {
+		t.Errorf("after docker stop: %v", err)
+	}
 }

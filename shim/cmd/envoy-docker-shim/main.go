@@ -132,10 +132,11 @@ func shim(start time.Time, status *statuspipe.Pipe, pipeErr error, args proxyarg
 	// Once Envoy has the port and no connection runs through the shim, a TCP shim only holds its
 	// registration: it goes idle (package idle). idleReady says when.
 	idleReady := make(chan struct{})
-	reg := registration.New(registration.Options{
+	regOpts := registration.Options{
 		Socket: cfg.ShimSocket, Open: registration.NewOpen(m, m.Proto == mapping.UDP), Log: log, Relay: relay,
 		Idle: idler(m.Proto, log), IdleReady: idleReady,
-	})
+	}
+	reg := registration.New(regOpts)
 	deadline := start.Add(cfg.Timeout - 250*time.Millisecond) // leaves time to write the reason, even on a loaded host
 
 	var g run.Group
@@ -215,6 +216,9 @@ func shim(start time.Time, status *statuspipe.Pipe, pipeErr error, args proxyarg
 			conn.Close()
 			return fail(status, log, 1, err)
 		}
+		// The server learns the port's traffic from the shim alone: Envoy never sees it.
+		regOpts.Stats = func() shimlink.Stats { return linkStats(p.Stats()) }
+		reg = registration.New(regOpts)
 		status.Ready()
 		log.Info("port ready: the shim proxies UDP", "took", time.Since(start).Round(time.Millisecond))
 		g.Add(p.Run, func(error) { p.Close() })
@@ -302,6 +306,11 @@ func resume(conn *net.UnixConn, err error, args proxyargs.Result, signals <-chan
 	_ = g.Run()
 	log.Info("stopped")
 	return 0
+}
+
+func linkStats(s udpproxy.Stats) shimlink.Stats {
+	return shimlink.Stats{InDatagrams: s.InDatagrams, InBytes: s.InBytes, OutDatagrams: s.OutDatagrams,
+		OutBytes: s.OutBytes, Flows: uint64(s.Flows), FlowsTotal: s.FlowsTotal}
 }
 
 type registrationFailed struct{ err error }
