@@ -6,7 +6,8 @@
 //	server → shim  Ready   Envoy serves the port; or Failed with a reason for docker run
 //	shim → server  Log     the shim's log lines, for as long as it lives
 //	shim → server  Stats   the traffic a shim carries itself (UDP): every few seconds while it
-//	                       changes, and once more at the end; cumulative, so a lost one loses nothing
+//	                       changes, and once more at the end; cumulative, so a lost one loses
+//	                       nothing; only to a server whose Ready asked for them
 //	shim → server  end of stream (shutdown): deregistration; the server closes once Envoy let go
 //
 // The server ending the connection means it stopped; the shim re-registers when it is back. Both
@@ -56,6 +57,9 @@ type Ready struct {
 	ContainerID   string
 	ContainerName string
 	Listener      string
+	// WantsStats asks a shim that carries the traffic itself for its counters (Stats). A server
+	// from before Stats existed does not ask, and would end a registration that sent them.
+	WantsStats bool
 }
 
 // Failed is the server's refusal; Reason is written for the user of docker run.
@@ -91,8 +95,12 @@ func (o *Open) values() url.Values {
 }
 
 func (r *Ready) values() url.Values {
-	return url.Values{"type": {"ready"}, "service": {r.Service}, "mode": {r.Mode},
+	v := url.Values{"type": {"ready"}, "service": {r.Service}, "mode": {r.Mode},
 		"container_id": {r.ContainerID}, "container_name": {r.ContainerName}, "listener": {r.Listener}}
+	if r.WantsStats {
+		v.Set("stats", "1")
+	}
+	return v
 }
 
 func (f *Failed) values() url.Values { return url.Values{"type": {"failed"}, "reason": {f.Reason}} }
@@ -121,7 +129,7 @@ func Decode(b []byte) (Message, error) {
 		return decodeOpen(v)
 	case "ready":
 		return &Ready{Service: v.Get("service"), Mode: v.Get("mode"), ContainerID: v.Get("container_id"),
-			ContainerName: v.Get("container_name"), Listener: v.Get("listener")}, nil
+			ContainerName: v.Get("container_name"), Listener: v.Get("listener"), WantsStats: v.Get("stats") == "1"}, nil
 	case "failed":
 		return &Failed{Reason: v.Get("reason")}, nil
 	case "log":

@@ -24,6 +24,7 @@ func TestRoundTrip(t *testing.T) {
 		&Open{Mapping: tcp("127.0.0.1:8080", "172.17.0.2:80"), PID: 42, Version: "v1 (abc)"},
 		&Open{Mapping: udp6, PID: 1, ProxiesItself: true, Serving: true},
 		&Ready{Service: "web-test", Mode: "http", ContainerID: "c0ffee", ContainerName: "web-1", Listener: "tcp_127.0.0.1_8080"},
+		&Ready{Service: "dns-test", Mode: "shim", WantsStats: true},
 		&Failed{Reason: "listen tcp4 0.0.0.0:80: bind: address already in use & more=odd"},
 		&Log{Level: "WARN", Message: "msg=\"ünïcode\" n=1\nsecond line"},
 		&Stats{InDatagrams: 1000, InBytes: 18890, OutDatagrams: 999, OutBytes: 18880, Flows: 2, FlowsTotal: 1 << 40},

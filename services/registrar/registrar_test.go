@@ -420,8 +420,8 @@ func TestShimLinkStats(t *testing.T) {
 		}
 		if msg, err := c.Recv(); err != nil {
 			t.Fatal(err)
-		} else if _, ok := msg.(*shimlink.Ready); !ok {
-			t.Fatalf("answer %+v", msg)
+		} else if r, ok := msg.(*shimlink.Ready); !ok || r.WantsStats != (proto == mapping.UDP) {
+			t.Fatalf("answer %+v: want Ready, asking for counters only from a shim that carries the traffic", msg)
 		}
 		return c
 	}

@@ -85,6 +85,7 @@ func (l *linkSession) Ready(e registry.Entry) error {
 	return l.conn.Send(&shimlink.Ready{
 		Service: e.Service.Name, Mode: string(e.Mode), ContainerID: e.ContainerID,
 		ContainerName: e.ContainerName, Listener: ToProto(e).GetListener(),
+		WantsStats: e.Mode == registry.ModeProxiedByShim,
 	})
 }
 

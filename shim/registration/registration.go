@@ -62,7 +62,8 @@ type Options struct {
 	Idle      func(ctx context.Context, conn *net.UnixConn) error
 	IdleReady <-chan struct{}
 	// Stats, if not nil, are the counters of the traffic the shim carries itself (UDP). They are
-	// sent when a registration opens, every StatsEvery while they change, and when it ends.
+	// sent when a registration opens, every StatsEvery while they change, and when it ends, to a
+	// server that asks for them in its Ready.
 	Stats func() shimlink.Stats
 	// StatsEvery defaults to DefaultStatsEvery.
 	StatsEvery time.Duration
@@ -266,7 +267,11 @@ func (c *Client) open(ctx context.Context, open shimlink.Open) (*session, error)
 func (c *Client) newSession(conn *shimlink.Conn, ready *shimlink.Ready) *session {
 	s := &session{conn: conn, ready: ready, done: make(chan struct{}), stopLogs: make(chan struct{}), logsDone: make(chan struct{})}
 	go s.watch()
-	go s.send(c.opts.Relay, c.opts.Stats, cmp.Or(c.opts.StatsEvery, DefaultStatsEvery))
+	stats := c.opts.Stats
+	if !ready.WantsStats {
+		stats = nil // a server of an earlier release, which would end the registration
+	}
+	go s.send(c.opts.Relay, stats, cmp.Or(c.opts.StatsEvery, DefaultStatsEvery))
 	return s
 }
 

@@ -82,7 +82,9 @@ func TestStatsReports(t *testing.T) {
 	now := shimlink.Stats{InDatagrams: 1, InBytes: 10}
 	set := func(s shimlink.Stats) { mu.Lock(); now = s; mu.Unlock() }
 	const period = 50 * time.Millisecond
-	c := New(Options{Socket: sock, Open: open(), Log: logging.Discard(), StatsEvery: period,
+	udp := open()
+	udp.Mapping.Proto, udp.ProxiesItself = mapping.UDP, true
+	c := New(Options{Socket: sock, Open: udp, Log: logging.Discard(), StatsEvery: period,
 		Stats: func() shimlink.Stats { mu.Lock(); defer mu.Unlock(); return now }})
 	if _, err := c.Register(context.Background()); err != nil {
 		t.Fatal(err)
@@ -121,6 +123,36 @@ func TestStatsReports(t *testing.T) {
 	got := reports(3)
 	if got[len(got)-1] != last {
 		t.Fatalf("reports %+v: the last is not %+v", got, last)
+	}
+}
+
+// A server of an earlier release does not ask for counters, and would end a registration that
+// sent them (an unknown message): it gets none.
+func TestNoStatsUnlessAsked(t *testing.T) {
+	sock := socketPath(t)
+	srv := shimtest.StartRegistrar(t, sock, func(_ context.Context, o *shimlink.Open) shimlink.Message {
+		r := shimtest.Ready(o)
+		r.WantsStats = false
+		return r
+	})
+	udp := open()
+	udp.Mapping.Proto, udp.ProxiesItself = mapping.UDP, true
+	c := New(Options{Socket: sock, Open: udp, Log: logging.Discard(), StatsEvery: time.Millisecond,
+		Stats: func() shimlink.Stats { return shimlink.Stats{InDatagrams: 1} }})
+	if _, err := c.Register(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	holdCtx, stop := context.WithCancel(context.Background())
+	held := make(chan error)
+	go func() { held <- c.Hold(holdCtx) }()
+	time.Sleep(50 * time.Millisecond)
+	stop()
+	<-held
+	if !srv.WaitFor(time.Second, func(r *shimtest.Registrar) bool { return len(r.Live()) == 0 }) {
+		t.Fatal("the registration did not end")
+	}
+	if got := srv.Stats(); len(got) != 0 {
+		t.Fatalf("the server got %d reports it did not ask for", len(got))
 	}
 }
 

@@ -31,7 +31,7 @@ func Ready(open *shimlink.Open) *shimlink.Ready {
 	if open.ProxiesItself {
 		mode = "shim"
 	}
-	return &shimlink.Ready{Service: "fake-test", Mode: mode}
+	return &shimlink.Ready{Service: "fake-test", Mode: mode, WantsStats: open.ProxiesItself}
 }
 
 // Failed builds a Failed answer.
