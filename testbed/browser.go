@@ -10,6 +10,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/chromedp/chromedp"
 )
 
 // ChromiumBinary returns $CHROMIUM_BIN, or else Debian's chromium, and skips the test (fails it
@@ -36,24 +38,12 @@ func ChromiumBinary(t testing.TB) string {
 func RenderPage(t testing.TB, pageURL string, budget time.Duration) string {
 	t.Helper()
 	bin := ChromiumBinary(t)
-	u, err := url.Parse(pageURL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ip, err := netip.ParseAddr(u.Hostname())
-	if err != nil || !ip.IsLoopback() {
-		t.Fatalf("RenderPage %s: %v: pages are loaded from loopback only", pageURL, ErrForbiddenTarget)
-	}
+	requireLoopbackPage(t, pageURL)
 	ctx, cancel := context.WithTimeout(context.Background(), budget+60*time.Second)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, bin,
-		"--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-		// Nothing but the page: no update checks, sync, metrics or other background traffic.
-		"--disable-background-networking", "--disable-component-update", "--disable-sync",
-		"--disable-default-apps", "--disable-extensions", "--no-first-run", "--disable-domain-reliability",
-		"--user-data-dir="+t.TempDir(),
+	cmd := exec.CommandContext(ctx, bin, append(chromiumFlags(t.TempDir()),
 		fmt.Sprintf("--virtual-time-budget=%d", budget.Milliseconds()),
-		"--dump-dom", pageURL)
+		"--dump-dom", pageURL)...)
 	cmd.Env = toolEnv("HOME=" + t.TempDir())
 	var stderr strings.Builder
 	cmd.Stderr = &stderr
@@ -62,4 +52,56 @@ func RenderPage(t testing.TB, pageURL string, budget time.Duration) string {
 		t.Fatalf("chromium --dump-dom %s: %v\n%s", pageURL, err, stderr.String())
 	}
 	return string(out)
+}
+
+// chromiumFlags run Chromium headless with a fresh profile in dir and nothing but the page: no
+// update checks, sync, metrics or other background traffic.
+func chromiumFlags(dir string) []string {
+	return []string{
+		"--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+		"--disable-background-networking", "--disable-component-update", "--disable-sync",
+		"--disable-default-apps", "--disable-extensions", "--no-first-run", "--disable-domain-reliability",
+		"--user-data-dir=" + dir,
+	}
+}
+
+func requireLoopbackPage(t testing.TB, pageURL string) {
+	t.Helper()
+	u, err := url.Parse(pageURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ip, err := netip.ParseAddr(u.Hostname())
+	if err != nil || !ip.IsLoopback() {
+		t.Fatalf("%s: %v: pages are loaded from loopback only", pageURL, ErrForbiddenTarget)
+	}
+}
+
+// Browse opens a page of ours on loopback in headless Chromium, driven over the DevTools protocol
+// (chromedp), in real time: the page's timers and fetches run as in a user's browser, which
+// RenderPage's virtual time does not give a page that measures rates. It returns the chromedp
+// context for the test's actions (chromedp.Run or chromedp.Do on it); the browser stops when the test ends,
+// and in any case after timeout.
+func Browse(t testing.TB, pageURL string, width, height int, timeout time.Duration) context.Context {
+	t.Helper()
+	bin := ChromiumBinary(t)
+	requireLoopbackPage(t, pageURL)
+	opts := []chromedp.ExecAllocatorOption{chromedp.ExecPath(bin), chromedp.WindowSize(width, height),
+		chromedp.ModifyCmdFunc(func(cmd *exec.Cmd) { cmd.Env = toolEnv("HOME=" + t.TempDir()) })}
+	for _, f := range chromiumFlags(t.TempDir()) {
+		name, value, ok := strings.Cut(strings.TrimPrefix(f, "--"), "=")
+		if !ok {
+			opts = append(opts, chromedp.Flag(name, true))
+		} else {
+			opts = append(opts, chromedp.Flag(name, value))
+		}
+	}
+	ctx, cancelTimeout := context.WithTimeout(context.Background(), timeout)
+	ctx, cancelAlloc := chromedp.NewExecAllocator(ctx, opts...)
+	ctx, cancelBrowser := chromedp.NewContext(ctx)
+	t.Cleanup(func() { cancelBrowser(); cancelAlloc(); cancelTimeout() })
+	if err := chromedp.Do(ctx, chromedp.Navigate(pageURL)); err != nil {
+		t.Fatalf("chromium: open %s: %v", pageURL, err)
+	}
+	return ctx
 }

@@ -4,10 +4,12 @@
 // interface on loopback, and adds the UI.
 //
 // The UI is a listener of Envoy's own (ENVOY_UI_LISTEN_PORT, 8081 by default): one page showing
-// every published port with its service, container and traffic, and the three read-only admin
-// endpoints that page reads (GET /stats, /clusters and /config_dump, plus /stats/prometheus).
-// Everything else on that port is a 404, so exposing the UI never exposes the admin interface,
-// whose POST endpoints stop Envoy or change its state.
+// every published port and service with its container, image, rates and latency, the three
+// read-only admin endpoints that page reads (GET /stats, /clusters and /config_dump, plus
+// /stats/prometheus), and GET /ports of envoy-docker-server (EDS_HTTP_ADDR): container names and
+// images, and the traffic of the UDP ports the shims carry. Everything else on that port is a 404,
+// so exposing the UI never exposes the admin interface, whose POST endpoints stop Envoy or change
+// its state, nor the server's other endpoints.
 package bootstrap
 
 import (
@@ -32,6 +34,7 @@ type Config struct {
 	UIPort         int    `envconfig:"ENVOY_UI_LISTEN_PORT" default:"8081" desc:"Port of the UI: every published port with its service, container and traffic, and Envoy's metrics (read-only; the admin interface is not reachable through it). 0 turns the UI off."`
 	UIAddress      string `envconfig:"ENVOY_UI_ADDRESS" default:"127.0.0.1" desc:"Address the UI listens on; loopback by default, 0.0.0.0 to reach it from other machines."`
 	XDSAddr        string `envconfig:"EDS_XDS_ADDR" default:"127.0.0.1:18000" desc:"Where envoy-docker-server serves xDS (same variable as the server's)."`
+	ServerHTTPAddr string `envconfig:"EDS_HTTP_ADDR" default:"127.0.0.1:18001" desc:"Where envoy-docker-server serves HTTP (same variable as the server's): the UI reads the containers' names and images and the UDP ports' traffic from its /ports."`
 	NodeID         string `envconfig:"ENVOY_NODE_ID" default:"envoy-docker-shim" desc:"Envoy node id reported to the server."`
 	Concurrency    string `envconfig:"ENVOY_CONCURRENCY" default:"auto" desc:"Envoy worker threads. auto: half the CPUs the container may use (its cpuset and CPU quota), at least 1 and at most 8: the applications behind the ports need CPU too, and every worker holds a listening socket per port. A number sets it; 0 is one per CPU (Envoy's own default)."`
 	LogLevel       string `envconfig:"ENVOY_LOG_LEVEL" default:"info" desc:"Envoy's log level (trace, debug, info, warning, error, critical, off)."`
@@ -54,12 +57,13 @@ func (c Config) Validate() error {
 	if c.AdminPort < 0 || c.AdminPort > 65535 {
 		return fmt.Errorf("ENVOY_PORT=%d: want a port 0-65535", c.AdminPort)
 	}
-	host, port, err := net.SplitHostPort(c.XDSAddr)
-	if err != nil || net.ParseIP(host) == nil {
-		return fmt.Errorf("EDS_XDS_ADDR=%q: want IP:port, e.g. 127.0.0.1:18000", c.XDSAddr)
+	if err := checkAddr("EDS_XDS_ADDR", c.XDSAddr, "127.0.0.1:18000"); err != nil {
+		return err
 	}
-	if p, err := strconv.Atoi(port); err != nil || p < 1 || p > 65535 {
-		return fmt.Errorf("EDS_XDS_ADDR=%q: port must be 1-65535", c.XDSAddr)
+	if c.UIPort > 0 {
+		if err := checkAddr("EDS_HTTP_ADDR", c.ServerHTTPAddr, "127.0.0.1:18001"); err != nil {
+			return err
+		}
 	}
 	if net.ParseIP(c.AdminAddress) == nil {
 		return fmt.Errorf("ENVOY_ADMIN_ADDRESS=%q: want an IP address", c.AdminAddress)
@@ -78,6 +82,17 @@ func (c Config) Validate() error {
 	}
 	if _, err := c.workers(1); err != nil {
 		return err
+	}
+	return nil
+}
+
+func checkAddr(name, addr, example string) error {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil || net.ParseIP(host) == nil {
+		return fmt.Errorf("%s=%q: want IP:port, e.g. %s", name, addr, example)
+	}
+	if p, err := strconv.Atoi(port); err != nil || p < 1 || p > 65535 {
+		return fmt.Errorf("%s=%q: port must be 1-65535", name, addr)
 	}
 	return nil
 }
@@ -156,6 +171,8 @@ static_resources:
               - match: { path: "{{ . }}", headers: [ { name: ":method", string_match: { exact: GET } } ] }
                 route: { cluster: envoy_admin, timeout: 10s }
 {{- end }}
+              - match: { path: "/ports", headers: [ { name: ":method", string_match: { exact: GET } } ] }
+                route: { cluster: envoy_docker_server_http, timeout: 5s }
               - match: { prefix: "/" }
                 direct_response: { status: 404, body: { inline_string: "not part of the envoy-docker-shim UI\n" } }
 {{- end }}
@@ -171,6 +188,16 @@ static_resources:
         - endpoint:
             address:
               socket_address: { address: {{ .UIAdminHost }}, port_value: {{ .AdminPort }} }
+  - name: envoy_docker_server_http
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: envoy_docker_server_http
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: { address: {{ .ServerHTTPHost }}, port_value: {{ .ServerHTTPPort }} }
 {{- end }}
   - name: envoy_docker_server
     type: STATIC
@@ -218,6 +245,7 @@ func Render(c Config) ([]byte, error) {
 		return nil, err
 	}
 	host, port, _ := net.SplitHostPort(c.XDSAddr)
+	httpHost, httpPort, _ := net.SplitHostPort(c.ServerHTTPAddr)
 	// The page goes into the YAML as a JSON string, which YAML reads as a double-quoted scalar.
 	var page bytes.Buffer
 	enc := json.NewEncoder(&page)
@@ -228,11 +256,12 @@ func Render(c Config) ([]byte, error) {
 	var b bytes.Buffer
 	err := tmpl.Execute(&b, struct {
 		Config
-		XDSHost, XDSPort string
-		UIPage           string
-		UIAdminPaths     []string
-		UIAdminHost      string
-	}{c, host, port, string(bytes.TrimSpace(page.Bytes())), uiAdminPaths, adminHostFor(c.AdminAddress)})
+		XDSHost, XDSPort               string
+		ServerHTTPHost, ServerHTTPPort string
+		UIPage                         string
+		UIAdminPaths                   []string
+		UIAdminHost                    string
+	}{c, host, port, httpHost, httpPort, string(bytes.TrimSpace(page.Bytes())), uiAdminPaths, adminHostFor(c.AdminAddress)})
 	if err != nil {
 		return nil, fmt.Errorf("render bootstrap: %w", err)
 	}

@@ -15,7 +15,7 @@ import (
 
 func defaults(t *testing.T) Config {
 	t.Helper()
-	for _, k := range []string{"ENVOY_BASE_ID", "ENVOY_PORT", "ENVOY_ADMIN_ADDRESS", "EDS_XDS_ADDR", "ENVOY_NODE_ID", "ENVOY_CONCURRENCY", "ENVOY_LOG_LEVEL", "ENVOY_MAX_CONNECTIONS", "ENVOY_BINARY", "ENVOY_CONFIG_PATH", "ENVOY_UI_LISTEN_PORT", "ENVOY_UI_ADDRESS"} {
+	for _, k := range []string{"ENVOY_BASE_ID", "ENVOY_PORT", "ENVOY_ADMIN_ADDRESS", "EDS_XDS_ADDR", "ENVOY_NODE_ID", "ENVOY_CONCURRENCY", "ENVOY_LOG_LEVEL", "ENVOY_MAX_CONNECTIONS", "ENVOY_BINARY", "ENVOY_CONFIG_PATH", "ENVOY_UI_LISTEN_PORT", "ENVOY_UI_ADDRESS", "EDS_HTTP_ADDR"} {
 		t.Setenv(k, "")
 		os.Unsetenv(k)
 	}
@@ -104,7 +104,9 @@ func TestUISettings(t *testing.T) {
 	}{
 		{map[string]string{"ENVOY_UI_LISTEN_PORT": "9090", "ENVOY_UI_ADDRESS": "0.0.0.0"},
 			[]string{"address: 0.0.0.0, port_value: 9090", "name: envoy_admin", "address: 127.0.0.1, port_value: 9901 }"}, nil},
-		{map[string]string{"ENVOY_UI_LISTEN_PORT": "0"}, nil, []string{"name: ui", "envoy_admin"}},
+		{map[string]string{"ENVOY_UI_LISTEN_PORT": "0"}, nil, []string{"name: ui", "envoy_admin", "envoy_docker_server_http"}},
+		{map[string]string{"EDS_HTTP_ADDR": "127.0.0.2:19001"}, []string{`path: "/ports"`, "route: { cluster: envoy_docker_server_http, timeout: 5s }",
+			"address: 127.0.0.2, port_value: 19001 }"}, nil},
 		{map[string]string{"ENVOY_ADMIN_ADDRESS": "::"}, []string{"address: ::, port_value: 9901", "address: ::1, port_value: 9901"}, nil},
 	} {
 		defaults(t)
@@ -147,6 +149,7 @@ func TestInvalidSettingsAreClearErrors(t *testing.T) {
 		{"ENVOY_UI_ADDRESS", "localhost", "ENVOY_UI_ADDRESS=\"localhost\": want an IP address"},
 		{"ENVOY_CONCURRENCY", "many", "ENVOY_CONCURRENCY=\"many\": want auto, a number of workers"},
 		{"ENVOY_CONCURRENCY", "-1", "ENVOY_CONCURRENCY=\"-1\""},
+		{"EDS_HTTP_ADDR", "server:18001", "EDS_HTTP_ADDR=\"server:18001\": want IP:port"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.env+"="+tt.value, func(t *testing.T) {

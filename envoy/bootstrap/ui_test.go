@@ -18,9 +18,9 @@ import (
 
 // TestUI runs the appliance's own bootstrap in a real Envoy with the UI on, serving two published
 // ports of one service that have carried three requests and one: the page lists each port with
-// its service, container and its own counts (rendered in a real browser); the endpoints the page
-// reads answer; nothing else of the admin interface is reachable through the UI port, not even
-// by GET.
+// its service, container and its own counts, and the service with both (rendered in a real
+// browser); the endpoints the page reads answer, the server's /ports included; nothing else of
+// the admin interface, or of the server, is reachable through the UI port, not even by GET.
 func TestUI(t *testing.T) {
 	uiPort := testbed.FreePort(t)
 	st := stack.Start(t, stack.Options{UIPort: uiPort})
@@ -56,6 +56,7 @@ func TestUI(t *testing.T) {
 			{"/stats/prometheus", "text/plain", "envoy_http_downstream_rq_total"},
 			{"/clusters?format=json", "application/json", reg.GetCluster()},
 			{"/config_dump?resource=dynamic_listeners", "application/json", reg.GetListener()},
+			{"/ports", "application/json", fmt.Sprintf(`"listener":%q`, reg.GetListener())},
 		} {
 			status, ct, body := get(t, http.MethodGet, ui+tc.path)
 			if status != 200 || !strings.HasPrefix(ct, tc.contentType) || !strings.Contains(body, tc.want) {
@@ -71,6 +72,8 @@ func TestUI(t *testing.T) {
 			{http.MethodPost, "/runtime_modify?x=1"}, {http.MethodPost, "/drain_listeners"},
 			{http.MethodPost, "/reset_counters"}, {http.MethodPost, "/stats"}, {http.MethodGet, "/certs"},
 			{http.MethodGet, "/stats/../quitquitquit"},
+			// The server's other endpoints stay on its own loopback address.
+			{http.MethodGet, "/metrics"}, {http.MethodGet, "/registrations"}, {http.MethodGet, "/healthz"}, {http.MethodPost, "/ports"},
 		} {
 			if status, _, body := get(t, tc.method, ui+tc.path); status != 404 {
 				t.Errorf("%s %s through the UI: %d %.200s", tc.method, tc.path, status, body)
@@ -86,27 +89,36 @@ func TestUI(t *testing.T) {
 
 	t.Run("the page in a browser", func(t *testing.T) {
 		dom := testbed.RenderPage(t, ui+"/", 5*time.Second)
-		rowCells := func(r *pb.Registration) []string {
-			row := regexp.MustCompile(`(?s)<tr data-service="` + regexp.QuoteMeta(r.GetService()) + `" data-listener="` +
-				regexp.QuoteMeta(r.GetListener()) + `">(.*?)</tr>`).FindStringSubmatch(dom)
-			if row == nil {
-				t.Fatalf("no row for %s / %s in the rendered page:\n%s", r.GetService(), r.GetListener(), dom)
+		row := func(table, attr, value string) map[string]string {
+			t.Helper()
+			body := regexp.MustCompile(`(?s)<table id="` + table + `">.*?</table>`).FindString(dom)
+			tr := regexp.MustCompile(`(?s)<tr [^>]*` + attr + `="` + regexp.QuoteMeta(value) + `"[^>]*>(.*?)</tr>`).FindStringSubmatch(body)
+			if tr == nil {
+				t.Fatalf("no row with %s=%q in the %s table of the rendered page:\n%s", attr, value, table, dom)
 			}
-			var cells []string
-			for _, c := range regexp.MustCompile(`<td[^>]*>([^<]*)</td>`).FindAllStringSubmatch(row[1], -1) {
-				cells = append(cells, c[1])
+			cells := map[string]string{}
+			for _, c := range regexp.MustCompile(`<td data-col="([^"]+)"[^>]*>([^<]*)`).FindAllStringSubmatch(tr[1], -1) {
+				cells[c[1]] = c[2]
 			}
 			return cells
 		}
-		// The service's first port carries the service-wide cells (name, bytes); each port its own counts.
-		first, second := rowCells(reg), rowCells(other)
-		wantFirst := []string{reg.GetService(), "http", fmt.Sprintf("127.0.0.1:%d", hostPort), fmt.Sprintf("127.0.0.1:%d", upstream), "3", "3", "0", "0", "0"}
-		wantSecond := []string{"http", fmt.Sprintf("127.0.0.1:%d", otherPort), fmt.Sprintf("127.0.0.1:%d", upstream), "1", "1", "0", "0", "0"}
-		if len(first) != len(wantFirst)+2 || strings.Join(first[:len(wantFirst)], "|") != strings.Join(wantFirst, "|") || first[len(wantFirst)] == "0" {
-			t.Errorf("first row = %q, want %q and the service's bytes", first, wantFirst)
-		}
-		if strings.Join(second, "|") != strings.Join(wantSecond, "|") {
-			t.Errorf("second row = %q, want %q", second, wantSecond)
+		// Each port its own count; the service both ports'.
+		for _, tc := range []struct {
+			cells map[string]string
+			want  map[string]string
+		}{
+			{row("ports", "data-listener", reg.GetListener()), map[string]string{"published": fmt.Sprintf("127.0.0.1:%d", hostPort), "mode": "http",
+				"service": reg.GetService(), "container": fmt.Sprintf("127.0.0.1:%d", upstream), "total": "3", "open": "0"}},
+			{row("ports", "data-listener", other.GetListener()), map[string]string{"published": fmt.Sprintf("127.0.0.1:%d", otherPort), "mode": "http",
+				"service": reg.GetService(), "container": fmt.Sprintf("127.0.0.1:%d", upstream), "total": "1", "open": "0"}},
+			{row("services", "data-service", reg.GetService()), map[string]string{"service": reg.GetService(), "mode": "http", "ports": "2",
+				"containers": fmt.Sprintf("127.0.0.1:%d", upstream), "total": "4"}},
+		} {
+			for k, w := range tc.want {
+				if tc.cells[k] != w {
+					t.Errorf("cell %s = %q, want %q (row %q)", k, tc.cells[k], w, tc.cells)
+				}
+			}
 		}
 		if !strings.Contains(dom, "2 published ports") {
 			t.Errorf("status line missing:\n%s", dom)

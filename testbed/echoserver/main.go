@@ -6,7 +6,9 @@
 // Echo is byte-exact so tests can count bytes through a proxy; the only exception is the WHOAMI
 // probe, which must be the very first bytes of a TCP stream or a whole UDP datagram. For bulk
 // transfers, HTTP GET /bytes/N answers N bytes (at most 64 GiB) from one reused buffer, so the
-// server costs little per byte and benchmarks measure the path, not the source.
+// server costs little per byte and benchmarks measure the path, not the source. The query
+// parameters status=N (100-599) and delay=D (a Go duration up to 1 s) make an HTTP answer carry
+// that status, or come that much later, for tests of error rates and latency.
 //
 // HTTP answers name the headers the request arrived with, so a test sees what a proxy added
 // (X-Forwarded-For, trace context). ECHO_PROXY_PORTS lists TCP ports whose connections must open
@@ -32,6 +34,7 @@ import (
 	"log"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"os/signal"
 	"strconv"
@@ -221,8 +224,21 @@ func httpHandler(cfg config) http.Handler {
 			serveBulk(w, rest)
 			return
 		}
+		status, delay, err := shaping(r.URL.Query())
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		if delay > 0 {
+			select {
+			case <-time.After(delay):
+			case <-r.Context().Done():
+				return
+			}
+		}
 		_, port, _ := net.SplitHostPort(r.Context().Value(http.LocalAddrContextKey).(net.Addr).String())
 		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(status)
 		_ = json.NewEncoder(w).Encode(httpReply{
 			Name:     cfg.name,
 			Hostname: cfg.hostname,
@@ -233,6 +249,25 @@ func httpHandler(cfg config) http.Handler {
 			Headers:  r.Header,
 		})
 	})
+}
+
+// maxDelay bounds the delay parameter: a test wants latency, not a hung connection.
+const maxDelay = time.Second
+
+// shaping reads the status and delay parameters of an HTTP request.
+func shaping(q url.Values) (status int, delay time.Duration, err error) {
+	status = http.StatusOK
+	if s := q.Get("status"); s != "" {
+		if status, err = strconv.Atoi(s); err != nil || status < 100 || status > 599 {
+			return 0, 0, fmt.Errorf("status=%q: want an HTTP status from 100 to 599", s)
+		}
+	}
+	if d := q.Get("delay"); d != "" {
+		if delay, err = time.ParseDuration(d); err != nil || delay < 0 || delay > maxDelay {
+			return 0, 0, fmt.Errorf("delay=%q: want a duration from 0 to %v, e.g. 5ms", d, maxDelay)
+		}
+	}
+	return status, delay, nil
 }
 
 // serveBulk answers size (a decimal byte count) bytes of a repeating pattern.

@@ -269,3 +269,34 @@ func TestProxyProtocol(t *testing.T) {
 		})
 	}
 }
+
+// status=N and delay=D shape an answer for tests of error rates and latency; bad values are a 400
+// that says what to send.
+func TestShaping(t *testing.T) {
+	h := httpHandler(config{name: "web-1"})
+	for _, tt := range []struct {
+		query    string
+		status   int
+		atLeast  time.Duration
+		contains string
+	}{
+		{"", 200, 0, `"name":"web-1"`},
+		{"?status=503", 503, 0, `"name":"web-1"`},
+		{"?status=404&delay=30ms", 404, 30 * time.Millisecond, `"name":"web-1"`},
+		{"?delay=20ms", 200, 20 * time.Millisecond, `"name":"web-1"`},
+		{"?status=99", 400, 0, "want an HTTP status from 100 to 599"},
+		{"?status=x", 400, 0, "want an HTTP status"},
+		{"?delay=2s", 400, 0, "want a duration from 0 to 1s"},
+		{"?delay=-1ms", 400, 0, "want a duration"},
+	} {
+		rec := httptest.NewRecorder()
+		start := time.Now()
+		req := httptest.NewRequest(http.MethodGet, "/x"+tt.query, nil)
+		req = req.WithContext(context.WithValue(req.Context(), http.LocalAddrContextKey, &net.TCPAddr{IP: net.IPv4(172, 17, 0, 2), Port: 80}))
+		h.ServeHTTP(rec, req)
+		took := time.Since(start)
+		if rec.Code != tt.status || took < tt.atLeast || !bytes.Contains(rec.Body.Bytes(), []byte(tt.contains)) {
+			t.Errorf("%q: %d after %v, %q; want %d after at least %v, containing %q", tt.query, rec.Code, took, rec.Body, tt.status, tt.atLeast, tt.contains)
+		}
+	}
+}

@@ -46,6 +46,8 @@ type Options struct {
 	ShimSocket string
 	// UIPort turns on Envoy's UI on 127.0.0.1:UIPort (default 0: off).
 	UIPort int
+	// ServerHTTPAddr is where the UI reads the server's /ports; Start sets it to the server's.
+	ServerHTTPAddr string
 	// Zipkin is the server's EDS_ZIPKIN_ADDR (default empty: no tracing), with EDS_TRACE_SAMPLING
 	// at 100%.
 	Zipkin string
@@ -121,6 +123,7 @@ func Start(t testing.TB, opts Options) *Stack {
 	if opts.RestartGrace > 0 {
 		s.Resync(t, nil)
 	}
+	opts.ServerHTTPAddr = cfg.HTTPAddr
 	s.Envoy = StartEnvoy(t, cfg.XDSAddr, opts)
 	testbed.WaitFor(t, 15*time.Second, "envoy connected to the server", func() error {
 		status, body, err := testbed.HTTPGet(context.Background(), "http://"+cfg.HTTPAddr+"/healthz")
@@ -205,14 +208,14 @@ func StartEnvoy(t testing.TB, xdsAddr string, opts Options) *testbed.Envoy {
 	cfg := bootstrap.Config{
 		AdminAddress: "127.0.0.1", AdminPort: 0, XDSAddr: xdsAddr,
 		NodeID: "test", LogLevel: "info", MaxConnections: 100000,
-		UIPort: opts.UIPort, UIAddress: "127.0.0.1",
+		UIPort: opts.UIPort, UIAddress: "127.0.0.1", ServerHTTPAddr: opts.ServerHTTPAddr,
 		Concurrency: "0", // the workers are on Envoy's command line: testbed passes them
 	}
 	concurrency := opts.Concurrency
 	if opts.Shipped {
 		shipped := shippedEnvoyConfig(t)
 		shipped.AdminAddress, shipped.AdminPort, shipped.XDSAddr = cfg.AdminAddress, cfg.AdminPort, cfg.XDSAddr
-		shipped.UIPort, shipped.UIAddress = cfg.UIPort, cfg.UIAddress
+		shipped.UIPort, shipped.UIAddress, shipped.ServerHTTPAddr = cfg.UIPort, cfg.UIAddress, cfg.ServerHTTPAddr
 		cfg = shipped
 		concurrency = -1 // Envoy's own default, unless the entrypoint passes one
 		args := bootstrap.Args(cfg, "envoy.yaml")
@@ -257,7 +260,7 @@ func shippedServerConfig(t testing.TB) server.Config {
 func shippedEnvoyConfig(t testing.TB) bootstrap.Config {
 	t.Helper()
 	requireUnset(t, bootstrap.Config{}, "ENVOY_PORT", "ENVOY_ADMIN_ADDRESS", "EDS_XDS_ADDR", "ENVOY_UI_LISTEN_PORT",
-		"ENVOY_UI_ADDRESS", "ENVOY_BASE_ID", "ENVOY_BINARY", "ENVOY_CONFIG_PATH")
+		"ENVOY_UI_ADDRESS", "EDS_HTTP_ADDR", "ENVOY_BASE_ID", "ENVOY_BINARY", "ENVOY_CONFIG_PATH")
 	cfg, err := bootstrap.FromEnv()
 	if err != nil {
 		t.Fatal(err)
