@@ -547,6 +547,22 @@ func TestUDPEchoesThousandDatagrams(t *testing.T) {
 				}
 			}
 			h.stop(p, os.Interrupt)
+			if srv != nil { // the shim's last report, on its way out, counts every datagram
+				bytes := uint64(0)
+				for i := range 1000 {
+					bytes += uint64(len(fmt.Sprint("datagram ", i)))
+				}
+				want := shimlink.Stats{InDatagrams: 1000, InBytes: bytes, OutDatagrams: 1000, OutBytes: bytes, FlowsTotal: 1}
+				reports := srv.Stats()
+				if len(reports) == 0 {
+					t.Fatal("no report of the shim's counters")
+				}
+				last := *reports[len(reports)-1]
+				last.Flows = 0 // the flow may or may not have ended yet: the server drops live flows at the end anyway
+				if last != want {
+					t.Errorf("%d reports, the last %+v; want %+v", len(reports), last, want)
+				}
+			}
 		})
 	}
 }
