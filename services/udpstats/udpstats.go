@@ -12,6 +12,7 @@ import (
 	"net/netip"
 	"slices"
 	"sync"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -34,14 +35,22 @@ type Counters struct {
 	// Flows are the live flows (client address and port) of the shims serving the port now.
 	Flows      uint64 `json:"flows"`
 	FlowsTotal uint64 `json:"flows_total"`
+	// UpdatedUnixMs is when the latest of these counters arrived: a rate over two reports is
+	// exact, where one over two reads of the store would see a 5-second step as a burst.
+	UpdatedUnixMs int64 `json:"updated_unix_ms"`
 }
 
 func (c Counters) plus(s shimlink.Stats) Counters {
 	return Counters{
 		InDatagrams: c.InDatagrams + s.InDatagrams, InBytes: c.InBytes + s.InBytes,
 		OutDatagrams: c.OutDatagrams + s.OutDatagrams, OutBytes: c.OutBytes + s.OutBytes,
-		Flows: c.Flows + s.Flows, FlowsTotal: c.FlowsTotal + s.FlowsTotal,
+		Flows: c.Flows + s.Flows, FlowsTotal: c.FlowsTotal + s.FlowsTotal, UpdatedUnixMs: c.UpdatedUnixMs,
 	}
+}
+
+func (c Counters) updated(at time.Time) Counters {
+	c.UpdatedUnixMs = max(c.UpdatedUnixMs, at.UnixMilli())
+	return c
 }
 
 // Store is safe for concurrent use.
@@ -54,6 +63,7 @@ type Store struct {
 type report struct {
 	key  Key
 	last shimlink.Stats
+	at   time.Time
 }
 
 // New returns an empty store.
@@ -65,7 +75,7 @@ func New() *Store {
 func (s *Store) Report(owner registry.Owner, key Key, stats shimlink.Stats) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.live[owner] = report{key: key, last: stats}
+	s.live[owner] = report{key: key, last: stats, at: time.Now()}
 }
 
 // End adds the registration's last report to its port's totals; its flows are gone.
@@ -78,7 +88,7 @@ func (s *Store) End(owner registry.Owner) {
 	}
 	delete(s.live, owner)
 	r.last.Flows = 0
-	s.ended[r.key] = s.ended[r.key].plus(r.last)
+	s.ended[r.key] = s.ended[r.key].plus(r.last).updated(time.Now())
 }
 
 // Port returns the counters of key, and whether any shim ever reported them.
@@ -96,7 +106,7 @@ func (s *Store) snapshot() map[Key]Counters {
 		out[k] = c
 	}
 	for _, r := range s.live {
-		out[r.key] = out[r.key].plus(r.last)
+		out[r.key] = out[r.key].plus(r.last).updated(r.at)
 	}
 	return out
 }

@@ -60,8 +60,8 @@ func TestE2EUI(t *testing.T) {
 		Labels: map[string]string{"ServiceName": "dns", "EnvironmentName": "ui"}})
 	webAddr, dbAddr, dnsAddr := fmt.Sprintf("127.0.0.1:%d", webPort), fmt.Sprintf("127.0.0.1:%d", dbPort), fmt.Sprintf("127.0.0.1:%d", dnsPort)
 
-	// The load: bounded in time (the test's minute) and, for udp, in count.
-	ctx, stopLoad := context.WithTimeout(context.Background(), 90*time.Second)
+	// The load: bounded in time and, for udp, in count.
+	ctx, stopLoad := context.WithTimeout(context.Background(), 2*time.Minute)
 	var wg sync.WaitGroup
 	var mu sync.Mutex
 	loadErrs := map[string]error{}
@@ -110,7 +110,7 @@ func TestE2EUI(t *testing.T) {
 	}()
 	const datagrams = 1000
 	udpDone := make(chan struct{})
-	go func() { // dns: 1,000 round trips on one flow, over about 15 s
+	go func() { // dns: 1,000 round trips on one flow, over about 30 s
 		defer wg.Done()
 		defer close(udpDone)
 		conn, err := testbed.Dial(ctx, "udp", dnsAddr)
@@ -131,18 +131,21 @@ func TestE2EUI(t *testing.T) {
 				fail("dns", fmt.Errorf("datagram %d: %q %v", i, buf[:n], err))
 				return
 			}
-			time.Sleep(15 * time.Millisecond)
+			time.Sleep(30 * time.Millisecond)
 		}
 	}()
 
-	page := testbed.Browse(t, fmt.Sprintf("http://127.0.0.1:%d/", uiPort), 1700, 800, 2*time.Minute)
+	page := testbed.Browse(t, fmt.Sprintf("http://127.0.0.1:%d/", uiPort), 1700, 800, 3*time.Minute)
 	cells := func(table, attr, value string) map[string]string {
 		t.Helper()
 		js := fmt.Sprintf(`(() => {
 			const tr = document.querySelector(%q);
 			if (!tr) return {};
 			const c = {};
-			for (const td of tr.querySelectorAll("td[data-col]")) c[td.dataset.col] = td.textContent;
+			for (const td of tr.querySelectorAll("td[data-col]")) {
+				const svg = td.querySelector("svg");
+				c[td.dataset.col] = svg ? svg.dataset.points + " points" : td.textContent;
+			}
 			return c;
 		})()`, fmt.Sprintf(`#%s tr[%s=%q]`, table, attr, value))
 		got, err := chromedp.Run(page, chromedp.Evaluate[map[string]string](js))
@@ -159,9 +162,10 @@ func TestE2EUI(t *testing.T) {
 		return f
 	}
 
-	// Under load: rates need two refreshes, latency Envoy's first 5-second interval.
+	// Under load: rates need two refreshes (udp: two reports of its shim), latency Envoy's first
+	// 5-second interval, and a trend worth a look (the screenshot's) some 20 seconds.
 	var webRow, webService, dnsRow map[string]string
-	testbed.WaitFor(t, 45*time.Second, "the UI showing rates and latency under load", func() error {
+	testbed.WaitFor(t, 60*time.Second, "the UI showing rates, latency and trends under load", func() error {
 		webRow, webService, dnsRow = cells("ports", "data-published", webAddr), cells("services", "data-service", "web-ui"), cells("ports", "data-published", dnsAddr)
 		switch {
 		case number(webRow["rate"]) <= 0 || number(webRow["r5xx"]) <= 0:
@@ -170,6 +174,8 @@ func TestE2EUI(t *testing.T) {
 			return fmt.Errorf("web port: p50 %q", webRow["p50"])
 		case number(dnsRow["rate"]) <= 0:
 			return fmt.Errorf("dns port: rate %q", dnsRow["rate"])
+		case number(webRow["trend"]) < 10:
+			return fmt.Errorf("web port: trend of %q", webRow["trend"])
 		}
 		return nil
 	})
@@ -207,6 +213,22 @@ func TestE2EUI(t *testing.T) {
 	// 1 request in 10 is a 503.
 	if r2, r5 := number(webRow["r2xx"]), number(webRow["r5xx"]); r5 <= 0 || r2 < 3*r5 {
 		t.Errorf("web 2xx %q/s and 5xx %q/s, want about 9 to 1", webRow["r2xx"], webRow["r5xx"])
+	}
+	// Sortable: a click on Rate puts the busiest port first, a second click last.
+	for _, wantDesc := range []bool{true, false} {
+		order, err := chromedp.Run(page, chromedp.Evaluate[[]string](`(() => {
+			document.querySelector("#ports th[data-key=rate]").click();
+			return [...document.querySelectorAll("#ports tbody td[data-col=rate]")].map(td => td.textContent);
+		})()`))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := 1; i < len(order); i++ {
+			if a, b := number(order[i-1]), number(order[i]); (wantDesc && a < b) || (!wantDesc && a > b) || len(order) != 3 {
+				t.Errorf("sorted by rate (descending: %v): %q", wantDesc, order)
+				break
+			}
+		}
 	}
 	if number(cells("ports", "data-published", dbAddr)["rate"]) <= 0 {
 		t.Errorf("db port: no connection rate: %q", cells("ports", "data-published", dbAddr))
