@@ -96,6 +96,11 @@ func testAppliance(t *testing.T, a *Appliance, start time.Time) {
 	if stats := a.get(t, "http://"+a.UIAddr+"/stats?filter=%5Ehttp%5C.web-e2e%5C.downstream_rq_total"); !strings.Contains(stats, "http.web-e2e.downstream_rq_total") {
 		t.Errorf("the UI's metrics lack web-e2e: %q", stats)
 	}
+	// The UI reaches the server's /ports (compose passes EDS_HTTP_ADDR to both): the container's
+	// name and image.
+	if ports := a.get(t, "http://"+a.UIAddr+"/ports"); !strings.Contains(ports, fmt.Sprintf(`"container_name":%q,"image":%q`, web.Name, testbed.EchoImageTag)) {
+		t.Errorf("the UI's /ports lacks %s and its image: %.500s", web.Name, ports)
+	}
 
 	// The installer a second time: same result, nothing rewritten, no new backup.
 	shimBefore, jsonBefore := identity(t, a.ShimPath), identity(t, daemonJSONPath(a))
