@@ -55,9 +55,9 @@ func BenchmarkApplianceDataPlane(b *testing.B) {
 		return append(pids, bench.PidsOf("containerd-shim-runc-v2", namespace)...)
 	})}
 	shim := func(port int) bench.Account {
-		return bench.Account{Name: "shim", CPU: bench.ProcessCPU(func() []int {
-			return bench.PidsOf(filepath.Base(a.ShimPath), "\x00-host-port\x00"+strconv.Itoa(port)+"\x00")
-		})}
+		return bench.Processes("shim", func() []int {
+			return bench.PidsRunning(filepath.Base(a.ShimPath), "\x00-host-port\x00"+strconv.Itoa(port)+"\x00")
+		})
 	}
 	loopback := func(port int) string { return "127.0.0.1:" + strconv.Itoa(port) }
 	paths := []bench.Path{

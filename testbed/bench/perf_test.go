@@ -2,7 +2,10 @@ package bench
 
 import (
 	"errors"
+	"os"
 	"os/exec"
+	"path/filepath"
+	"slices"
 	"syscall"
 	"testing"
 )
@@ -65,5 +68,17 @@ func TestStoppedBy(t *testing.T) {
 		if got := stoppedBy(tt.err, syscall.SIGINT); got != tt.want {
 			t.Errorf("%s: stoppedBy(%v) = %v, want %v", tt.name, tt.err, got, tt.want)
 		}
+	}
+}
+
+// TestPidsRunning: this test's own process is found by its argv[0] and a marker of its command
+// line, whatever /proc/PID/exe says.
+func TestPidsRunning(t *testing.T) {
+	self := filepath.Base(os.Args[0])
+	if got := PidsRunning(self, "-test."); !slices.Contains(got, os.Getpid()) {
+		t.Errorf("PidsRunning(%q, -test.) = %v, lacks this process %d", self, got, os.Getpid())
+	}
+	if got := PidsRunning(self, "\x00no-such-argument\x00"); slices.Contains(got, os.Getpid()) {
+		t.Errorf("PidsRunning matched a marker this command line lacks")
 	}
 }

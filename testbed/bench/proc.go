@@ -125,6 +125,30 @@ func PidsOf(name, marker string) []int {
 	return out
 }
 
+// PidsRunning lists the processes whose command line starts with a program named name (the base
+// of argv[0]) and contains marker (anything when empty). Unlike PidsOf it does not read
+// /proc/PID/exe, which for a shim that went idle is a memfd, not the shim's binary.
+func PidsRunning(name, marker string) []int {
+	entries, _ := os.ReadDir("/proc")
+	var out []int
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		cmdline, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err != nil {
+			continue
+		}
+		argv0, _, _ := strings.Cut(string(cmdline), "\x00")
+		if filepath.Base(argv0) != name || !strings.Contains(string(cmdline), marker) {
+			continue
+		}
+		out = append(out, pid)
+	}
+	return out
+}
+
 // Memory is what a process costs in memory, in bytes, from /proc/PID/smaps_rollup: RSS counts
 // every resident page it maps, PSS divides each page by the processes that share it (what the
 // host really pays for it), and USS counts only the pages no other process maps (what its exit
