@@ -100,35 +100,28 @@ func Children(pid int) []int {
 	return out
 }
 
-// PidsOf lists the processes whose executable's base name is name and whose environment or
-// command line mentions marker (empty: any).
+// PidsOf lists the processes whose executable's base name is name and whose command line
+// mentions marker (empty: any).
 func PidsOf(name, marker string) []int {
-	entries, _ := os.ReadDir("/proc")
-	var out []int
-	for _, e := range entries {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		exe, err := os.Readlink(filepath.Join("/proc", e.Name(), "exe"))
-		if err != nil || filepath.Base(strings.TrimSuffix(exe, " (deleted)")) != name {
-			continue
-		}
-		if marker != "" {
-			cmdline, _ := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
-			if !strings.Contains(string(cmdline), marker) {
-				continue
-			}
-		}
-		out = append(out, pid)
-	}
-	return out
+	return pidsWhere(func(dir string, cmdline string) bool {
+		exe, err := os.Readlink(filepath.Join(dir, "exe"))
+		return err == nil && filepath.Base(strings.TrimSuffix(exe, " (deleted)")) == name &&
+			strings.Contains(cmdline, marker)
+	})
 }
 
 // PidsRunning lists the processes whose command line starts with a program named name (the base
 // of argv[0]) and contains marker (anything when empty). Unlike PidsOf it does not read
 // /proc/PID/exe, which for a shim that went idle is a memfd, not the shim's binary.
 func PidsRunning(name, marker string) []int {
+	return pidsWhere(func(_ string, cmdline string) bool {
+		argv0, _, _ := strings.Cut(cmdline, "\x00")
+		return filepath.Base(argv0) == name && strings.Contains(cmdline, marker)
+	})
+}
+
+// pidsWhere lists the processes for which match, given /proc/PID and the command line, is true.
+func pidsWhere(match func(dir, cmdline string) bool) []int {
 	entries, _ := os.ReadDir("/proc")
 	var out []int
 	for _, e := range entries {
@@ -136,12 +129,9 @@ func PidsRunning(name, marker string) []int {
 		if err != nil {
 			continue
 		}
-		cmdline, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
-		if err != nil {
-			continue
-		}
-		argv0, _, _ := strings.Cut(string(cmdline), "\x00")
-		if filepath.Base(argv0) != name || !strings.Contains(string(cmdline), marker) {
+		dir := filepath.Join("/proc", e.Name())
+		cmdline, err := os.ReadFile(filepath.Join(dir, "cmdline"))
+		if err != nil || !match(dir, string(cmdline)) {
 			continue
 		}
 		out = append(out, pid)
