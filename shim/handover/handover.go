@@ -1,62 +1,61 @@
-// Package handover takes the TCP socket dockerd 28+ passes on fd 4 (-use-listen-fd: bound and
-// listening, SO_REUSEADDR, V6ONLY for IPv6) and hands the port to Envoy with no moment at which a
-// client is refused or reset. Envoy cannot adopt an inherited socket; it binds its own.
+// Package handover keeps a published TCP port's host socket in the shim for the port's whole life
+// and steers the port's connections to Envoy while Envoy serves it, back to the shim when Envoy
+// is gone (restarted, upgraded, killed), so that no client is ever refused and no handshake reset.
+// Envoy cannot adopt an inherited socket; it binds its own beside the shim's.
 //
-// Until Envoy has taken over, the shim serves the socket itself (accept, proxy to the container,
-// as docker-proxy would), so connections queued before and during the handover are answered.
+// The shim's socket ("S") is the one dockerd 28+ passes on fd 4 (-use-listen-fd: bound and
+// listening, SO_REUSEADDR, V6ONLY for IPv6; Adopt), or for older daemons one the shim binds itself,
+// as docker-proxy does (Listen). Whenever a connection reaches S, the shim proxies it to the
+// container itself, as docker-proxy would.
 //
-// # How the port moves
+// # How the port is shared
 //
 // The kernel lets several sockets share an address in a SO_REUSEPORT group: each new connection
-// (each SYN) is given to one socket of the group, by hash or by a BPF program attached to the
-// group. Envoy binds with SO_REUSEPORT, one socket per worker thread. So:
+// (each SYN) is given to one socket of the group, by hash or by a classic BPF program attached to
+// the group. Envoy binds with SO_REUSEPORT, one socket per worker thread. So:
 //
-//  1. Adopt sets SO_REUSEPORT on the passed socket (ours, "O") before the shim registers, so that
-//     Envoy's sockets can bind and listen beside it; they join O's group and, from the moment they
-//     listen, the kernel splits new connections between O and them. The shim serves its share.
-//  2. When the server says Envoy serves the port, HandOver counts Envoy's sockets: N, the other
+//  1. S has SO_REUSEPORT before the shim registers, so that Envoy's sockets can bind and listen
+//     beside it; they join S's group, and from the moment they listen the kernel splits new
+//     connections between S and them. The shim serves its share.
+//  2. Once the server says Envoy serves the port, Steer counts Envoy's sockets: N, the other
 //     sockets listening on exactly this address (from the kernel's sock_diag; N must hold still).
-//     The group's array is then [O, E1..EN]: O allocated the group when E1 joined, and each
-//     socket is appended as it listens.
-//  3. It attaches a classic BPF program to the group through O (SO_ATTACH_REUSEPORT_CBPF):
-//     "return 1 + random % N". New connections now spread evenly over E1..EN, never O.
-//  4. Connections that chose O before that may still be mid-handshake (SYN_RECV: a request
-//     socket tied to O, completed by the client's ACK). Closing O would drop them and the ACK
-//     would be answered with a reset. So it snapshots the handshakes in progress to this address,
-//     waits until every one of them has completed or vanished (bounded by maxGrace), and keeps
-//     accepting on O meanwhile. Handshakes that start after step 3 belong to Envoy's sockets.
-//  5. It replaces the program with "return N" (step 7 explains why), waits until O's accept
-//     queue is empty (TCP_INFO's unacked of a listener is its queue length), then shuts O down
-//     (SHUT_RD, which unhashes it at once even if another process still holds a copy) and closes
-//     it. Nothing can be queued on O at that moment, so nothing is reset. Connections the shim
-//     already accepted keep running through it until they end.
-//  6. Envoy's sockets receive everything from then on.
-//  7. The program outlives O: it stays attached to the group for as long as Envoy's sockets live.
-//     When O leaves, the kernel moves the last socket into O's slot ([EN, E1..EN-1]), and a
-//     program returning an index that no longer exists falls back to the kernel's hash. "1 +
-//     random % N" would then send 1/N of the traffic to the missing index N and most of it to
-//     E1..EN-1: EN would get almost nothing. "return N" is the only program that, before O
-//     leaves, never picks O (index N is EN) and, after O leaves, always falls back to the plain
-//     hash over Envoy's N sockets, exactly as if no program were attached. It is attached for
-//     the microseconds between step 5 and O's shutdown, so it pins one worker only for that long.
-//     The remaining pitfall: if the group later grows past N sockets while these are alive (Envoy
-//     creating new sockets for the same address before closing the old ones), index N would take
-//     every new connection until the group shrinks again. Envoy keeps its sockets across in-place
-//     listener updates and a restarted Envoy starts a fresh group (the old one, program included,
-//     is freed with its last socket), so this needs an unusual overlap of two sets of sockets.
+//     The group's array is then [S, E1..EN]: S was there first, and each socket is appended as
+//     it listens.
+//  3. It attaches a program to the group through S (SO_ATTACH_REUSEPORT_CBPF): "return 1 +
+//     random % N". New connections spread evenly over E1..EN, never S. What S had queued or
+//     half-open before stays there and the shim serves it: S never closes while the port lives,
+//     so nothing is reset.
+//  4. When Envoy's sockets close (a restart, an upgrade, kill -9), the kernel removes each from
+//     the array, moving the last socket into its slot, and an index the program returns that is
+//     no longer in the array falls back to the kernel's hash over the sockets left. With all of
+//     Envoy's sockets gone only S is left: every new connection reaches S, none is refused.
+//     With net.ipv4.tcp_migrate_req=1 (the server sets it) the kernel also moves the accept
+//     queues and half-open handshakes of Envoy's closing sockets to another socket of the group
+//     (S, or a worker still listening) instead of resetting them.
+//  5. The first connection S accepts while steered says that Envoy's sockets changed: the shim
+//     counts them again (sock_diag, backing off while there are none) and, once a new Envoy's
+//     sockets listen and hold still, attaches "1 + random % N" for their count: step 3 again.
+//     While Envoy is away this is the only work; while it serves, the shim's only activity is
+//     one goroutine blocked in accept.
+//
+// The remaining blind spot: a new Envoy with more workers than the old one, started while no
+// connection reached S, is not noticed until one does; its extra sockets then get none of this
+// port's new connections (no failure: the other workers take them).
+//
+// On shutdown the shim attaches "return N" before closing S: while S is there index N is EN, and
+// once S has left (EN moved into its slot) index N is out of range, so the kernel's plain hash
+// shares the port over Envoy's N sockets, as if no program were attached.
 //
 // If Envoy's sockets never appear on this exact address (Envoy bound elsewhere, or a program
 // cannot be attached), the shim keeps serving the port itself and says so in the log: the port
 // never goes dark.
 //
-// Rejected alternatives: closing O as soon as Envoy listens resets whatever O had queued; the
-// tcp_migrate_req sysctl would migrate O's queue but changes a host-wide setting; an eBPF
-// SK_REUSEPORT program with a socket map needs Envoy's file descriptors; keeping a placeholder
-// socket of the shim's in the group forever would leave the shim holding the port after the
-// handover.
+// Rejected alternatives: Envoy's hot restart needs the old and new Envoy alive at once, and
+// compose stops the old container before it starts the new one; an eBPF SK_REUSEPORT program with
+// a socket map needs Envoy's file descriptors; closing S once Envoy serves (an earlier design)
+// left every port refused from Envoy's exit until the next Envoy listened.
 //
-// This package never touches fd 4 unless asked (Adopt), and never closes O while a connection
-// can still arrive on it.
+// This package never touches fd 4 unless asked (Adopt), and never closes S while the port lives.
 package handover
 
 import (
@@ -78,24 +77,18 @@ import (
 	"github.com/envoy-docker-shim/envoy-docker-shim/shim/tcpproxy"
 )
 
-// Bounds of the handover. None delays dockerd: the handover runs after the shim reported ready.
+// Bounds of the steering. None delays dockerd: steering starts after the shim reported ready.
 const (
 	// settle is how long Envoy's socket count must hold still before it is trusted.
 	settle = 50 * time.Millisecond
-	// pollEvery is how often handshakes and queues are looked at while draining.
-	pollEvery = 5 * time.Millisecond
-	// maxGrace bounds the wait for handshakes that chose O to complete; it covers one SYN-ACK
-	// retransmission (1 s) on a slow path.
-	maxGrace = 3 * time.Second
-	// maxQueueDrain bounds the wait for the shim to accept what is queued on O.
-	maxQueueDrain = 2 * time.Second
-	// retryMax is the longest pause between attempts while Envoy's sockets are not there.
-	retryMax = 2 * time.Second
-	// warnAfter is when a handover still waiting for Envoy's sockets gets logged as a warning.
+	// retryMin and retryMax bound the pause between counts while Envoy's sockets are not there.
+	retryMin = 20 * time.Millisecond
+	retryMax = 500 * time.Millisecond
+	// warnAfter is when a wait for Envoy's sockets gets logged as a warning.
 	warnAfter = 5 * time.Second
 )
 
-// Listener is the socket dockerd passed, served by the shim until Envoy has the port.
+// Listener is the port's host socket, S: served by the shim whenever a connection reaches it.
 type Listener struct {
 	l     *net.TCPListener
 	raw   syscall.RawConn
@@ -104,8 +97,14 @@ type Listener struct {
 	proxy *tcpproxy.Proxy
 	log   *logging.Logger
 
-	handedOver atomic.Bool
-	closing    atomic.Bool
+	// steered is the number of Envoy sockets the attached program spreads over; 0 while S takes
+	// its share of the port (before Envoy serves it, or while Envoy is away).
+	steered atomic.Int64
+	// moved is signalled by an accept while steered: Envoy's sockets changed.
+	moved   chan struct{}
+	closing atomic.Bool
+	// peersIn runs a sock_diag query; tests run it in the network namespace of their sockets.
+	peersIn func(func() error) error
 }
 
 // Adopt takes f (fd 4) as host's listening TCP socket, forwarding to container. It checks that f
@@ -131,10 +130,6 @@ func Adopt(f *os.File, host, container netip.AddrPort, log *logging.Logger) (*Li
 	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEPORT, 1); err != nil {
 		return nil, fmt.Errorf("cannot share the socket passed on fd 4 with Envoy (SO_REUSEPORT): %w", err)
 	}
-	var st unix.Stat_t
-	if err := unix.Fstat(fd, &st); err != nil {
-		return nil, fmt.Errorf("the socket passed on fd 4: %w", err)
-	}
 	fl, err := net.FileListener(f)
 	if err != nil {
 		return nil, fmt.Errorf("the socket passed on fd 4 is not usable: %w", err)
@@ -144,12 +139,45 @@ func Adopt(f *os.File, host, container netip.AddrPort, log *logging.Logger) (*Li
 		fl.Close()
 		return nil, fmt.Errorf("fd 4 is not a TCP socket (-use-listen-fd with -proto tcp)")
 	}
+	return newListener(tl, host, container, log)
+}
+
+// Listen binds host and listens, as docker-proxy does for daemons that do not pass the socket
+// (before 28): with SO_REUSEPORT, so that Envoy's sockets can join it, and V6ONLY for IPv6, as
+// dockerd 28+ binds. A port another program holds fails here, with the reason for the user.
+func Listen(host, container netip.AddrPort, log *logging.Logger) (*Listener, error) {
+	network := "tcp4"
+	if host.Addr().Is6() {
+		network = "tcp6" // Go sets IPV6_V6ONLY for tcp6
+	}
+	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		if err := c.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1) }); err != nil {
+			return err
+		}
+		return serr
+	}}
+	lc.SetMultipathTCP(false) // plain TCP, like Envoy's sockets: MPTCP ones would not share a group
+	l, err := lc.Listen(context.Background(), network, host.String())
+	if err != nil {
+		return nil, fmt.Errorf("failed to listen on %s: %w", host, err) // as udpproxy.Listen says it
+	}
+	return newListener(l.(*net.TCPListener), host, container, log)
+}
+
+func newListener(tl *net.TCPListener, host, container netip.AddrPort, log *logging.Logger) (*Listener, error) {
 	raw, err := tl.SyscallConn()
 	if err != nil {
 		tl.Close()
 		return nil, err
 	}
-	return &Listener{l: tl, raw: raw, addr: host, inode: st.Ino, proxy: tcpproxy.New(container, log), log: log}, nil
+	var st unix.Stat_t
+	var serr error
+	if err := raw.Control(func(fd uintptr) { serr = unix.Fstat(int(fd), &st) }); err != nil || serr != nil {
+		tl.Close()
+		return nil, fmt.Errorf("the socket of %s: %w", host, errors.Join(err, serr))
+	}
+	return &Listener{l: tl, raw: raw, addr: host, inode: st.Ino, proxy: tcpproxy.New(container, log), log: log, moved: make(chan struct{}, 1)}, nil
 }
 
 func sockaddr(sa unix.Sockaddr) netip.AddrPort {
@@ -162,183 +190,144 @@ func sockaddr(sa unix.Sockaddr) netip.AddrPort {
 	return netip.AddrPort{}
 }
 
-// Serve accepts and proxies until the port is handed over (then it returns nil) or Close.
+// Serve accepts and proxies until Close, then returns nil.
 func (l *Listener) Serve() error {
-	err := l.proxy.Serve(l.l)
-	if l.handedOver.Load() || l.closing.Load() {
+	err := l.proxy.Serve(watched{l.l, l})
+	if l.closing.Load() {
 		return nil
 	}
 	return fmt.Errorf("accepting on %s: %w", l.addr, err)
 }
 
-// HandedOver reports whether Envoy has the port and the shim's socket is closed.
-func (l *Listener) HandedOver() bool { return l.handedOver.Load() }
+// watched tells its Listener of every connection accepted.
+type watched struct {
+	*net.TCPListener
+	l *Listener
+}
+
+func (w watched) Accept() (net.Conn, error) {
+	c, err := w.TCPListener.Accept()
+	if err == nil && w.l.steered.Load() > 0 {
+		select {
+		case w.l.moved <- struct{}{}:
+		default:
+		}
+	}
+	return c, err
+}
+
+// Steered returns the number of Envoy sockets the port's new connections go to; 0 while the
+// shim's socket takes its share.
+func (l *Listener) Steered() int { return int(l.steered.Load()) }
 
 // Active is the number of connections the shim is proxying itself.
 func (l *Listener) Active() int { return l.proxy.Active() }
 
-// Close stops serving (without a handover) and ends the connections the shim is proxying: the
-// shim is shutting down.
+// Close stops serving and ends the connections the shim is proxying: the shim is shutting down.
+// Envoy's sockets keep the port, shared by the kernel's hash (see the package documentation).
 func (l *Listener) Close() {
-	l.closing.Store(true)
+	if !l.closing.Swap(true) {
+		if n := l.steered.Load(); n > 0 {
+			if err := l.attach(last(int(n))); err != nil {
+				l.log.Debug("steering: the program for after the shim", "err", err)
+			}
+		}
+	}
 	l.l.Close()
 	l.proxy.Close()
 }
 
-// HandOver moves the port to Envoy, as the package documentation describes. Call it once the
-// server said Envoy serves the port. It returns nil once the shim's socket is closed, or ctx's
-// error; until then the shim keeps serving.
-func (l *Listener) HandOver(ctx context.Context) error {
+// Steer sends the port's new connections to Envoy's sockets whenever they listen, and lets them
+// reach the shim's socket whenever they do not, as the package documentation describes. Call it
+// once the server said Envoy serves the port; it runs until ctx ends and returns ctx's error, or
+// another error if the kernel refuses the program.
+func (l *Listener) Steer(ctx context.Context) error {
 	start := time.Now()
-	warned := false
-	wait := 20 * time.Millisecond
-	retry := func(why string, args ...any) error {
-		if !warned && time.Since(start) > warnAfter {
-			warned = true
-			l.log.Warn("Envoy has not taken the port over yet; the shim keeps serving it: "+why, args...)
-		} else {
-			l.log.Debug("handover: "+why, args...)
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(wait):
-		}
-		wait = min(2*wait, retryMax)
-		return nil
-	}
-	for {
-		n, err := l.stablePeers(ctx)
+	for first := true; ; first = false {
+		n, err := l.waitPeers(ctx, first)
 		if err != nil {
 			return err
 		}
-		if n == 0 {
-			if err := retry("no Envoy socket listens on this address", "addr", l.addr); err != nil {
+		if err := l.attach(spread(n)); err != nil {
+			if !errors.Is(err, unix.EINVAL) {
+				return err
+			}
+			// S is in no group: the sockets on this address did not join it.
+			l.log.Debug("steering: Envoy's sockets are not in the shim's socket's group", "err", err)
+			if err := sleep(ctx, retryMax); err != nil {
 				return err
 			}
 			continue
 		}
-		done, err := l.tryHandOver(ctx, n)
-		if done || err != nil {
-			if done {
-				l.log.Info("port handed over to Envoy", "addr", l.addr, "envoy_sockets", n, "took", time.Since(start).Round(time.Millisecond))
-			}
-			return err
+		if prev := l.steered.Swap(int64(n)); prev != int64(n) {
+			l.log.Info("port handed over to Envoy: new connections go to its sockets", "addr", l.addr, "envoy_sockets", n, "took", time.Since(start).Round(time.Millisecond))
 		}
-		if err := retry("Envoy's sockets changed during the handover", "addr", l.addr); err != nil {
-			return err
+		// Wait for a connection to reach S. Those that chose S before the program may still be
+		// accepted now: they only cause a recount that finds the same sockets.
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-l.moved:
 		}
+		start = time.Now()
 	}
+}
+
+// waitPeers returns the number of Envoy's sockets once there are some and it holds still. While
+// there are none, S takes every new connection.
+func (l *Listener) waitPeers(ctx context.Context, first bool) (int, error) {
+	start := time.Now()
+	warned := false
+	wait := retryMin
+	for {
+		n, err := l.stablePeers(ctx)
+		if err != nil || n > 0 {
+			return n, err
+		}
+		if l.steered.Swap(0) > 0 {
+			l.log.Info("Envoy's sockets are gone: the shim serves the port until Envoy is back", "addr", l.addr)
+		}
+		if !warned && time.Since(start) > warnAfter {
+			warned = true
+			if first {
+				l.log.Warn("Envoy has not taken the port over yet; the shim keeps serving it", "addr", l.addr)
+			} else {
+				l.log.Warn("Envoy has not come back to the port yet; the shim keeps serving it", "addr", l.addr, "for", time.Since(start).Round(time.Second))
+			}
+		}
+		if err := sleep(ctx, wait); err != nil {
+			return 0, err
+		}
+		wait = min(2*wait, retryMax)
+	}
+}
+
+// peers counts Envoy's sockets.
+func (l *Listener) peers() (n int, err error) {
+	if l.peersIn == nil {
+		return peers(l.addr, l.inode)
+	}
+	if nerr := l.peersIn(func() error { n, err = peers(l.addr, l.inode); return nil }); nerr != nil {
+		return 0, nerr
+	}
+	return n, err
 }
 
 // stablePeers returns the number of Envoy's sockets once it holds still for settle.
 func (l *Listener) stablePeers(ctx context.Context) (int, error) {
-	n, err := peers(l.addr, l.inode)
+	n, err := l.peers()
 	for err == nil {
-		select {
-		case <-ctx.Done():
-			return 0, ctx.Err()
-		case <-time.After(settle):
+		if err := sleep(ctx, settle); err != nil {
+			return 0, err
 		}
 		var again int
-		again, err = peers(l.addr, l.inode)
+		again, err = l.peers()
 		if err == nil && again == n {
 			return n, nil
 		}
 		n = again
 	}
-	return 0, fmt.Errorf("handover: reading sockets: %w", err)
-}
-
-// tryHandOver runs steps 3 to 5 with n Envoy sockets. It reports false (and no error) when the
-// group changed under it, after restoring a program that keeps O out.
-func (l *Listener) tryHandOver(ctx context.Context, n int) (bool, error) {
-	if err := l.attach(spread(n)); err != nil {
-		if errors.Is(err, unix.EINVAL) {
-			// O is in no group: the sockets on this address did not join it.
-			l.log.Debug("handover: Envoy's sockets are not in the passed socket's group", "err", err)
-			return false, nil
-		}
-		return false, err
-	}
-	same := func() bool { m, err := peers(l.addr, l.inode); return err == nil && m == n }
-	if !same() {
-		return false, nil
-	}
-	// Step 4: handshakes that may have chosen O before the program.
-	pending, err := halfOpen(l.addr)
-	if err != nil {
-		return false, err
-	}
-	graceEnd := time.Now().Add(maxGrace)
-	for len(pending) > 0 && time.Now().Before(graceEnd) {
-		if err := sleep(ctx, pollEvery); err != nil {
-			return false, err
-		}
-		now, err := halfOpen(l.addr)
-		if err != nil {
-			return false, err
-		}
-		for remote := range pending {
-			if !now[remote] {
-				delete(pending, remote)
-			}
-		}
-		if !same() {
-			return false, nil
-		}
-	}
-	if len(pending) > 0 {
-		l.log.Warn("handover: handshakes to the shim's socket still incomplete; they may be reset", "count", len(pending))
-	}
-	// Step 5.
-	if err := l.attach(last(n)); err != nil {
-		return false, err
-	}
-	if !same() {
-		return false, l.attach(spread(n)) // keep O out until the next attempt
-	}
-	queueEnd := time.Now().Add(maxQueueDrain)
-	for {
-		q, err := l.queued()
-		if err != nil {
-			return false, err
-		}
-		if q == 0 {
-			break
-		}
-		if time.Now().After(queueEnd) {
-			l.log.Warn("handover: the shim's socket still has queued connections; they may be reset", "count", q)
-			break
-		}
-		if err := sleep(ctx, pollEvery); err != nil {
-			return false, err
-		}
-	}
-	l.handedOver.Store(true)
-	var serr error
-	l.raw.Control(func(fd uintptr) { serr = unix.Shutdown(int(fd), unix.SHUT_RD) })
-	l.l.Close()
-	if serr != nil {
-		l.log.Warn("handover: shutting the shim's socket down", "err", serr)
-	}
-	if still, _ := listening(l.addr, l.inode); still {
-		l.log.Warn("handover: the passed socket still listens after the shim closed it")
-	}
-	return true, nil
-}
-
-// queued is the length of O's accept queue.
-func (l *Listener) queued() (int, error) {
-	var info *unix.TCPInfo
-	var err error
-	if cerr := l.raw.Control(func(fd uintptr) { info, err = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO) }); cerr != nil {
-		return 0, cerr
-	}
-	if err != nil {
-		return 0, err
-	}
-	return int(info.Unacked), nil
+	return 0, fmt.Errorf("steering: reading sockets: %w", err)
 }
 
 func (l *Listener) attach(prog []bpf.Instruction) error {
@@ -363,7 +352,7 @@ func (l *Listener) attach(prog []bpf.Instruction) error {
 	return nil
 }
 
-// spread picks one of Envoy's n sockets (indices 1..n) at random, never O (index 0).
+// spread picks one of Envoy's n sockets (indices 1..n) at random, never S (index 0).
 func spread(n int) []bpf.Instruction {
 	return []bpf.Instruction{
 		bpf.LoadExtension{Num: bpf.ExtRand},
@@ -373,8 +362,8 @@ func spread(n int) []bpf.Instruction {
 	}
 }
 
-// last picks index n: Envoy's last socket while O is in the group, and an index out of range (so
-// the kernel's own hash) once O has left.
+// last picks index n: Envoy's last socket while S is in the group, and an index out of range (so
+// the kernel's own hash) once S has left.
 func last(n int) []bpf.Instruction {
 	return []bpf.Instruction{bpf.RetConstant{Val: uint32(n)}}
 }

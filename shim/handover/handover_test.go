@@ -4,9 +4,11 @@ import (
 	"bufio"
 	"context"
 	"fmt"
+	"maps"
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -19,6 +21,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/envoy-docker-shim/envoy-docker-shim/shim/shimtest"
+	"github.com/envoy-docker-shim/envoy-docker-shim/testbed"
 )
 
 var quiet = logging.Discard()
@@ -89,6 +92,15 @@ type clients struct {
 }
 
 func runClients(addr netip.AddrPort, workers int, stop <-chan struct{}) *clients {
+	return runClientsWith(hostDial, addr, workers, stop)
+}
+
+// dialer opens a TCP connection: on the host, or in a network namespace of the test's own.
+type dialer func(addr string) (net.Conn, error)
+
+func hostDial(addr string) (net.Conn, error) { return net.DialTimeout("tcp", addr, 2*time.Second) }
+
+func runClientsWith(dial dialer, addr netip.AddrPort, workers int, stop <-chan struct{}) *clients {
 	cl := &clients{byServer: map[string]int{}, after: map[string]int{}}
 	for w := range workers {
 		cl.wg.Add(1)
@@ -101,7 +113,7 @@ func runClients(addr netip.AddrPort, workers int, stop <-chan struct{}) *clients
 				default:
 				}
 				start := time.Now()
-				who, err := roundTrip(addr, fmt.Sprintf("w%d-%d", w, i))
+				who, err := roundTripWith(dial, addr, fmt.Sprintf("w%d-%d", w, i))
 				cl.mu.Lock()
 				if err != nil {
 					cl.errs = append(cl.errs, err.Error())
@@ -118,10 +130,15 @@ func runClients(addr netip.AddrPort, workers int, stop <-chan struct{}) *clients
 	return cl
 }
 
-func (cl *clients) setMark() { cl.mu.Lock(); cl.mark = time.Now(); cl.mu.Unlock() }
+// setMark starts counting answers afresh, for connections started from now on.
+func (cl *clients) setMark() { cl.mu.Lock(); cl.mark = time.Now(); clear(cl.after); cl.mu.Unlock() }
 
 func roundTrip(addr netip.AddrPort, msg string) (string, error) {
-	c, err := net.DialTimeout("tcp", addr.String(), 2*time.Second)
+	return roundTripWith(hostDial, addr, msg)
+}
+
+func roundTripWith(dial dialer, addr netip.AddrPort, msg string) (string, error) {
+	c, err := dial(addr.String())
 	if err != nil {
 		return "", err
 	}
@@ -177,6 +194,123 @@ func adopt(t *testing.T, host netip.AddrPort) (*Listener, netip.AddrPort, *os.Fi
 	return l, host, daemonCopy
 }
 
+// listen is the shim's own bind (daemons before 28), serving until the test ends.
+func listen(t *testing.T, host netip.AddrPort) (*Listener, netip.AddrPort) {
+	return listenIn(t, nil, host)
+}
+
+// listenIn is listen with the shim's socket in ns (nil: the host's namespace). The container
+// stays in the host's: the shim's proxy dials from whatever thread runs it.
+func listenIn(t *testing.T, ns *testNetns, host netip.AddrPort) (*Listener, netip.AddrPort) {
+	t.Helper()
+	backend, err := net.Listen("tcp", netip.AddrPortFrom(host.Addr(), 0).String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { backend.Close() })
+	go serveLines(backend, "container", new(atomic.Int64))
+	var l *Listener
+	bind := func() error {
+		if host.Port() == 0 {
+			probe, err := net.Listen("tcp", host.String())
+			if err != nil {
+				return err
+			}
+			host = netip.MustParseAddrPort(probe.Addr().String())
+			probe.Close()
+		}
+		l, err = Listen(host, netip.MustParseAddrPort(backend.Addr().String()), quiet)
+		return err
+	}
+	if ns != nil {
+		ns.do(t, bind)
+		l.peersIn = func(fn func() error) error { return testbed.InNetns(ns.f, fn) }
+	} else if err := bind(); err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan error, 1)
+	go func() { served <- l.Serve() }()
+	t.Cleanup(func() {
+		l.Close()
+		if err := <-served; err != nil {
+			t.Errorf("Serve: %v", err)
+		}
+	})
+	return l, host
+}
+
+// testNetns is a network namespace of the test's own, with loopback up and
+// net.ipv4.tcp_migrate_req=1 (as the server sets it on the host): the setting is per namespace,
+// and the test must not change the host's.
+type testNetns struct{ f *os.File }
+
+func newNetns(t *testing.T) *testNetns {
+	t.Helper()
+	testbed.RequireRoot(t)
+	f, err := testbed.NewNetns()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	ns := &testNetns{f}
+	ns.do(t, func() error {
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			return err
+		}
+		defer unix.Close(fd)
+		ifr, err := unix.NewIfreq("lo")
+		if err != nil {
+			return err
+		}
+		if err := unix.IoctlIfreq(fd, unix.SIOCGIFFLAGS, ifr); err != nil {
+			return fmt.Errorf("lo flags: %w", err)
+		}
+		ifr.SetUint16(ifr.Uint16() | unix.IFF_UP)
+		if err := unix.IoctlIfreq(fd, unix.SIOCSIFFLAGS, ifr); err != nil {
+			return fmt.Errorf("lo up: %w", err)
+		}
+		return os.WriteFile("/proc/sys/net/ipv4/tcp_migrate_req", []byte("1\n"), 0o644)
+	})
+	return ns
+}
+
+// do runs fn with its thread in the namespace: sockets it opens belong there.
+func (ns *testNetns) do(t *testing.T, fn func() error) {
+	t.Helper()
+	if err := testbed.InNetns(ns.f, fn); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func (ns *testNetns) dial(addr string) (c net.Conn, err error) {
+	if nerr := testbed.InNetns(ns.f, func() error { c, err = hostDial(addr); return nil }); nerr != nil {
+		return nil, nerr
+	}
+	return c, err
+}
+
+func (cl *clients) snapshotErrs() []string {
+	cl.mu.Lock()
+	defer cl.mu.Unlock()
+	return slices.Clone(cl.errs)
+}
+
+// afterCopy returns the answers since the mark.
+func (cl *clients) afterCopy() map[string]int {
+	cl.mu.Lock()
+	defer cl.mu.Unlock()
+	out := maps.Clone(cl.after)
+	clear(cl.after)
+	return out
+}
+
+func (cl *clients) byServerCopy() map[string]int {
+	cl.mu.Lock()
+	defer cl.mu.Unlock()
+	return maps.Clone(cl.byServer)
+}
+
 func dupFile(f *os.File) (*os.File, error) {
 	fd, err := unix.Dup(int(f.Fd()))
 	if err != nil {
@@ -185,37 +319,67 @@ func dupFile(f *os.File) (*os.File, error) {
 	return os.NewFile(uintptr(fd), "daemon copy"), nil
 }
 
+// steer runs Steer until the test ends and waits until it steers to n of Envoy's sockets.
+func steer(t *testing.T, l *Listener, n int) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- l.Steer(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != context.Canceled {
+			t.Errorf("Steer: %v", err)
+		}
+	})
+	waitSteered(t, l, n)
+}
+
+func waitSteered(t *testing.T, l *Listener, n int) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); l.Steered() != n; {
+		if time.Now().After(deadline) {
+			t.Fatalf("steered to %d Envoy sockets, want %d", l.Steered(), n)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
 // The contract's handover requirement: "hand the port over to Envoy without a window in which
 // clients are refused" — zero refused or reset connections while Envoy's sockets join and the
-// shim's socket leaves, and afterwards only Envoy answers, on all of its sockets.
-func TestHandOverLosesNoConnection(t *testing.T) {
+// program steers to them; afterwards only Envoy answers, on all of its sockets, and the shim's
+// socket still listens (it takes the port back whenever Envoy is gone).
+func TestSteerLosesNoConnection(t *testing.T) {
 	for _, tc := range []struct {
 		name    string
 		host    string
 		sockets int
+		bind    bool // the shim binds (daemons before 28) instead of adopting fd 4
 	}{
-		{"ipv4 two workers", "127.0.0.1:0", 2},
-		{"ipv4 one worker", "127.0.0.1:0", 1},
-		{"ipv4 four workers", "127.0.0.1:0", 4},
-		{"ipv6", "[::1]:0", 2},
+		{"ipv4 two workers", "127.0.0.1:0", 2, false},
+		{"ipv4 one worker", "127.0.0.1:0", 1, false},
+		{"ipv4 four workers", "127.0.0.1:0", 4, false},
+		{"ipv6", "[::1]:0", 2, false},
+		{"ipv4 bound by the shim", "127.0.0.1:0", 2, true},
+		{"ipv6 bound by the shim", "[::1]:0", 2, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			l, host, daemonCopy := adopt(t, netip.MustParseAddrPort(tc.host))
+			var l *Listener
+			var host netip.AddrPort
+			if tc.bind {
+				l, host = listen(t, netip.MustParseAddrPort(tc.host))
+			} else {
+				var daemonCopy *os.File
+				l, host, daemonCopy = adopt(t, netip.MustParseAddrPort(tc.host))
+				defer daemonCopy.Close() // dockerd closes its copy after "0\n"
+			}
 			stop := make(chan struct{})
 			cl := runClients(host, 4, stop)
 			time.Sleep(200 * time.Millisecond) // the shim alone serves
-			daemonCopy.Close()                 // dockerd closes its copy after "0\n"
 
 			envoy := startFakeEnvoy(t, host, tc.sockets)
 			time.Sleep(100 * time.Millisecond) // shared: the kernel splits between shim and Envoy
-			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-			defer cancel()
-			if err := l.HandOver(ctx); err != nil {
-				t.Fatalf("HandOver: %v", err)
-			}
-			if !l.HandedOver() {
-				t.Fatal("not handed over")
-			}
+			steer(t, l, tc.sockets)
+			time.Sleep(20 * time.Millisecond) // connections that chose S before the program
 			cl.setMark()
 			time.Sleep(300 * time.Millisecond)
 			close(stop)
@@ -225,57 +389,120 @@ func TestHandOverLosesNoConnection(t *testing.T) {
 				t.Fatalf("%d failed connections, e.g. %v", len(cl.errs), cl.errs[:min(5, len(cl.errs))])
 			}
 			if cl.byServer["container"] == 0 {
-				t.Error("the shim served nothing before the handover")
+				t.Error("the shim served nothing before Envoy")
 			}
 			if cl.after["container"] != 0 || cl.after["envoy"] == 0 {
-				t.Errorf("after the handover: %v, want Envoy only", cl.after)
+				t.Errorf("once steered: %v, want Envoy only", cl.after)
 			}
 			for i, c := range envoy.counts {
 				if c.Load() == 0 {
 					t.Errorf("Envoy socket %d got no connection: %v", i, envoy.counts)
 				}
 			}
-			if still, _ := listening(host, l.inode); still {
-				t.Error("the shim's socket still listens")
+			if still, _ := listening(host, l.inode); !still {
+				t.Error("the shim's socket no longer listens")
 			}
-			t.Logf("answers: %v; after handover: %v", cl.byServer, cl.after)
+			t.Logf("answers: %v; once steered: %v", cl.byServer, cl.after)
 		})
 	}
 }
 
-// After the handover the program left in the group must behave like the kernel's plain hash:
-// no Envoy socket is starved.
-func TestAfterHandOverEnvoySocketsShareEvenly(t *testing.T) {
+// Envoy restarted, upgraded or killed: its sockets close while clients connect in a tight loop,
+// and later a new Envoy (with another worker count) listens. No connection is refused or reset:
+// the shim's socket takes the port while Envoy is away (the kernel migrates what Envoy's closing
+// sockets had queued, tcp_migrate_req), and the new Envoy gets it back on all of its sockets.
+func TestEnvoyGoneAndBack(t *testing.T) {
+	ns := newNetns(t)
+	l, host := listenIn(t, ns, netip.MustParseAddrPort("127.0.0.1:0"))
+	stop := make(chan struct{})
+	cl := runClientsWith(ns.dial, host, 4, stop)
+	defer func() { close(stop); cl.wg.Wait() }()
+	var envoy *fakeEnvoy
+	ns.do(t, func() error { envoy = startFakeEnvoy(t, host, 2); return nil })
+	steer(t, l, 2)
+
+	for round, workers := range []int{3, 1, 2} {
+		// Envoy goes: its sockets close while the clients connect.
+		before := len(cl.snapshotErrs())
+		for _, s := range envoy.ls {
+			s.Close()
+		}
+		waitSteered(t, l, 0)
+		cl.setMark()
+		time.Sleep(200 * time.Millisecond)
+		if after := cl.afterCopy(); after["container"] == 0 || after["envoy"] != 0 {
+			t.Fatalf("round %d: while Envoy is away: %v, want the shim only", round, after)
+		}
+		// A new Envoy.
+		ns.do(t, func() error { envoy = startFakeEnvoy(t, host, workers); return nil })
+		waitSteered(t, l, workers)
+		time.Sleep(20 * time.Millisecond)
+		cl.setMark()
+		time.Sleep(300 * time.Millisecond)
+		if after := cl.afterCopy(); after["container"] != 0 || after["envoy"] == 0 {
+			t.Fatalf("round %d: once the new Envoy is steered to: %v, want Envoy only", round, after)
+		}
+		for i, c := range envoy.counts {
+			if c.Load() == 0 {
+				t.Errorf("round %d: new Envoy socket %d got no connection", round, i)
+			}
+		}
+		if errs := cl.snapshotErrs(); len(errs) > before {
+			t.Fatalf("round %d: %d failed connections, e.g. %v", round, len(errs)-before, errs[before:min(before+5, len(errs))])
+		}
+	}
+	t.Logf("answers: %v", cl.byServerCopy())
+}
+
+// Once steered, Envoy's sockets share the port evenly, and still do after the shim has closed
+// its socket (the program it leaves behind behaves like the kernel's plain hash).
+func TestSteeredEnvoySocketsShareEvenly(t *testing.T) {
 	l, host, daemonCopy := adopt(t, netip.MustParseAddrPort("127.0.0.1:0"))
 	daemonCopy.Close()
 	envoy := startFakeEnvoy(t, host, 2)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	if err := l.HandOver(ctx); err != nil {
-		t.Fatal(err)
-	}
-	before := []int64{envoy.counts[0].Load(), envoy.counts[1].Load()}
-	for i := range 400 {
-		if _, err := roundTrip(host, fmt.Sprint(i)); err != nil {
-			t.Fatal(err)
+	steer(t, l, 2)
+	share := func(what string) {
+		before := []int64{envoy.counts[0].Load(), envoy.counts[1].Load()}
+		for i := range 400 {
+			if _, err := roundTrip(host, fmt.Sprint(i)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		a, b := envoy.counts[0].Load()-before[0], envoy.counts[1].Load()-before[1]
+		if a < 120 || b < 120 { // 200 each expected; "1 + rand % N" left behind would give ~300/100
+			t.Errorf("%s: connections per Envoy socket: %d and %d", what, a, b)
 		}
 	}
-	a, b := envoy.counts[0].Load()-before[0], envoy.counts[1].Load()-before[1]
-	if a < 120 || b < 120 { // 200 each expected; "1 + rand % N" left behind would give ~300/100
-		t.Errorf("connections per Envoy socket after handover: %d and %d", a, b)
-	}
+	share("steered")
+	l.Close()
+	share("after the shim closed its socket")
 }
 
-// Without Envoy's sockets on the address the shim keeps serving and HandOver waits.
+// Without Envoy's sockets on the address the shim keeps serving and Steer waits.
 func TestNoEnvoyKeepsServing(t *testing.T) {
 	l, host, _ := adopt(t, netip.MustParseAddrPort("127.0.0.1:0"))
 	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
 	defer cancel()
-	if err := l.HandOver(ctx); err == nil {
-		t.Fatal("HandOver succeeded without Envoy")
+	if err := l.Steer(ctx); err != context.DeadlineExceeded {
+		t.Fatalf("Steer without Envoy: %v, want the context's deadline", err)
 	}
 	if who, err := roundTrip(host, "still there"); err != nil || who != "container" {
-		t.Fatalf("after a failed handover: %q, %v", who, err)
+		t.Fatalf("without Envoy: %q, %v", who, err)
+	}
+}
+
+// Listen is docker-proxy's bind for daemons before 28: a port another program holds is refused
+// with the reason.
+func TestListenRefusesAPortInUse(t *testing.T) {
+	taken, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer taken.Close()
+	host := netip.MustParseAddrPort(taken.Addr().String())
+	_, err = Listen(host, host, quiet)
+	if err == nil || !strings.Contains(err.Error(), fmt.Sprintf("failed to listen on %s: listen tcp4 %s: bind: address already in use", host, host)) {
+		t.Fatalf("Listen on a port in use: %v", err)
 	}
 }
 

@@ -16,9 +16,7 @@ import (
 // kernel.
 
 const (
-	tcpSynRecv    = 3
-	tcpListen     = 10
-	tcpNewSynRecv = 12
+	tcpListen = 10
 
 	sizeofDiagReq = 56 // struct inet_diag_req_v2
 	sizeofDiagMsg = 72 // struct inet_diag_msg
@@ -153,19 +151,4 @@ func listening(addr netip.AddrPort, inode uint64) (bool, error) {
 		}
 	}
 	return false, nil
-}
-
-// halfOpen returns the handshakes in progress (request sockets in SYN_RECV) to addr, by cookie.
-func halfOpen(addr netip.AddrPort) (map[uint64]bool, error) {
-	entries, err := dump(addr, tcpSynRecv, tcpNewSynRecv)
-	if err != nil {
-		return nil, err
-	}
-	out := map[uint64]bool{}
-	for _, e := range entries {
-		if e.state == tcpSynRecv || e.state == tcpNewSynRecv {
-			out[e.cookie] = true
-		}
-	}
-	return out, nil
 }

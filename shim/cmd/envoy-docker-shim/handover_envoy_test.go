@@ -122,11 +122,11 @@ func TestListenFDHandoverToRealEnvoy(t *testing.T) {
 				t.Errorf("only %d round trips: the loop was not tight", res.ok)
 			}
 
-			// The shim no longer holds the passed socket.
-			if fds := socketInodes(t, p.Cmd.Process.Pid); fds[sockInode] {
-				t.Error("the shim still holds the socket passed on fd 4")
+			// The shim keeps the passed socket, for whenever Envoy is away (package handover)...
+			if fds := socketInodes(t, p.Cmd.Process.Pid); !fds[sockInode] {
+				t.Error("the shim let go of the socket passed on fd 4")
 			}
-			// Every new connection now goes through Envoy, on both workers.
+			// ...but every new connection now goes through Envoy, on both workers.
 			before := handoverStats(t, envoy)
 			const n = 60
 			for i := range n {

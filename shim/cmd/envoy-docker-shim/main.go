@@ -155,34 +155,36 @@ func shim(start time.Time, status *statuspipe.Pipe, pipeErr error, args proxyarg
 
 	switch m.Proto {
 	case mapping.TCP:
+		// The port's host socket stays with the shim for the port's life: it serves what reaches it
+		// while Envoy gets ready and whenever Envoy is away (package handover).
 		ready := make(chan struct{})
 		var lis *handover.Listener
 		if args.UseListenFD {
-			// Serve what dockerd's socket queues while Envoy gets ready, then hand the port over.
-			if lis, err = handover.Adopt(os.NewFile(listenFD, "listen-sock"), m.Host(), m.Container(), log); err != nil {
-				return fail(status, log, 1, err)
-			}
-			g.Add(func() error {
-				if err := lis.Serve(); err != nil {
-					return err
-				}
-				<-ctx.Done()
-				return nil
-			}, func(error) { cancel(); lis.Close() })
-			g.Add(func() error {
-				select {
-				case <-ready:
-					if lis.HandOver(ctx) == nil && waitIdle(ctx, lis) {
-						close(idleReady)
-					}
-				case <-ctx.Done():
-				}
-				<-ctx.Done()
-				return nil
-			}, func(error) { cancel() })
+			lis, err = handover.Adopt(os.NewFile(listenFD, "listen-sock"), m.Host(), m.Container(), log)
 		} else {
-			close(idleReady) // Envoy binds the port itself: nothing runs through the shim
+			lis, err = handover.Listen(m.Host(), m.Container(), log)
 		}
+		if err != nil {
+			return fail(status, log, 1, err)
+		}
+		g.Add(func() error {
+			if err := lis.Serve(); err != nil {
+				return err
+			}
+			<-ctx.Done()
+			return nil
+		}, func(error) { cancel(); lis.Close() })
+		g.Add(func() error {
+			select {
+			case <-ready:
+				if err := lis.Steer(ctx); err != nil && ctx.Err() == nil {
+					log.Warn("steering the port to Envoy stopped; the shim keeps serving it", "err", err)
+				}
+			case <-ctx.Done():
+			}
+			<-ctx.Done()
+			return nil
+		}, func(error) { cancel() })
 		g.Add(func() error {
 			rctx, rcancel := context.WithDeadline(ctx, deadline)
 			_, err := reg.Register(rctx)

@@ -605,6 +605,24 @@ func TestUDPPortInUseFailsPromptly(t *testing.T) {
 		time.Second, "failed to listen on "+host.String(), "address already in use")
 }
 
+// Contract (daemon 27 and earlier): the TCP shim binds the host port itself, as docker-proxy does,
+// so a port in use fails at once with the reason, before anything is registered.
+func TestTCPPortInUseFailsPromptly(t *testing.T) {
+	h := newHarness(t)
+	srv := h.server(nil)
+	taken, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer taken.Close()
+	host := netip.MustParseAddrPort(taken.Addr().String())
+	h.expectFailure(h.start(shimtest.Args("tcp", host, netip.MustParseAddrPort("172.17.0.2:80"), false), nil, nil),
+		time.Second, "failed to listen on "+host.String(), "address already in use")
+	if n := len(srv.Opens()); n != 0 {
+		t.Errorf("%d registrations of a port the shim could not bind", n)
+	}
+}
+
 // --- SCTP ---
 
 // Contract: "SCTP: docker-proxy supports it; Envoy does not." Without EDS_SCTP_PROXY the shim
