@@ -21,6 +21,7 @@ import (
 	"runtime"
 	"strconv"
 	"text/template"
+	"time"
 
 	"github.com/kelseyhightower/envconfig"
 )
@@ -28,19 +29,20 @@ import (
 // Config is every setting of the Envoy container. ENVOY_BASE_ID, ENVOY_PORT and
 // ENVOY_UI_LISTEN_PORT keep the meaning they had in the seed project.
 type Config struct {
-	BaseID         int    `envconfig:"ENVOY_BASE_ID" default:"0" desc:"Envoy --base-id: shared-memory namespace, distinct per Envoy on one host."`
-	AdminPort      int    `envconfig:"ENVOY_PORT" default:"9901" desc:"Port of Envoy's admin interface, always bound to ENVOY_ADMIN_ADDRESS."`
-	AdminAddress   string `envconfig:"ENVOY_ADMIN_ADDRESS" default:"127.0.0.1" desc:"Address of Envoy's admin interface; loopback unless you mean to expose it."`
-	UIPort         int    `envconfig:"ENVOY_UI_LISTEN_PORT" default:"8081" desc:"Port of the UI: every published port with its service, container and traffic, and Envoy's metrics (read-only; the admin interface is not reachable through it). 0 turns the UI off."`
-	UIAddress      string `envconfig:"ENVOY_UI_ADDRESS" default:"127.0.0.1" desc:"Address the UI listens on; loopback by default, 0.0.0.0 to reach it from other machines."`
-	XDSAddr        string `envconfig:"EDS_XDS_ADDR" default:"127.0.0.1:18000" desc:"Where envoy-docker-server serves xDS (same variable as the server's)."`
-	ServerHTTPAddr string `envconfig:"EDS_HTTP_ADDR" default:"127.0.0.1:18001" desc:"Where envoy-docker-server serves HTTP (same variable as the server's): the UI reads the containers' names and images and the UDP ports' traffic from its /ports."`
-	NodeID         string `envconfig:"ENVOY_NODE_ID" default:"envoy-docker-shim" desc:"Envoy node id reported to the server."`
-	Concurrency    string `envconfig:"ENVOY_CONCURRENCY" default:"auto" desc:"Envoy worker threads. auto: half the CPUs the container may use (its cpuset and CPU quota), at least 1 and at most 8: the applications behind the ports need CPU too, and every worker holds a listening socket per port. A number sets it; 0 is one per CPU (Envoy's own default)."`
-	LogLevel       string `envconfig:"ENVOY_LOG_LEVEL" default:"info" desc:"Envoy's log level (trace, debug, info, warning, error, critical, off)."`
-	MaxConnections int    `envconfig:"ENVOY_MAX_CONNECTIONS" default:"100000" desc:"Global cap on downstream connections across all ports (overload manager)."`
-	Binary         string `envconfig:"ENVOY_BINARY" default:"/usr/local/bin/envoy" desc:"Path of the Envoy binary the entrypoint runs."`
-	ConfigPath     string `envconfig:"ENVOY_CONFIG_PATH" default:"/etc/envoy/envoy.yaml" desc:"Where the entrypoint writes the rendered bootstrap."`
+	BaseID         int           `envconfig:"ENVOY_BASE_ID" default:"0" desc:"Envoy --base-id: shared-memory namespace, distinct per Envoy on one host."`
+	AdminPort      int           `envconfig:"ENVOY_PORT" default:"9901" desc:"Port of Envoy's admin interface, always bound to ENVOY_ADMIN_ADDRESS."`
+	AdminAddress   string        `envconfig:"ENVOY_ADMIN_ADDRESS" default:"127.0.0.1" desc:"Address of Envoy's admin interface; loopback unless you mean to expose it."`
+	UIPort         int           `envconfig:"ENVOY_UI_LISTEN_PORT" default:"8081" desc:"Port of the UI: every published port with its service, container and traffic, and Envoy's metrics (read-only; the admin interface is not reachable through it). 0 turns the UI off."`
+	UIAddress      string        `envconfig:"ENVOY_UI_ADDRESS" default:"127.0.0.1" desc:"Address the UI listens on; loopback by default, 0.0.0.0 to reach it from other machines."`
+	XDSAddr        string        `envconfig:"EDS_XDS_ADDR" default:"127.0.0.1:18000" desc:"Where envoy-docker-server serves xDS (same variable as the server's)."`
+	ServerHTTPAddr string        `envconfig:"EDS_HTTP_ADDR" default:"127.0.0.1:18001" desc:"Where envoy-docker-server serves HTTP (same variable as the server's): the UI reads the containers' names and images and the UDP ports' traffic from its /ports."`
+	NodeID         string        `envconfig:"ENVOY_NODE_ID" default:"envoy-docker-shim" desc:"Envoy node id reported to the server."`
+	Concurrency    string        `envconfig:"ENVOY_CONCURRENCY" default:"auto" desc:"Envoy worker threads. auto: half the CPUs the container may use (its cpuset and CPU quota), at least 1 and at most 8: the applications behind the ports need CPU too, and every worker holds a listening socket per port. A number sets it; 0 is one per CPU (Envoy's own default)."`
+	LogLevel       string        `envconfig:"ENVOY_LOG_LEVEL" default:"info" desc:"Envoy's log level (trace, debug, info, warning, error, critical, off)."`
+	MaxConnections int           `envconfig:"ENVOY_MAX_CONNECTIONS" default:"100000" desc:"Global cap on downstream connections across all ports (overload manager)."`
+	Binary         string        `envconfig:"ENVOY_BINARY" default:"/usr/local/bin/envoy" desc:"Path of the Envoy binary the entrypoint runs."`
+	ConfigPath     string        `envconfig:"ENVOY_CONFIG_PATH" default:"/etc/envoy/envoy.yaml" desc:"Where the entrypoint writes the rendered bootstrap."`
+	DrainTime      time.Duration `envconfig:"ENVOY_DRAIN_TIME" default:"10s" desc:"A stop of the Envoy container (docker stop, compose restart, an upgrade) first closes Envoy's listening sockets, so that each port's shim takes new connections until the next Envoy listens, makes HTTP responses close their connections, and keeps open connections (long-lived TCP ones) up to this long before Envoy exits. compose's stop_grace_period for envoy (ENVOY_STOP_GRACE_PERIOD, 15s) must exceed it. 0: Envoy exits at once, cutting open connections."`
 }
 
 // FromEnv reads Config from the environment and checks it.
@@ -76,6 +78,9 @@ func (c Config) Validate() error {
 	}
 	if c.UIPort > 0 && c.UIPort == c.AdminPort {
 		return fmt.Errorf("ENVOY_UI_LISTEN_PORT=%d is also ENVOY_PORT (the admin interface): give them different ports", c.UIPort)
+	}
+	if c.DrainTime < 0 {
+		return fmt.Errorf("ENVOY_DRAIN_TIME=%s: must not be negative", c.DrainTime)
 	}
 	if c.MaxConnections < 1 {
 		return fmt.Errorf("ENVOY_MAX_CONNECTIONS=%d: must be positive", c.MaxConnections)

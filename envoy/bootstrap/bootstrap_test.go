@@ -15,7 +15,7 @@ import (
 
 func defaults(t *testing.T) Config {
 	t.Helper()
-	for _, k := range []string{"ENVOY_BASE_ID", "ENVOY_PORT", "ENVOY_ADMIN_ADDRESS", "EDS_XDS_ADDR", "ENVOY_NODE_ID", "ENVOY_CONCURRENCY", "ENVOY_LOG_LEVEL", "ENVOY_MAX_CONNECTIONS", "ENVOY_BINARY", "ENVOY_CONFIG_PATH", "ENVOY_UI_LISTEN_PORT", "ENVOY_UI_ADDRESS", "EDS_HTTP_ADDR"} {
+	for _, k := range []string{"ENVOY_BASE_ID", "ENVOY_PORT", "ENVOY_ADMIN_ADDRESS", "EDS_XDS_ADDR", "ENVOY_NODE_ID", "ENVOY_CONCURRENCY", "ENVOY_LOG_LEVEL", "ENVOY_MAX_CONNECTIONS", "ENVOY_BINARY", "ENVOY_CONFIG_PATH", "ENVOY_UI_LISTEN_PORT", "ENVOY_UI_ADDRESS", "EDS_HTTP_ADDR", "ENVOY_DRAIN_TIME"} {
 		t.Setenv(k, "")
 		os.Unsetenv(k)
 	}
@@ -150,6 +150,8 @@ func TestInvalidSettingsAreClearErrors(t *testing.T) {
 		{"ENVOY_CONCURRENCY", "many", "ENVOY_CONCURRENCY=\"many\": want auto, a number of workers"},
 		{"ENVOY_CONCURRENCY", "-1", "ENVOY_CONCURRENCY=\"-1\""},
 		{"EDS_HTTP_ADDR", "server:18001", "EDS_HTTP_ADDR=\"server:18001\": want IP:port"},
+		{"ENVOY_DRAIN_TIME", "-1s", "ENVOY_DRAIN_TIME=-1s: must not be negative"},
+		{"ENVOY_DRAIN_TIME", "soon", "ENVOY_DRAIN_TIME"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.env+"="+tt.value, func(t *testing.T) {

@@ -288,6 +288,40 @@ func TestEnableForwarding(t *testing.T) {
 	})
 }
 
+func TestEnableTCPMigrateReq(t *testing.T) {
+	for _, tc := range []struct {
+		name, before string
+		changed      bool
+	}{
+		{"off: turned on", "0\n", true},
+		{"on: left alone", "1\n", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			p := filepath.Join(dir, "ipv4", "tcp_migrate_req")
+			if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(p, []byte(tc.before), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			changed, err := Sysctls{Dir: dir}.EnableTCPMigrateReq()
+			if err != nil || changed != tc.changed {
+				t.Errorf("EnableTCPMigrateReq = %v, %v; want %v", changed, err, tc.changed)
+			}
+			if b, _ := os.ReadFile(p); string(b) != "1\n" {
+				t.Errorf("tcp_migrate_req = %q, want 1", b)
+			}
+		})
+	}
+	t.Run("missing: the error names the setting", func(t *testing.T) {
+		_, err := Sysctls{Dir: t.TempDir()}.EnableTCPMigrateReq()
+		if err == nil || !strings.Contains(err.Error(), "net.ipv4.tcp_migrate_req") {
+			t.Errorf("EnableTCPMigrateReq without the file = %v", err)
+		}
+	})
+}
+
 func TestUninstallMark(t *testing.T) {
 	dir := t.TempDir()
 	if Uninstalled(dir) {

@@ -55,3 +55,26 @@ func (s Sysctls) EnableForwarding(ipv4, ipv6 bool) ([]string, error) {
 	}
 	return changed, errors.Join(errs...)
 }
+
+// EnableTCPMigrateReq sets net.ipv4.tcp_migrate_req to 1: when a listening socket of a
+// SO_REUSEPORT group closes, the kernel moves its accept queue and the handshakes in progress to
+// another socket of the group instead of resetting them. Every published TCP port is such a group
+// (the shim's socket beside Envoy's: package shim/handover), so what a stopping or killed Envoy
+// had queued goes to the shim, which serves the port until Envoy is back. Only sockets in
+// SO_REUSEPORT groups are affected; the setting is per network namespace (the host's, where the
+// server runs). It never turns the setting off, and reports whether it changed it.
+func (s Sysctls) EnableTCPMigrateReq() (bool, error) {
+	const name = "net.ipv4.tcp_migrate_req"
+	path := filepath.Join(s.Dir, "ipv4", "tcp_migrate_req")
+	cur, err := os.ReadFile(path)
+	if err != nil {
+		return false, fmt.Errorf("reading %s (kernels before 5.14 lack it): %w", name, err)
+	}
+	if string(bytes.TrimSpace(cur)) != "0" {
+		return false, nil
+	}
+	if err := os.WriteFile(path, []byte("1\n"), 0o644); err != nil {
+		return false, fmt.Errorf("%s is 0 and could not be set to 1 (%w): a restarted Envoy may reset the few connections it had queued; run sysctl -w %s=1 on the host", name, err, name)
+	}
+	return true, nil
+}

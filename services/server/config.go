@@ -34,6 +34,7 @@ type Config struct {
 	NftTable           string        `envconfig:"EDS_NETFILTER_TABLE" default:"envoy_docker_shim" desc:"The nftables table (family inet) the server owns and replaces as a whole; it touches no other. Give each server its own when several follow different dockerds on one host. The installer's EDS_NETFILTER_TABLE must match."`
 	NftKeep            bool          `envconfig:"EDS_NETFILTER_KEEP" default:"true" desc:"Keep the rules while the server is stopped, so that a restart or an upgrade neither cuts containers' outbound connections nor opens their isolation. false: remove them at every stop. Uninstalling (EDS_UNINSTALL=true) removes them either way."`
 	SysctlNet          string        `envconfig:"EDS_SYSCTL_NET" default:"/proc/sys/net" desc:"The host's net sysctls, writable: where the server turns on IP forwarding when a network needs it. compose mounts the host's /proc/sys/net at /host/proc/sys/net, because /proc/sys is read-only in a container."`
+	TCPMigrateReq      bool          `envconfig:"EDS_TCP_MIGRATE_REQ" default:"true" desc:"Set the host's net.ipv4.tcp_migrate_req to 1 (through EDS_SYSCTL_NET) at start: connections queued on Envoy's sockets when Envoy stops or dies move to the shim's socket of the port instead of being reset. It affects only SO_REUSEPORT listeners and is never turned off again. false: leave it as it is."`
 	LogLevel           string        `envconfig:"EDS_LOG_LEVEL" default:"info" desc:"debug, info, warn or error. Logs are JSON on stderr."`
 }
 

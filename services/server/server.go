@@ -233,6 +233,14 @@ func (s *Server) Run(ctx context.Context) error {
 		return nil
 	}, func(error) { stopGrace() })
 
+	if s.cfg.TCPMigrateReq {
+		if changed, err := (netfilter.Sysctls{Dir: s.cfg.SysctlNet}).EnableTCPMigrateReq(); err != nil {
+			s.log.Warn("connections queued on a stopping Envoy may be reset", "err", err)
+		} else if changed {
+			s.log.Info("set net.ipv4.tcp_migrate_req=1: what a stopping Envoy had queued goes to the shims' sockets")
+		}
+	}
+
 	// Ends the group on SIGINT or SIGTERM (docker stop, compose down), or when ctx is cancelled.
 	signals := make(chan os.Signal, 1)
 	signal.Notify(signals, syscall.SIGINT, syscall.SIGTERM)

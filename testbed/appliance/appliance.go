@@ -76,7 +76,7 @@ type Appliance struct {
 	// The fake host's directories, as given to compose.
 	InstallDir, RunDir, DockerConfigDir string
 	// SysctlDir stands in for the host's /proc/sys/net (EDS_SYSCTL_NET_DIR): the server turns IP
-	// forwarding on there, not in the machine's kernel, which other tests share.
+	// forwarding and tcp_migrate_req on there, not in the machine's kernel, which other tests share.
 	SysctlDir string
 	// ShimPath is where the installer puts the shim: the daemon's userland proxy.
 	ShimPath string
@@ -143,7 +143,7 @@ func Start(t testing.TB, opts Options) *Appliance {
 			t.Fatal(err)
 		}
 	}
-	for _, f := range []string{"ipv4/ip_forward", "ipv6/conf/all/forwarding", "ipv6/conf/default/forwarding"} {
+	for _, f := range []string{"ipv4/ip_forward", "ipv6/conf/all/forwarding", "ipv6/conf/default/forwarding", "ipv4/tcp_migrate_req"} {
 		p := filepath.Join(a.SysctlDir, f)
 		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
 			t.Fatal(err)
@@ -197,6 +197,9 @@ func Start(t testing.TB, opts Options) *Appliance {
 	a.Up(t)
 	return a
 }
+
+// TestDrainTime is the appliance's ENVOY_DRAIN_TIME unless Options.Shipped.
+const TestDrainTime = 2 * time.Second
 
 // imageVersion is the tag (EDS_VERSION) of the images the appliance builds and runs.
 const imageVersion = "e2e"
@@ -255,7 +258,9 @@ func (a *Appliance) composeEnv(opts Options, goImage, envoyImage string) []strin
 		"ENVOY_BASE_ID="+strconv.Itoa(envoyBaseIDOffset+slot),
 	)
 	if !opts.Shipped {
-		env = append(env, "EDS_HEALTHCHECK_INTERVAL=1s", "EDS_LOG_LEVEL=debug", "ENVOY_CONCURRENCY=2")
+		// A short drain keeps Envoy's restarts (each waits for its long-lived connections) quick.
+		env = append(env, "EDS_HEALTHCHECK_INTERVAL=1s", "EDS_LOG_LEVEL=debug", "ENVOY_CONCURRENCY=2",
+			"ENVOY_DRAIN_TIME="+TestDrainTime.String(), "ENVOY_STOP_GRACE_PERIOD=10s")
 	}
 	return env
 }

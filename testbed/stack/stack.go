@@ -116,6 +116,7 @@ func Start(t testing.TB, opts Options) *Stack {
 		// The host's nftables stay the test's choice: the rules serve containers' own traffic
 		// out, not the published ports.
 		shipped.Netfilter, shipped.NftTable, shipped.NftKeep, shipped.SysctlNet = cfg.Netfilter, cfg.NftTable, cfg.NftKeep, cfg.SysctlNet
+		shipped.TCPMigrateReq = cfg.TCPMigrateReq // never the machine's kernel setting from a test
 		cfg = shipped
 	}
 	s := &Stack{Config: cfg, LogPath: filepath.Join(dir, "server.log"), done: make(chan error, 1)}

@@ -1,9 +1,11 @@
 // Command envoy-entrypoint is the Envoy container's entrypoint: it renders the bootstrap from the
 // environment, runs Envoy, and relays the container's signals to it. It stays Envoy's parent
-// (rather than exec'ing it) so that a stop is logged and its outcome is the container's exit code.
+// (rather than exec'ing it) so that a stop is logged, drains first (see drain), and its outcome
+// is the container's exit code.
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -70,12 +72,26 @@ func run() error {
 		return fmt.Errorf("write bootstrap: %w", err)
 	}
 	args := append(bootstrap.Args(cfg, cfg.ConfigPath), os.Args[1:]...) // extra Envoy flags given to the container
-	return supervise(exec.Command(cfg.Binary, args...), slog.New(slog.NewJSONHandler(os.Stderr, nil)))
+	log := slog.New(slog.NewJSONHandler(os.Stderr, nil))
+	var drainFn func(context.Context)
+	if cfg.DrainTime > 0 {
+		a := admin{base: "http://" + net.JoinHostPort(loopbackIfUnspecified(cfg.AdminAddress), strconv.Itoa(cfg.AdminPort)), client: &http.Client{Timeout: 2 * time.Second}}
+		drainFn = func(ctx context.Context) { a.drain(ctx, cfg.DrainTime, log) }
+	}
+	return supervise(exec.Command(cfg.Binary, args...), drainFn, log)
 }
 
-// supervise runs Envoy until it exits, relaying SIGINT and SIGTERM (a stop: Envoy drains nothing
-// and exits 0), SIGHUP and SIGUSR1 (log reopening) to it.
-func supervise(envoy *exec.Cmd, log *slog.Logger) error {
+func loopbackIfUnspecified(addr string) string {
+	if ip := net.ParseIP(addr); ip != nil && ip.IsUnspecified() {
+		return "127.0.0.1"
+	}
+	return addr
+}
+
+// supervise runs Envoy until it exits, relaying SIGHUP and SIGUSR1 (log reopening) to it. The
+// first SIGINT or SIGTERM (a stop) runs drain, if not nil, and then stops Envoy (SIGTERM: Envoy
+// exits 0); a second one stops Envoy at once.
+func supervise(envoy *exec.Cmd, drain func(context.Context), log *slog.Logger) error {
 	envoy.Stdin, envoy.Stdout, envoy.Stderr = os.Stdin, os.Stdout, os.Stderr
 	signals := make(chan os.Signal, 4)
 	signal.Notify(signals, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGUSR1)
@@ -85,13 +101,27 @@ func supervise(envoy *exec.Cmd, log *slog.Logger) error {
 	}
 	exited := make(chan error, 1)
 	go func() { exited <- envoy.Wait() }()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var drained chan struct{} // closed when the drain is over; nil until it starts
 	for {
 		select {
 		case sig := <-signals:
-			if sig == syscall.SIGINT || sig == syscall.SIGTERM {
+			stop := sig == syscall.SIGINT || sig == syscall.SIGTERM
+			if stop && drain != nil && drained == nil {
+				log.Info("stopping: draining first", "signal", sig.String(), "envoy_pid", envoy.Process.Pid)
+				drained = make(chan struct{})
+				go func() { defer close(drained); drain(ctx) }()
+				continue
+			}
+			if stop {
 				log.Info("stopping", "signal", sig.String(), "envoy_pid", envoy.Process.Pid)
+				cancel()
 			}
 			_ = envoy.Process.Signal(sig)
+		case <-drained:
+			drained = make(chan struct{}) // never closed: a later stop signal stops Envoy at once
+			_ = envoy.Process.Signal(syscall.SIGTERM)
 		case err := <-exited:
 			var exit *exec.ExitError
 			if errors.As(err, &exit) {
