@@ -421,8 +421,24 @@ func (a *Appliance) Logs(t testing.TB, id string) string {
 // EnvoyStat returns one of Envoy's counters or gauges by its exact name, and whether Envoy has it.
 func (a *Appliance) EnvoyStat(t testing.TB, name string) (int64, bool) {
 	t.Helper()
+	v, ok, err := a.envoyStatErr(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return v, ok
+}
+
+// envoyStatErr is EnvoyStat for an Envoy that may be restarting.
+func (a *Appliance) envoyStatErr(name string) (int64, bool, error) {
 	q := url.Values{"format": {"json"}, "filter": {"^" + regexp.QuoteMeta(name) + "$"}}
-	body := a.get(t, "http://"+a.AdminAddr+"/stats?"+q.Encode())
+	u := "http://" + a.AdminAddr + "/stats?" + q.Encode()
+	status, body, err := testbed.HTTPGet(context.Background(), u)
+	if err != nil {
+		return 0, false, err
+	}
+	if status != http.StatusOK {
+		return 0, false, fmt.Errorf("GET %s: %d %s", u, status, body)
+	}
 	var doc struct {
 		Stats []struct {
 			Name  string `json:"name"`
@@ -430,14 +446,14 @@ func (a *Appliance) EnvoyStat(t testing.TB, name string) (int64, bool) {
 		} `json:"stats"`
 	}
 	if err := json.Unmarshal([]byte(body), &doc); err != nil {
-		t.Fatalf("envoy stats: %v: %s", err, body)
+		return 0, false, fmt.Errorf("envoy stats: %w: %s", err, body)
 	}
 	for _, s := range doc.Stats {
 		if s.Name == name && s.Value != nil {
-			return *s.Value, true
+			return *s.Value, true, nil
 		}
 	}
-	return 0, false
+	return 0, false, nil
 }
 
 // Listeners returns the names of Envoy's active listeners, sorted.

@@ -1,10 +1,13 @@
 package appliance
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"maps"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -21,12 +24,17 @@ import (
 
 // TestE2EApplianceRestarts: on the compose appliance (one per daemon generation, started once per
 // process and reused by every run under -count=N), under a steady load on an HTTP, a TCP and a
-// UDP published port:
-//   - kill -9 of the server container's process: no request fails; the restart policy brings it
-//     back and within 5 s it lists the live mappings again; a container stopped while it was
-//     down is gone from Envoy afterwards;
-//   - a restart of the Envoy container: UDP (the shim's own) never fails, and every port is
-//     served again within 5 s;
+// UDP published port (a new connection per request) and with a long-lived TCP connection:
+//   - kill -9 of the server container's process: no request fails and the long-lived
+//     connection lives on; the restart policy brings the server back and within 5 s it lists
+//     the live mappings again; a container stopped while it was down is gone from Envoy
+//     afterwards;
+//   - `compose restart envoy`, and an upgrade to a new envoy image (`compose up -d` of a rebuilt
+//     one): no request fails, no connection is refused (the shims serve the ports while Envoy is
+//     away), the long-lived connection is closed no earlier than ENVOY_DRAIN_TIME after the stop
+//     began, and the new Envoy carries the ports again;
+//   - kill -9 of Envoy's process: no connection is refused, at most the requests in flight fail
+//     (one per client of the load), UDP (the shim's own) never; the figures are logged;
 //   - and afterwards nothing leaks: the same registrations, Envoy listeners and shim processes
 //     as before, no shim holding more file descriptors than it did.
 func TestE2EApplianceRestarts(t *testing.T) {
@@ -55,6 +63,26 @@ type restartFixture struct {
 func newRestartFixture(tb testing.TB, gen testbed.Generation) *restartFixture {
 	tb.Helper()
 	f := &restartFixture{a: startShared(tb, Options{Generation: gen})}
+	// The server sets net.ipv4.tcp_migrate_req=1 in the host's /proc/sys/net, here a stand-in (the
+	// test must not depend on the server writing to the machine's kernel)...
+	testbed.WaitFor(tb, 10*time.Second, "the server's tcp_migrate_req", func() error {
+		if b, err := os.ReadFile(filepath.Join(f.a.SysctlDir, "ipv4", "tcp_migrate_req")); err != nil || string(b) != "1\n" {
+			return fmt.Errorf("tcp_migrate_req %q, %v", b, err)
+		}
+		return nil
+	})
+	// ...so the test does in the machine's kernel what the server does on a real host. It turns it
+	// on only: it changes nothing but what becomes of connections queued on a closing socket of a
+	// SO_REUSEPORT group (migrated instead of reset), and other tests may rely on it by now.
+	const migrate = "/proc/sys/net/ipv4/tcp_migrate_req"
+	if b, err := os.ReadFile(migrate); err != nil {
+		tb.Fatalf("%s: %v (kernels before 5.14 lack it)", migrate, err)
+	} else if strings.TrimSpace(string(b)) != "1" {
+		if err := os.WriteFile(migrate, []byte("1\n"), 0o644); err != nil {
+			tb.Fatal(err)
+		}
+		tb.Logf("set net.ipv4.tcp_migrate_req=1 in this machine's kernel, as the server does on a real host")
+	}
 	d := f.a.Daemon
 	httpPort, tcpPort, udpPort := testbed.FreePort(tb), testbed.FreePort(tb), testbed.FreePort(tb)
 	f.web = d.Run(tb, testbed.RunOptions{
@@ -191,11 +219,12 @@ func (f *restartFixture) restarts(t *testing.T) {
 		return err
 	})
 
-	load := startLoad(f.probes(), 10*time.Millisecond, 2*time.Minute)
+	load := startLoad(f.probes(), 10*time.Millisecond, 3*time.Minute)
 	defer load.Stop()
 	time.Sleep(300 * time.Millisecond) // the load runs before anything restarts
 
 	// The server: kill -9, brought back by its restart policy.
+	long := openLongLived(t, f.tcpAddr, f.echo.Name)
 	serverDown := time.Now()
 	server := a.Container(t, "server")
 	pid := a.Daemon.MustDocker(t, "inspect", "-f", "{{.State.Pid}}", server)
@@ -228,37 +257,245 @@ func (f *restartFixture) restarts(t *testing.T) {
 	})
 	time.Sleep(200 * time.Millisecond)
 	serverPhase := load.window(serverDown, time.Now())
+	t.Logf("server kill -9: %s", serverPhase)
+	if serverPhase.failedAll() != 0 || serverPhase.okAll() == 0 {
+		t.Errorf("through the server's kill -9 and restart, requests failed: %s", serverPhase)
+	}
+	if err := long.alive(); err != nil {
+		t.Errorf("the long-lived connection through Envoy did not survive the server's restart: %v", err)
+	}
+	long.close()
 
-	// Envoy: restarted.
-	envoyDown := time.Now()
-	a.Daemon.MustDocker(t, "restart", "-t", "2", a.Container(t, "envoy"))
-	restartedEnvoy := time.Now()
-	testbed.WaitFor(t, 5*time.Second, "every port served again after Envoy's restart", func() error {
-		for _, p := range f.probes() {
-			if err := p.do(context.Background()); err != nil {
-				return err
+	// Planned: compose restart envoy, then an upgrade to a rebuilt image.
+	for i, step := range []struct {
+		name string
+		do   func(*testing.T)
+	}{
+		{"compose restart envoy", func(t *testing.T) { a.Compose(t, "restart", "envoy") }},
+		{"upgrade to a new envoy image", func(t *testing.T) { f.upgradeEnvoy(t) }},
+	} {
+		long := openLongLived(t, f.tcpAddr, f.echo.Name)
+		before := f.envoyIdentity(t)
+		began := time.Now()
+		step.do(t)
+		back := f.waitNewEnvoyServes(t, before)
+		time.Sleep(300 * time.Millisecond)
+		phase := load.window(began, time.Now())
+		closed, err := long.waitClosed(TestDrainTime + 10*time.Second)
+		t.Logf("%s: the new Envoy carried every port %v after the stop began; long-lived connection closed after %v (%v); %s",
+			step.name, back.Sub(began).Round(time.Millisecond), closed.Sub(began).Round(time.Millisecond), err, phase)
+		if phase.failedAll() != 0 {
+			t.Errorf("%s: requests failed or were refused: %s", step.name, phase)
+		}
+		for name, r := range phase {
+			if r.ok == 0 {
+				t.Errorf("%s: nothing served on %s", step.name, name)
+			}
+		}
+		if closed.IsZero() {
+			t.Errorf("%s: the long-lived connection was never closed", step.name)
+		} else if d := closed.Sub(began); d < TestDrainTime {
+			t.Errorf("%s: the long-lived connection was closed %v after the stop began, before the drain time (%v)", step.name, d, TestDrainTime)
+		}
+		if i == 0 {
+			f.checkSettled(t)
+		}
+	}
+
+	// Unplanned: kill -9 of Envoy's process; the container's restart policy brings it back.
+	long = openLongLived(t, f.tcpAddr, f.echo.Name)
+	before := f.envoyIdentity(t)
+	killed := time.Now()
+	envoyPid := f.envoyPid(t)
+	if err := syscall.Kill(envoyPid, syscall.SIGKILL); err != nil {
+		t.Fatalf("kill -9 of Envoy (pid %d): %v", envoyPid, err)
+	}
+	back := f.waitNewEnvoyServes(t, before)
+	time.Sleep(300 * time.Millisecond)
+	killPhase := load.window(killed, time.Now())
+	load.Stop()
+	closed, err := long.waitClosed(5 * time.Second)
+	t.Logf("envoy kill -9: the new Envoy carried every port %v after the kill; the long-lived connection ended after %v (%v); %s",
+		back.Sub(killed).Round(time.Millisecond), closed.Sub(killed).Round(time.Millisecond), err, killPhase)
+	for name, r := range killPhase {
+		if r.refused != 0 || r.ok == 0 {
+			t.Errorf("Envoy's kill -9: %s: %d refused, %d served, want none refused", name, r.refused, r.ok)
+		}
+		// Each probe has one client: at most its request in flight at the kill fails.
+		if r.failed > 1 {
+			t.Errorf("Envoy's kill -9: %s: %d requests failed, want at most the one in flight", name, r.failed)
+		}
+	}
+	if r := killPhase["udp"]; r.failed != 0 {
+		t.Errorf("UDP (proxied by the shim) failed through Envoy's kill -9: %s", killPhase)
+	}
+}
+
+// envoyIdentity names the running Envoy: its container and when that container (re)started.
+func (f *restartFixture) envoyIdentity(t *testing.T) string {
+	t.Helper()
+	id := f.a.Container(t, "envoy")
+	return id + " " + f.a.Daemon.MustDocker(t, "inspect", "-f", "{{.State.StartedAt}}", id)
+}
+
+// envoyPid is the Envoy process in the envoy container: the entrypoint's child.
+func (f *restartFixture) envoyPid(t *testing.T) int {
+	t.Helper()
+	entry := f.a.Daemon.MustDocker(t, "inspect", "-f", "{{.State.Pid}}", f.a.Container(t, "envoy"))
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%s/task/%s/children", entry, entry))
+	if err != nil {
+		t.Fatal(err)
+	}
+	kids := strings.Fields(string(b))
+	if len(kids) != 1 {
+		t.Fatalf("the entrypoint (pid %s) has children %q, want Envoy alone", entry, kids)
+	}
+	pid, err := strconv.Atoi(kids[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pid
+}
+
+// waitNewEnvoyServes waits until an Envoy other than before runs, is healthy, and has carried
+// requests of both TCP ports (its counters start at zero): the shims steer to it again. It
+// returns when.
+func (f *restartFixture) waitNewEnvoyServes(t *testing.T, before string) time.Time {
+	t.Helper()
+	testbed.WaitFor(t, 60*time.Second, "a new Envoy container running", func() error {
+		ids := f.a.Containers(t, "envoy")
+		if len(ids) != 1 {
+			return fmt.Errorf("%d envoy containers", len(ids))
+		}
+		if f.a.Daemon.MustDocker(t, "inspect", "-f", "{{.State.Running}}", ids[0]) != "true" {
+			return errors.New("not running")
+		}
+		if now := f.envoyIdentity(t); now == before {
+			return errors.New("still the old one")
+		}
+		return nil
+	})
+	f.a.WaitHealthy(t, 30*time.Second, "envoy")
+	testbed.WaitFor(t, 30*time.Second, "the new Envoy carries both TCP ports", func() error {
+		for _, stat := range []string{"http.web-restart.downstream_rq_completed", "tcp.echo-restart.downstream_cx_total"} {
+			if v, ok, err := f.a.envoyStatErr(stat); err != nil || !ok || v == 0 {
+				return fmt.Errorf("%s = %d (present %v, %v)", stat, v, ok, err)
 			}
 		}
 		return nil
 	})
-	t.Logf("every port served again %v after Envoy's restart", time.Since(restartedEnvoy).Round(time.Millisecond))
-	time.Sleep(300 * time.Millisecond)
-	envoyPhase := load.window(envoyDown, time.Now())
-	load.Stop()
+	return time.Now()
+}
 
-	t.Logf("server kill -9: %s", serverPhase)
-	t.Logf("envoy restart: %s", envoyPhase)
-	if serverPhase.failedAll() != 0 || serverPhase.okAll() == 0 {
-		t.Errorf("through the server's kill -9 and restart, requests failed: %s", serverPhase)
+// upgradeEnvoy builds a new envoy image (the current one plus a label: a new image ID under the
+// same tag) and runs `compose up -d` of envoy, which replaces the container with one of the
+// new image, as an upgrade does.
+func (f *restartFixture) upgradeEnvoy(t *testing.T) {
+	t.Helper()
+	ref := "envoy-docker-shim/envoy:" + imageVersion
+	old := f.a.Daemon.MustDocker(t, "image", "inspect", "-f", "{{.Id}}", ref)
+	dir := t.TempDir()
+	dockerfile := fmt.Sprintf("FROM %s\nLABEL org.envoy-docker-shim.test-upgrade=%q\n", ref, time.Now().Format(time.RFC3339Nano))
+	if err := os.WriteFile(filepath.Join(dir, "Dockerfile"), []byte(dockerfile), 0o644); err != nil {
+		t.Fatal(err)
 	}
-	if r := envoyPhase["udp"]; r.failed != 0 || r.ok == 0 {
-		t.Errorf("UDP (proxied by the shim) failed through Envoy's restart: %s", envoyPhase)
+	f.a.Daemon.MustDocker(t, "build", "-q", "-t", ref, dir)
+	if now := f.a.Daemon.MustDocker(t, "image", "inspect", "-f", "{{.Id}}", ref); now == old {
+		t.Fatalf("the rebuilt envoy image has the old ID %s", old)
 	}
-	for name, r := range envoyPhase {
-		if r.ok == 0 {
-			t.Errorf("%s: nothing served through Envoy's restart", name)
+	container := f.a.Container(t, "envoy")
+	f.a.Compose(t, "up", "-d", "--no-deps", "envoy")
+	if now := f.a.Container(t, "envoy"); now == container {
+		t.Fatalf("compose up -d kept the envoy container %s of the old image", container)
+	}
+	// The old image, now untagged, is not kept.
+	_, _ = f.a.Daemon.Docker(context.Background(), "image", "rm", old)
+}
+
+// longLived is a TCP connection through Envoy to the echo server that sends a line every 100 ms
+// and checks its echo, until it breaks or is closed.
+type longLived struct {
+	c        net.Conn
+	done     chan struct{}
+	closedAt time.Time
+	err      error
+	stop     chan struct{}
+}
+
+func openLongLived(t *testing.T, addr, name string) *longLived {
+	t.Helper()
+	c, err := testbed.Dial(context.Background(), "tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := bufio.NewReader(c)
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.WriteString(c, "WHOAMI\n"); err != nil {
+		t.Fatal(err)
+	}
+	if line, err := r.ReadString('\n'); err != nil || line != name+"\n" {
+		t.Fatalf("long-lived connection to %s: %q, %v", addr, line, err)
+	}
+	l := &longLived{c: c, done: make(chan struct{}), stop: make(chan struct{})}
+	go func() {
+		defer close(l.done)
+		for i := 0; i < 3000; i++ { // at most 5 minutes
+			select {
+			case <-l.stop:
+				return
+			case <-time.After(100 * time.Millisecond):
+			}
+			_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+			msg := fmt.Sprintf("ping %d\n", i)
+			_, err := io.WriteString(c, msg)
+			var line string
+			if err == nil {
+				line, err = r.ReadString('\n')
+			}
+			if err == nil && line != msg {
+				err = fmt.Errorf("echo %q, want %q", line, msg)
+			}
+			if err != nil {
+				l.closedAt, l.err = time.Now(), err
+				return
+			}
 		}
+	}()
+	t.Cleanup(l.close)
+	return l
+}
+
+// alive reports an error if the connection has broken.
+func (l *longLived) alive() error {
+	select {
+	case <-l.done:
+		if l.err != nil {
+			return l.err
+		}
+		return errors.New("stopped")
+	default:
+		return nil
 	}
+}
+
+// waitClosed waits up to limit for the connection to break and returns when it did.
+func (l *longLived) waitClosed(limit time.Duration) (time.Time, error) {
+	select {
+	case <-l.done:
+		return l.closedAt, l.err
+	case <-time.After(limit):
+		return time.Time{}, errors.New("still open")
+	}
+}
+
+func (l *longLived) close() {
+	select {
+	case <-l.stop:
+	default:
+		close(l.stop)
+	}
+	<-l.done
+	l.c.Close()
 }
 
 // probe is one request of the steady load.
