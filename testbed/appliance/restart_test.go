@@ -204,7 +204,7 @@ func (f *restartFixture) restarts(t *testing.T) {
 		Publish: []string{fmt.Sprintf("127.0.0.1:%d:80", gonePort)},
 		Labels:  map[string]string{"ServiceName": "gone", "EnvironmentName": "restart", "eds-test": "gone"},
 	})
-	t.Cleanup(func() { a.Daemon.Remove(t, gone) })
+	t.Cleanup(func() { _, _ = a.Daemon.Docker(context.Background(), "rm", "-f", "-v", gone.ID) }) // if the test stops early
 	var goneListener string
 	testbed.WaitFor(t, 10*time.Second, "gone registered", func() error {
 		regs, err := a.registrationsErr()
@@ -329,6 +329,7 @@ func (f *restartFixture) restarts(t *testing.T) {
 	if r := killPhase["udp"]; r.failed != 0 {
 		t.Errorf("UDP (proxied by the shim) failed through Envoy's kill -9: %s", killPhase)
 	}
+	a.Daemon.Remove(t, gone)
 }
 
 // envoyIdentity names the running Envoy: its container and when that container (re)started.
