@@ -57,10 +57,10 @@ func dump(addr netip.AddrPort, states ...int) ([]diagEntry, error) {
 	body[0] = family
 	body[1] = unix.IPPROTO_TCP
 	ne.PutUint32(body[4:], mask)
-	// id.idiag_sport: the kernel skips sockets on other local ports itself. Without it every
-	// dump lists every listener of the host: Envoy's thousand for a published range, dumped a
-	// dozen times by each of a thousand shims during its handover. Entries are still matched
-	// against addr below, so a kernel that ignored the field would change nothing.
+	// id.idiag_sport: the kernel skips sockets on other local ports itself. While Envoy is away
+	// every shim counts sockets a few times a second, and a host may have thousands of listeners.
+	// Entries are still matched against addr below, so a kernel that ignored the field would
+	// change nothing.
 	binary.BigEndian.PutUint16(body[8:], addr.Port())
 	if err := unix.Sendto(fd, req, 0, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
 		return nil, fmt.Errorf("sock_diag: %w", err)
