@@ -58,6 +58,7 @@ type restartFixture struct {
 	mappings                  []Registration
 	listeners                 []string
 	shims                     map[int]int // pid of each shim: its open file descriptors at the start
+	envoyImage                string      // the ID of the envoy image built for the appliance
 }
 
 func newRestartFixture(tb testing.TB, gen testbed.Generation) *restartFixture {
@@ -97,6 +98,7 @@ func newRestartFixture(tb testing.TB, gen testbed.Generation) *restartFixture {
 		Publish: []string{fmt.Sprintf("127.0.0.1:%d:7/udp", udpPort)},
 		Labels:  map[string]string{"ServiceName": "dgram", "EnvironmentName": "restart"},
 	})
+	f.envoyImage = d.MustDocker(tb, "image", "inspect", "-f", "{{.Id}}", "envoy-docker-shim/envoy:"+imageVersion)
 	f.httpURL = fmt.Sprintf("http://127.0.0.1:%d/", httpPort)
 	f.tcpAddr = fmt.Sprintf("127.0.0.1:%d", tcpPort)
 	f.udpAddr = fmt.Sprintf("127.0.0.1:%d", udpPort)
@@ -339,23 +341,35 @@ func (f *restartFixture) envoyIdentity(t *testing.T) string {
 	return id + " " + f.a.Daemon.MustDocker(t, "inspect", "-f", "{{.State.StartedAt}}", id)
 }
 
-// envoyPid is the Envoy process in the envoy container: the entrypoint's child.
+// envoyPid is the Envoy process in the envoy container: the entrypoint's only child.
 func (f *restartFixture) envoyPid(t *testing.T) int {
 	t.Helper()
-	entry := f.a.Daemon.MustDocker(t, "inspect", "-f", "{{.State.Pid}}", f.a.Container(t, "envoy"))
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%s/task/%s/children", entry, entry))
+	entry, err := strconv.Atoi(f.a.Daemon.MustDocker(t, "inspect", "-f", "{{.State.Pid}}", f.a.Container(t, "envoy")))
 	if err != nil {
 		t.Fatal(err)
 	}
-	kids := strings.Fields(string(b))
+	var kids []int
+	dirs, _ := os.ReadDir("/proc")
+	for _, d := range dirs {
+		pid, err := strconv.Atoi(d.Name())
+		if err != nil {
+			continue
+		}
+		stat, err := os.ReadFile(filepath.Join("/proc", d.Name(), "stat"))
+		if err != nil {
+			continue
+		}
+		// pid (comm) state ppid ...: comm may hold spaces, so read after its closing parenthesis.
+		if i := strings.LastIndexByte(string(stat), ')'); i > 0 {
+			if f := strings.Fields(string(stat[i+1:])); len(f) > 1 && f[1] == strconv.Itoa(entry) {
+				kids = append(kids, pid)
+			}
+		}
+	}
 	if len(kids) != 1 {
-		t.Fatalf("the entrypoint (pid %s) has children %q, want Envoy alone", entry, kids)
+		t.Fatalf("the entrypoint (pid %d) has children %v, want Envoy alone", entry, kids)
 	}
-	pid, err := strconv.Atoi(kids[0])
-	if err != nil {
-		t.Fatal(err)
-	}
-	return pid
+	return kids[0]
 }
 
 // waitNewEnvoyServes waits until an Envoy other than before runs, is healthy, and has carried
@@ -388,15 +402,15 @@ func (f *restartFixture) waitNewEnvoyServes(t *testing.T, before string) time.Ti
 	return time.Now()
 }
 
-// upgradeEnvoy builds a new envoy image (the current one plus a label: a new image ID under the
-// same tag) and runs `compose up -d` of envoy, which replaces the container with one of the
-// new image, as an upgrade does.
+// upgradeEnvoy builds a new envoy image (the fixture's first one plus a label: a new image ID
+// under the same tag) and runs `compose up -d` of envoy, which replaces the container with one of
+// the new image, as an upgrade does.
 func (f *restartFixture) upgradeEnvoy(t *testing.T) {
 	t.Helper()
 	ref := "envoy-docker-shim/envoy:" + imageVersion
 	old := f.a.Daemon.MustDocker(t, "image", "inspect", "-f", "{{.Id}}", ref)
 	dir := t.TempDir()
-	dockerfile := fmt.Sprintf("FROM %s\nLABEL org.envoy-docker-shim.test-upgrade=%q\n", ref, time.Now().Format(time.RFC3339Nano))
+	dockerfile := fmt.Sprintf("FROM %s\nLABEL org.envoy-docker-shim.test-upgrade=%q\n", f.envoyImage, time.Now().Format(time.RFC3339Nano))
 	if err := os.WriteFile(filepath.Join(dir, "Dockerfile"), []byte(dockerfile), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -409,8 +423,9 @@ func (f *restartFixture) upgradeEnvoy(t *testing.T) {
 	if now := f.a.Container(t, "envoy"); now == container {
 		t.Fatalf("compose up -d kept the envoy container %s of the old image", container)
 	}
-	// The old image, now untagged, is not kept.
-	_, _ = f.a.Daemon.Docker(context.Background(), "image", "rm", old)
+	if old != f.envoyImage { // the previous upgrade's image, now unused: nothing piles up
+		f.a.Daemon.MustDocker(t, "image", "rm", old)
+	}
 }
 
 // longLived is a TCP connection through Envoy to the echo server that sends a line every 100 ms
