@@ -110,8 +110,14 @@ func newRestartFixture(tb testing.TB, gen testbed.Generation) *restartFixture {
 		tb.Fatalf("registrations %+v, want web, echo and dgram", f.mappings)
 	}
 	f.listeners = f.a.Listeners(tb)
-	if len(f.listeners) != 2 {
-		tb.Fatalf("Envoy's listeners %q, want web's and echo's", f.listeners)
+	want := []string{"ui"}
+	for _, r := range f.mappings {
+		if r.Listener != "" {
+			want = append(want, r.Listener)
+		}
+	}
+	if slices.Sort(want); !slices.Equal(f.listeners, want) {
+		tb.Fatalf("Envoy's listeners %q, want web's, echo's and the UI's %q", f.listeners, want)
 	}
 	f.shims = map[int]int{}
 	for _, pid := range d.Processes("envoy-docker-shim") {

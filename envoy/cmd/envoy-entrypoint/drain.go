@@ -29,8 +29,8 @@ type admin struct {
 //     connections go to the shim's socket beside them (package shim/handover), which serves the
 //     port until the next Envoy listens; what Envoy's sockets had queued moves there too
 //     (net.ipv4.tcp_migrate_req, which the server sets);
-//  3. it waits until Envoy has no downstream connection left (server.total_connections), or
-//     until limit: a long-lived TCP connection is cut then.
+//  3. it waits until Envoy has no downstream connection left (its listeners'
+//     downstream_cx_active), or until limit: a long-lived TCP connection is cut then.
 //
 // Any step failing (Envoy not up yet) ends the drain early: the stop goes on.
 func (a admin) drain(ctx context.Context, limit time.Duration, log *slog.Logger) {
@@ -76,10 +76,11 @@ func (a admin) post(ctx context.Context, path string) error {
 	return nil
 }
 
-// connections is Envoy's count of open downstream connections, on every listener (not the
-// admin interface's).
+// connections is Envoy's count of open downstream connections, on every listener but the admin
+// interface's. (server.total_connections would be simpler, but Envoy updates it only when it
+// flushes its stats, every 5 s.)
 func (a admin) connections(ctx context.Context) (int, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, a.base+"/stats?filter=%5Eserver%5C.total_connections%24", nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, a.base+"/stats?filter=%5Elistener%5C..*%5C.downstream_cx_active%24", nil)
 	if err != nil {
 		return 0, err
 	}
@@ -88,19 +89,31 @@ func (a admin) connections(ctx context.Context) (int, error) {
 		return 0, err
 	}
 	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, 4096))
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
 	if err != nil {
 		return 0, err
 	}
-	return parseTotalConnections(string(body))
+	if resp.StatusCode != http.StatusOK {
+		return 0, fmt.Errorf("GET /stats: %s", resp.Status)
+	}
+	return parseActiveConnections(string(body))
 }
 
-// parseTotalConnections reads "server.total_connections: N" from Envoy's text stats.
-func parseTotalConnections(stats string) (int, error) {
+// parseActiveConnections sums "listener.<address>.downstream_cx_active: N" over Envoy's text
+// stats, leaving out the admin interface and the per-thread breakdowns of the same counts.
+func parseActiveConnections(stats string) (int, error) {
+	total := 0
 	for line := range strings.Lines(stats) {
-		if v, ok := strings.CutPrefix(strings.TrimSpace(line), "server.total_connections: "); ok {
-			return strconv.Atoi(v)
+		name, value, ok := strings.Cut(strings.TrimSpace(line), ": ")
+		if !ok || !strings.HasPrefix(name, "listener.") || !strings.HasSuffix(name, ".downstream_cx_active") ||
+			strings.HasPrefix(name, "listener.admin.") || strings.Contains(name, ".worker_") || strings.Contains(name, ".main_thread.") {
+			continue
 		}
+		n, err := strconv.Atoi(value)
+		if err != nil {
+			return 0, fmt.Errorf("stat %s of Envoy: %q is not a count", name, value)
+		}
+		total += n
 	}
-	return 0, fmt.Errorf("no server.total_connections in Envoy's stats: %.200q", stats)
+	return total, nil
 }

@@ -86,7 +86,8 @@ func TestStopDrains(t *testing.T) {
 	})
 	logs := func() string { mu.Lock(); defer mu.Unlock(); return stderr.String() }
 
-	testbed.WaitFor(t, 15*time.Second, "the UI listener", func() error {
+	// With no xDS server Envoy starts its listeners once the first fetch times out (15 s).
+	testbed.WaitFor(t, 40*time.Second, "the UI listener", func() error {
 		status, _, err := testbed.HTTPGet(t.Context(), "http://"+uiAddr+"/")
 		if err == nil && status != 200 {
 			err = fmt.Errorf("status %d", status)
