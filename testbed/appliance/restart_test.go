@@ -36,7 +36,7 @@ import (
 //   - kill -9 of Envoy's process: no connection is refused, at most the requests in flight fail
 //     (one per client of the load), UDP (the shim's own) never; the figures are logged;
 //   - and afterwards nothing leaks: the same registrations, Envoy listeners and shim processes
-//     as before, no shim holding more file descriptors than it did.
+//     as before, no shim holding more sockets than it did.
 func TestE2EApplianceRestarts(t *testing.T) {
 	for _, gen := range testbed.Generations(t) {
 		t.Run(string(gen), func(t *testing.T) {
@@ -57,7 +57,7 @@ type restartFixture struct {
 	httpURL, tcpAddr, udpAddr string
 	mappings                  []Registration
 	listeners                 []string
-	shims                     map[int]int // pid of each shim: its open file descriptors at the start
+	shims                     map[int]int // pid of each shim: its open sockets at the start
 	envoyImage                string      // the ID of the envoy image built for the appliance
 }
 
@@ -163,8 +163,8 @@ func (f *restartFixture) probes() []probe {
 }
 
 // checkSettled: the appliance is healthy and holds exactly the fixture's ports: the same
-// registrations, Envoy listeners and shim processes, and no shim holds more descriptors than at
-// the start (a connection to the server or a socket left behind by each restart would show).
+// registrations, Envoy listeners and shim processes, and no shim holds more sockets than at the
+// start (a connection to the server or a proxied connection left behind by a restart would show).
 func (f *restartFixture) checkSettled(t *testing.T) {
 	t.Helper()
 	f.a.WaitHealthy(t, 30*time.Second, "server", "envoy")
@@ -181,7 +181,7 @@ func (f *restartFixture) checkSettled(t *testing.T) {
 		}
 		return nil
 	})
-	testbed.WaitFor(t, 10*time.Second, "the fixture's shims, and no descriptor more", func() error {
+	testbed.WaitFor(t, 10*time.Second, "the fixture's shims, and no socket more", func() error {
 		pids := f.a.Daemon.Processes("envoy-docker-shim")
 		if len(pids) != len(f.shims) {
 			return fmt.Errorf("shim processes %v, want %d", pids, len(f.shims))
@@ -192,7 +192,7 @@ func (f *restartFixture) checkSettled(t *testing.T) {
 				return fmt.Errorf("shim %d is not one of the fixture's %v", pid, f.shims)
 			}
 			if n := openFDs(pid); n > base {
-				return fmt.Errorf("shim %d holds %d descriptors, %d at the start", pid, n, base)
+				return fmt.Errorf("shim %d holds %d sockets, %d at the start; its descriptors and sockets:\n%s", pid, n, base, sockets(pid))
 			}
 		}
 		return nil
@@ -645,8 +645,36 @@ func (p phaseResult) String() string {
 	return strings.Join(parts, "; ")
 }
 
-// openFDs counts a process's open file descriptors (0 if it is gone).
+// sockets lists a process's sockets as ss(8) shows them, for a failure message.
+func sockets(pid int) string {
+	out, err := exec.Command("ss", "-tuanpe").CombinedOutput()
+	if err != nil {
+		return fmt.Sprintf("(ss: %v)", err)
+	}
+	var lines []string
+	fds, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	for _, fd := range fds {
+		target, _ := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", pid, fd.Name()))
+		lines = append(lines, fd.Name()+" -> "+target)
+	}
+	for _, l := range strings.Split(string(out), "\n") {
+		if strings.Contains(l, fmt.Sprintf("pid=%d,", pid)) {
+			lines = append(lines, l)
+		}
+	}
+	return strings.Join(lines, "\n")
+}
+
+// openFDs counts a process's open sockets (0 if it is gone). Other descriptors come and go on
+// their own: Go keeps a pool of pipes for splice(2), which the shim's proxy uses, until a GC.
 func openFDs(pid int) int {
-	entries, _ := os.ReadDir(filepath.Join("/proc", strconv.Itoa(pid), "fd"))
-	return len(entries)
+	dir := filepath.Join("/proc", strconv.Itoa(pid), "fd")
+	entries, _ := os.ReadDir(dir)
+	n := 0
+	for _, e := range entries {
+		if target, err := os.Readlink(filepath.Join(dir, e.Name())); err == nil && strings.HasPrefix(target, "socket:") {
+			n++
+		}
+	}
+	return n
 }
