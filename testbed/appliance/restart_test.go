@@ -278,6 +278,7 @@ func (f *restartFixture) restarts(t *testing.T) {
 		t.Errorf("the long-lived connection through Envoy did not survive the server's restart: %v", err)
 	}
 	long.close()
+	a.Daemon.Remove(t, gone)
 
 	// Planned: compose restart envoy, then an upgrade to a rebuilt image.
 	for i, step := range []struct {
@@ -342,7 +343,6 @@ func (f *restartFixture) restarts(t *testing.T) {
 	if r := killPhase["udp"]; r.failed != 0 {
 		t.Errorf("UDP (proxied by the shim) failed through Envoy's kill -9: %s", killPhase)
 	}
-	a.Daemon.Remove(t, gone)
 }
 
 // envoyIdentity names the running Envoy: its container and when that container (re)started.
