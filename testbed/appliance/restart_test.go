@@ -430,7 +430,18 @@ func (f *restartFixture) upgradeEnvoy(t *testing.T) {
 		t.Fatalf("the rebuilt envoy image has the old ID %s", old)
 	}
 	container := f.a.Container(t, "envoy")
-	f.a.Compose(t, "up", "-d", "--no-deps", "envoy")
+	ctx, cancel := context.WithTimeout(context.Background(), composeTimeout)
+	defer cancel()
+	if out, err := f.a.ComposeErr(ctx, "up", "-d", "--no-deps", "envoy"); err != nil {
+		// docker-compose 1.29 cannot recreate a container on Docker 25 and later (it reads the
+		// image's ContainerConfig, which they no longer report); its users replace it in two steps.
+		if !strings.Contains(out, "KeyError: 'ContainerConfig'") {
+			t.Fatal(err)
+		}
+		t.Logf("docker-compose 1.29 cannot recreate on this daemon: rm -s -f envoy, then up -d")
+		f.a.Compose(t, "rm", "-s", "-f", "envoy")
+		f.a.Compose(t, "up", "-d", "--no-deps", "envoy")
+	}
 	if now := f.a.Container(t, "envoy"); now == container {
 		t.Fatalf("compose up -d kept the envoy container %s of the old image", container)
 	}
