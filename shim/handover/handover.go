@@ -65,6 +65,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -103,6 +104,10 @@ type Listener struct {
 	// moved is signalled by an accept while steered: Envoy's sockets changed.
 	moved   chan struct{}
 	closing atomic.Bool
+	// pause, while not nil, asks the accept loop to stop accepting: it answers on pause.stopped
+	// and waits for pause.resume (see Quiesce).
+	pauseMu sync.Mutex
+	pause   *pause
 	// peersIn runs a sock_diag query; tests run it in the network namespace of their sockets.
 	peersIn func(func() error) error
 }
@@ -206,19 +211,82 @@ type watched struct {
 }
 
 func (w watched) Accept() (net.Conn, error) {
-	c, err := w.TCPListener.Accept()
-	if err == nil && w.l.steered.Load() > 0 {
-		select {
-		case w.l.moved <- struct{}{}:
-		default:
+	for {
+		c, err := w.TCPListener.Accept()
+		if err != nil {
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				// Quiesce cut the accept short: every connection accepted so far is tracked.
+				if p := w.l.paused(); p != nil {
+					close(p.stopped)
+					<-p.resume
+				}
+				w.l.pauseMu.Lock()
+				if w.l.pause == nil { // else another Quiesce set the deadline again
+					_ = w.TCPListener.SetDeadline(time.Time{})
+				}
+				w.l.pauseMu.Unlock()
+				continue
+			}
 		}
+		if err == nil && w.l.steered.Load() > 0 {
+			select {
+			case w.l.moved <- struct{}{}:
+			default:
+			}
+		}
+		return c, err
 	}
-	return c, err
 }
+
+type pause struct{ stopped, resume chan struct{} }
+
+func (l *Listener) paused() *pause {
+	l.pauseMu.Lock()
+	defer l.pauseMu.Unlock()
+	return l.pause
+}
+
+// Quiesce runs fn while the shim accepts nothing, with no connection running through it: it stops
+// the accept loop (connections that arrive meanwhile wait in the socket's queue), and if the shim
+// proxies no connection, runs fn and returns its error (fn may replace the process: package idle);
+// else it returns ErrActive. Serving resumes when it returns. Call it while Serve runs, from one
+// goroutine at a time.
+func (l *Listener) Quiesce(ctx context.Context, fn func() error) error {
+	p := &pause{stopped: make(chan struct{}), resume: make(chan struct{})}
+	l.pauseMu.Lock()
+	l.pause = p
+	err := l.l.SetDeadline(time.Now())
+	l.pauseMu.Unlock()
+	defer func() {
+		l.pauseMu.Lock()
+		l.pause = nil
+		l.pauseMu.Unlock()
+		close(p.resume)
+	}()
+	if err != nil {
+		return err
+	}
+	select {
+	case <-p.stopped:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	if l.proxy.Active() > 0 {
+		return ErrActive
+	}
+	return fn()
+}
+
+// ErrActive says the shim is proxying connections: Quiesce did not run its function.
+var ErrActive = errors.New("the shim is proxying connections")
 
 // Steered returns the number of Envoy sockets the port's new connections go to; 0 while the
 // shim's socket takes its share.
 func (l *Listener) Steered() int { return int(l.steered.Load()) }
+
+// Socket is the port's host socket, for the idle program to hold (package idle).
+func (l *Listener) Socket() syscall.Conn { return l.l }
 
 // Active is the number of connections the shim is proxying itself.
 func (l *Listener) Active() int { return l.proxy.Active() }

@@ -545,3 +545,84 @@ func TestAdoptChecksTheSocket(t *testing.T) {
 		t.Errorf("wrong address: %v", err)
 	}
 }
+
+// Quiesce (the shim about to hand its process to the idle program) runs its function only while
+// nothing is accepted and no connection runs through the shim; a connection that arrives
+// meanwhile waits in the socket's queue, and is served once Quiesce returns.
+func TestQuiesce(t *testing.T) {
+	l, host, _ := adopt(t, netip.MustParseAddrPort("127.0.0.1:0"))
+	ctx := context.Background()
+
+	// A connection through the shim: Quiesce refuses.
+	open, err := net.Dial("tcp", host.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if who, err := roundTripOn(open, "held open"); err != nil || who != "container" {
+		t.Fatalf("round trip: %q, %v", who, err)
+	}
+	ran := false
+	if err := l.Quiesce(ctx, func() error { ran = true; return nil }); err != ErrActive || ran {
+		t.Fatalf("Quiesce with a connection open: %v (ran %v), want ErrActive", err, ran)
+	}
+	open.Close()
+	deadline := time.Now().Add(2 * time.Second)
+	for l.Active() > 0 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+
+	// Nothing open: the function runs, and a connection made during it is not accepted then.
+	var got net.Conn
+	err = l.Quiesce(ctx, func() error {
+		c, err := net.Dial("tcp", host.String())
+		if err != nil {
+			return err
+		}
+		got = c
+		time.Sleep(100 * time.Millisecond) // time enough for an accept loop that was not paused
+		if n := l.Active(); n != 0 {
+			return fmt.Errorf("%d connections accepted while quiesced", n)
+		}
+		raw, _ := l.Socket().SyscallConn()
+		var n int
+		raw.Control(func(fd uintptr) {
+			n, _ = unix.Poll([]unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}, 0)
+		})
+		if n != 1 {
+			return fmt.Errorf("the connection is not waiting in the socket's queue")
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("Quiesce: %v", err)
+	}
+	defer got.Close()
+	// Served once Quiesce returned, and again and again.
+	if who, err := roundTripOn(got, "queued"); err != nil || who != "container" {
+		t.Fatalf("the queued connection: %q, %v", who, err)
+	}
+	for i := range 3 {
+		if err := l.Quiesce(ctx, func() error { return nil }); err != nil && err != ErrActive {
+			t.Fatalf("Quiesce %d: %v", i, err)
+		}
+		if who, err := roundTrip(host, "after"); err != nil || who != "container" {
+			t.Fatalf("after Quiesce %d: %q, %v", i, who, err)
+		}
+	}
+}
+
+func roundTripOn(c net.Conn, msg string) (string, error) {
+	c.SetDeadline(time.Now().Add(2 * time.Second))
+	if _, err := fmt.Fprintf(c, "%s\n", msg); err != nil {
+		return "", err
+	}
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil {
+		return "", err
+	}
+	who, rest, _ := strings.Cut(strings.TrimSuffix(line, "\n"), ":")
+	if rest != msg {
+		return "", fmt.Errorf("answer %q to %q", line, msg)
+	}
+	return who, nil
+}

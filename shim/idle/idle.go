@@ -1,17 +1,20 @@
-// Package idle shrinks a TCP shim whose port Envoy serves to almost nothing. Once ready, such a
-// shim only holds its registration open until dockerd stops it; doing that in Go costs about
-// 700 KiB of private memory per port (the runtime's heap, stacks and threads), as much as a
-// whole docker-proxy. Enter replaces the process (same PID, same command line, so dockerd and
-// `ps` see no change) with a program of a few hundred bytes of machine code that holds the
-// registration with no runtime at all:
+// Package idle shrinks a TCP shim whose port Envoy serves to almost nothing. While Envoy serves
+// the port, such a shim only holds its registration and the port's listening socket (which no
+// connection reaches while Envoy listens: package handover) until dockerd stops it; doing that in
+// Go costs about 700 KiB of private memory per port (the runtime's heap, stacks and threads), as
+// much as a whole docker-proxy. Enter replaces the process (same PID, same command line, so
+// dockerd and `ps` see no change) with a program of a few hundred bytes of machine code that
+// holds both with no runtime at all:
 //
 //   - SIGINT or SIGTERM: it ends the registration as the shim would (its side of the
 //     connection; the server withdraws the port and closes once Envoy let go, waited for up to
 //     400 ms) and exits 0;
 //   - if it dies, the kernel closes the registration and the server withdraws the port, as for
 //     any shim;
-//   - anything else on the registration (the server went away, or sent something) makes it exec
-//     the shim again, which then resumes (see Resumed) and re-registers in Go.
+//   - anything else on the registration (the server went away, or sent something), or a
+//     connection waiting on the listening socket (Envoy went away: restarted, upgraded, killed),
+//     makes it exec the shim again, which then resumes (see Resumed): it re-registers, or serves
+//     the port until Envoy is back, in Go.
 //
 // The program is the function image in image_$GOARCH.s, copied out of the shim's own text into a
 // memfd with an ELF header; it uses no data but its stack, so the copy runs at any address. Where
@@ -39,17 +42,18 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// ResumeEnv marks the environment of a shim that the idle program ran again: "CONN,EXE", its
-// descriptors.
+// ResumeEnv marks the environment of a shim that the idle program ran again: "CONN,EXE,LISTEN",
+// its descriptors (LISTEN -1 when it held no listening socket).
 const ResumeEnv = "EDS_SHIM_RESUMED"
 
 // The placeholders of the idle program's descriptors, patched into its code, each so many times.
 var (
-	connPlaceholder = []byte{0x3c, 0x3c, 0x3c, 0x3c} // the registration
-	exePlaceholder  = []byte{0x4d, 0x4d, 0x4d, 0x4d} // the shim's executable, to run it again
+	connPlaceholder   = []byte{0x3c, 0x3c, 0x3c, 0x3c} // the registration
+	exePlaceholder    = []byte{0x4d, 0x4d, 0x4d, 0x4d} // the shim's executable, to run it again
+	listenPlaceholder = []byte{0x5b, 0x5b, 0x5b, 0x5b} // the port's listening socket
 )
 
-const connUses, exeUses = 3, 1
+const connUses, exeUses, listenUses = 3, 1, 1
 
 // The placeholders of the process name (comm), in two halves of 8 bytes.
 var (
@@ -93,10 +97,11 @@ func program() ([]byte, error) {
 // elfBase is where the program is loaded.
 const elfBase = 0x400000
 
-// Executable is the idle program for the registration on descriptor conn and the shim's
-// executable on exe, named name (the process's comm, up to 15 bytes), as a static ELF executable:
-// a header, two program headers (the code, read and execute; a non-executable stack) and the code.
-func Executable(conn, exe int, name string) ([]byte, error) {
+// Executable is the idle program for the registration on descriptor conn, the shim's executable
+// on exe and the port's listening socket on listen (-1: none), named name (the process's comm, up
+// to 15 bytes), as a static ELF executable: a header, two program headers (the code, read and
+// execute; a non-executable stack) and the code.
+func Executable(conn, exe, listen int, name string) ([]byte, error) {
 	code, err := program()
 	if err != nil {
 		return nil, err
@@ -104,7 +109,7 @@ func Executable(conn, exe int, name string) ([]byte, error) {
 	for _, p := range []struct {
 		placeholder []byte
 		uses, fd    int
-	}{{connPlaceholder, connUses, conn}, {exePlaceholder, exeUses, exe}} {
+	}{{connPlaceholder, connUses, conn}, {exePlaceholder, exeUses, exe}, {listenPlaceholder, listenUses, listen}} {
 		if n := bytes.Count(code, p.placeholder); n != p.uses {
 			return nil, fmt.Errorf("idle program: %d places for a descriptor, want %d", n, p.uses)
 		}
@@ -144,44 +149,72 @@ func Executable(conn, exe int, name string) ([]byte, error) {
 	return b.Bytes(), nil
 }
 
-// Enter replaces the process with the idle program, which holds conn (the registration) until
-// a stop signal or until something happens on it. env is the environment of the shim when the
-// idle program runs it again; ResumeEnv is added to it. Enter returns only when it could not
-// replace the process, which is then unchanged and conn still open.
+// Enter replaces the process with the idle program, which holds conn (the registration) and
+// listener (the port's listening socket; nil: none) until a stop signal or until something
+// happens on either. env is the environment of the shim when the idle program runs it again;
+// ResumeEnv is added to it. Enter returns only when it could not replace the process, which is
+// then unchanged and conn and listener still open: ErrBusy when something already waits on
+// either (the caller is to deal with it in Go first).
 //
-// The caller must have nothing else to do: every goroutine, every file but conn, is gone with the
-// Go runtime. ctx is the shim's, ended by its stop signals: a SIGINT or SIGTERM that reached Go
-// before Enter blocked them in every thread ends ctx, and Enter returns ErrStopping for the caller
-// to stop as usual; one that comes later stays pending for the idle program, which handles it.
-func Enter(ctx context.Context, conn *net.UnixConn, env []string) error {
-	raw, err := conn.SyscallConn()
+// The caller must have nothing else to do: every goroutine, every file but conn and listener, is
+// gone with the Go runtime. ctx is the shim's, ended by its stop signals: a SIGINT or SIGTERM that
+// reached Go before Enter blocked them in every thread ends ctx, and Enter returns ErrStopping for
+// the caller to stop as usual; one that comes later stays pending for the idle program, which
+// handles it.
+func Enter(ctx context.Context, conn *net.UnixConn, listener syscall.Conn, env []string) error {
+	c, err := descriptor(conn)
 	if err != nil {
 		return err
 	}
-	var c int
-	if err := raw.Control(func(fd uintptr) { c = int(fd) }); err != nil {
-		return err
+	l := -1
+	if listener != nil {
+		if l, err = descriptor(listener); err != nil {
+			return err
+		}
+	}
+	if pending(c, l) {
+		return ErrBusy
 	}
 	// The descriptors the idle program keeps: copies without close-on-exec, above anything the
 	// shim inherited (which it leaves alone).
-	keptConn, err := unix.FcntlInt(uintptr(c), unix.F_DUPFD, minFD)
+	var kept []int
+	closeKept := func() {
+		for _, fd := range kept {
+			unix.Close(fd)
+		}
+	}
+	keep := func(fd int) (int, error) {
+		k, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD, minFD)
+		if err != nil {
+			return -1, fmt.Errorf("idle program: %w", err)
+		}
+		kept = append(kept, k)
+		return k, nil
+	}
+	keptConn, err := keep(c)
 	if err != nil {
-		return fmt.Errorf("idle program: %w", err)
+		return err
+	}
+	keptListen := -1
+	if l >= 0 {
+		if keptListen, err = keep(l); err != nil {
+			closeKept()
+			return err
+		}
 	}
 	self, err := unix.Open("/proc/self/exe", unix.O_PATH|unix.O_CLOEXEC, 0)
 	if err != nil {
-		unix.Close(keptConn)
+		closeKept()
 		return fmt.Errorf("idle program: the shim's executable: %w", err)
 	}
-	keptSelf, err := unix.FcntlInt(uintptr(self), unix.F_DUPFD, minFD)
+	keptSelf, err := keep(self)
 	unix.Close(self)
 	if err != nil {
-		unix.Close(keptConn)
-		return fmt.Errorf("idle program: %w", err)
+		closeKept()
+		return err
 	}
-	closeKept := func() { unix.Close(keptConn); unix.Close(keptSelf) }
 	comm, _ := os.ReadFile("/proc/self/comm")
-	exe, err := Executable(keptConn, keptSelf, strings.TrimSuffix(string(comm), "\n"))
+	exe, err := Executable(keptConn, keptSelf, keptListen, strings.TrimSuffix(string(comm), "\n"))
 	if err != nil {
 		closeKept()
 		return err
@@ -201,7 +234,7 @@ func Enter(ctx context.Context, conn *net.UnixConn, env []string) error {
 		closeKept()
 		return err
 	}
-	resume := fmt.Sprintf("%s=%d,%d", ResumeEnv, keptConn, keptSelf)
+	resume := fmt.Sprintf("%s=%d,%d,%d", ResumeEnv, keptConn, keptSelf, keptListen)
 	envp, err := syscall.SlicePtrFromStrings(append(withoutResume(env), resume))
 	if err != nil {
 		closeKept()
@@ -241,6 +274,29 @@ func Enter(ctx context.Context, conn *net.UnixConn, env []string) error {
 	return fmt.Errorf("idle program: exec: %w", errno)
 }
 
+// ErrBusy says something waits on the registration or the listening socket: the idle program
+// would wake at once.
+var ErrBusy = errors.New("something waits on the registration or the port's socket")
+
+func descriptor(c syscall.Conn) (int, error) {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return -1, err
+	}
+	fd := -1
+	if err := raw.Control(func(f uintptr) { fd = int(f) }); err != nil {
+		return -1, err
+	}
+	return fd, nil
+}
+
+// pending reports whether the idle program, polling conn and listen, would wake at once.
+func pending(conn, listen int) bool {
+	fds := []unix.PollFd{{Fd: int32(conn), Events: unix.POLLIN | unix.POLLRDHUP}, {Fd: int32(listen), Events: unix.POLLIN}}
+	n, err := unix.Poll(fds, 0)
+	return err != nil || n > 0
+}
+
 // minFD is where the idle program's descriptors start: clear of what dockerd passes (fd 3, 4)
 // and of what the shim inherits.
 const minFD = 100
@@ -255,32 +311,46 @@ func withoutResume(env []string) []string {
 	return out
 }
 
-// Resumed returns the registration the idle program held, when it ran the shim again (ResumeEnv
-// is set); the caller goes on holding it, or re-registers when it is gone. It also closes the
-// descriptor of the shim's executable.
-func Resumed() (*net.UnixConn, bool, error) {
+// Held is what the idle program held, as the resumed shim takes it back.
+type Held struct {
+	// Registration is the registration's connection.
+	Registration *net.UnixConn
+	// Listener is the port's listening socket, nil if the idle program held none.
+	Listener *os.File
+}
+
+// Resumed returns what the idle program held, when it ran the shim again (ResumeEnv is set); the
+// caller goes on holding the registration, or re-registers when it is gone, and serves the
+// listening socket. It also closes the descriptor of the shim's executable.
+func Resumed() (Held, bool, error) {
 	v, ok := os.LookupEnv(ResumeEnv)
 	if !ok {
-		return nil, false, nil
+		return Held{}, false, nil
 	}
 	os.Unsetenv(ResumeEnv)
-	var connFD, exeFD int
-	if _, err := fmt.Sscanf(v, "%d,%d", &connFD, &exeFD); err != nil || connFD < minFD || exeFD < minFD {
-		return nil, true, fmt.Errorf("%s=%q: not the descriptors the idle shim held", ResumeEnv, v)
+	var connFD, exeFD, listenFD int
+	if _, err := fmt.Sscanf(v, "%d,%d,%d", &connFD, &exeFD, &listenFD); err != nil || connFD < minFD || exeFD < minFD || (listenFD != -1 && listenFD < minFD) {
+		return Held{}, true, fmt.Errorf("%s=%q: not the descriptors the idle shim held", ResumeEnv, v)
 	}
 	unix.Close(exeFD)
 	// Close-on-exec again, as every descriptor of the shim's own.
 	unix.CloseOnExec(connFD)
+	var held Held
+	if listenFD >= 0 {
+		unix.CloseOnExec(listenFD)
+		held.Listener = os.NewFile(uintptr(listenFD), "listen-sock")
+	}
 	f := os.NewFile(uintptr(connFD), "registration")
 	defer f.Close()
 	fc, err := net.FileConn(f)
 	if err != nil {
-		return nil, true, fmt.Errorf("the registration the idle shim held: %w", err)
+		return held, true, fmt.Errorf("the registration the idle shim held: %w", err)
 	}
 	uc, ok := fc.(*net.UnixConn)
 	if !ok {
 		fc.Close()
-		return nil, true, fmt.Errorf("the registration the idle shim held is a %T", fc)
+		return held, true, fmt.Errorf("the registration the idle shim held is a %T", fc)
 	}
-	return uc, true, nil
+	held.Registration = uc
+	return held, true, nil
 }

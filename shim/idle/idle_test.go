@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -28,6 +29,8 @@ import (
 const (
 	helperEnv = "EDS_IDLE_TEST_HELPER"
 	helperOut = "EDS_IDLE_TEST_OUT"
+	// helperListen says fd 4 is a listening socket for the idle program to hold.
+	helperListen = "EDS_IDLE_TEST_LISTEN"
 )
 
 func TestMain(m *testing.M) {
@@ -42,10 +45,25 @@ func TestMain(m *testing.M) {
 }
 
 func helper() int {
-	if conn, resumed, err := Resumed(); resumed {
+	if held, resumed, err := Resumed(); resumed {
 		msg := "resumed"
+		conn := held.Registration
 		if err != nil {
 			msg = "error: " + err.Error()
+		} else if held.Listener != nil {
+			// Woken by a connection on the port's socket: serve it.
+			msg = "resumed with the listener"
+			fl, err := net.FileListener(held.Listener)
+			if err == nil {
+				var c net.Conn
+				if c, err = fl.Accept(); err == nil {
+					_, err = c.Write([]byte("served by the resumed shim"))
+					c.Close()
+				}
+			}
+			if err != nil {
+				msg = "listener: " + err.Error()
+			}
 		} else {
 			// The registration is the one the test's peer holds: read what woke the idle
 			// program, and answer.
@@ -75,8 +93,20 @@ func helper() int {
 		return 3
 	}
 	f.Close()
+	// With a listening socket on fd 4, the idle program holds it too.
+	var listener syscall.Conn
+	if os.Getenv(helperListen) != "" {
+		lf := os.NewFile(4, "listen-sock")
+		l, err := net.FileListener(lf)
+		lf.Close()
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 3
+		}
+		listener = l.(*net.TCPListener)
+	}
 	os.Stdout.WriteString("entering\n")
-	err = Enter(ctx, fc.(*net.UnixConn), os.Environ())
+	err = Enter(ctx, fc.(*net.UnixConn), listener, os.Environ())
 	if errors.Is(err, ErrStopping) {
 		// The shim's own stop: end the registration, exit 0.
 		_ = fc.(*net.UnixConn).CloseWrite()
@@ -128,7 +158,7 @@ func helperBinary(t *testing.T) string {
 
 func TestExecutable(t *testing.T) {
 	requireProgram(t)
-	exe, err := Executable(123, 124, "envoy-docker-shim")
+	exe, err := Executable(123, 124, 125, "envoy-docker-shim")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -143,8 +173,11 @@ func TestExecutable(t *testing.T) {
 		t.Error("the end marker was copied")
 	}
 	// Every placeholder became the descriptor: 123 (0x7b) and 124 (0x7c).
-	if bytes.Contains(exe, connPlaceholder) || bytes.Contains(exe, exePlaceholder) {
+	if bytes.Contains(exe, connPlaceholder) || bytes.Contains(exe, exePlaceholder) || bytes.Contains(exe, listenPlaceholder) {
 		t.Error("a descriptor placeholder is left")
+	}
+	if n := bytes.Count(exe, []byte{0x7d, 0, 0, 0}); n < listenUses {
+		t.Errorf("the listening socket's descriptor appears %d times", n)
 	}
 	if n := bytes.Count(exe, []byte{0x7b, 0, 0, 0}); n < connUses {
 		t.Errorf("the registration's descriptor appears %d times", n)
@@ -160,6 +193,12 @@ type idleShim struct {
 }
 
 func startIdle(t *testing.T, args ...string) *idleShim {
+	t.Helper()
+	return startIdleWith(t, nil, args...)
+}
+
+// startIdleWith starts a stand-in shim whose idle program also holds listener (nil: none).
+func startIdleWith(t *testing.T, listener *os.File, args ...string) *idleShim {
 	t.Helper()
 	requireProgram(t)
 	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
@@ -179,6 +218,10 @@ func startIdle(t *testing.T, args ...string) *idleShim {
 	s.cmd = exec.Command(helperBinary(t), args...)
 	s.cmd.Env = append(os.Environ(), helperEnv+"=1", helperOut+"="+s.out)
 	s.cmd.ExtraFiles = []*os.File{theirs}
+	if listener != nil {
+		s.cmd.ExtraFiles = append(s.cmd.ExtraFiles, listener)
+		s.cmd.Env = append(s.cmd.Env, helperListen+"=1")
+	}
 	var stderr bytes.Buffer
 	s.cmd.Stderr = &stderr
 	if err := s.cmd.Start(); err != nil {
@@ -317,7 +360,18 @@ func startIdleRacing(t *testing.T) *idleShim {
 	}
 	theirs := os.NewFile(uintptr(fds[1]), "registration")
 	defer theirs.Close()
-	unix.Close(fds[0]) // no server: the shim stops without waiting
+	// A server that closes as soon as the shim ended its side, as the real one does once Envoy let
+	// go of the port: the shim stops without waiting long. (No server at all would leave the
+	// registration hung up, which Enter refuses: ErrBusy.)
+	go func() {
+		buf := make([]byte, 64)
+		for {
+			if n, err := unix.Read(fds[0], buf); n <= 0 || err != nil {
+				unix.Close(fds[0])
+				return
+			}
+		}
+	}()
 	s := &idleShim{done: make(chan error, 1)}
 	s.cmd = exec.Command(helperBinary(t))
 	s.cmd.Env = append(os.Environ(), helperEnv+"=1", helperOut+"="+filepath.Join(t.TempDir(), "out"))
@@ -357,6 +411,84 @@ func TestIdleResumesWhenTheServerGoes(t *testing.T) {
 	n, err := s.peer.Read(buf)
 	if err != nil || string(buf[:n]) != "hello from the resumed shim" {
 		t.Errorf("registration after resuming: %q, %v", buf[:n], err)
+	}
+}
+
+// Issue 14: the idle program holds the port's socket too, which no connection reaches while
+// Envoy listens; one that does (Envoy went away) wakes it, and the shim, run again with the
+// socket, serves it. While nothing comes, the idle program stays idle.
+func TestIdleResumesForAConnection(t *testing.T) {
+	requireProgram(t)
+	l, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	lf, err := l.File()
+	l.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lf.Close()
+	addr := l.Addr().String()
+	s := startIdleWith(t, lf, "-host-port", "5678")
+	lf.Close() // the idle shim holds the only copy
+	select {
+	case err := <-s.done:
+		t.Fatalf("the idle shim exited with nothing to wake it: %v", err)
+	case <-time.After(100 * time.Millisecond):
+	}
+	c, err := net.DialTimeout("tcp4", addr, time.Second)
+	if err != nil {
+		t.Fatalf("connecting to the socket the idle shim holds: %v", err)
+	}
+	defer c.Close()
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	got, err := io.ReadAll(c)
+	if err != nil || string(got) != "served by the resumed shim" {
+		t.Fatalf("the connection got %q, %v; want the resumed shim's answer", got, err)
+	}
+	if err := s.wait(t, 5*time.Second); err != nil {
+		t.Fatalf("resumed shim: %v", err)
+	}
+	out, _ := os.ReadFile(s.out)
+	if want := "resumed with the listener -host-port 5678"; string(out) != want {
+		t.Errorf("resumed shim wrote %q, want %q", out, want)
+	}
+}
+
+// Enter refuses to idle while something already waits: the idle program would wake at once.
+func TestEnterRefusesWhenBusy(t *testing.T) {
+	requireProgram(t)
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fds[1])
+	f := os.NewFile(uintptr(fds[0]), "registration")
+	fc, err := net.FileConn(f)
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fc.Close()
+	l, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	c, err := net.Dial("tcp4", l.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := Enter(context.Background(), fc.(*net.UnixConn), l, nil); !errors.Is(err, ErrBusy) {
+		t.Fatalf("Enter with a connection waiting: %v, want ErrBusy", err)
+	}
+	if _, err := unix.Write(fds[1], []byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	if err := Enter(context.Background(), fc.(*net.UnixConn), nil, nil); !errors.Is(err, ErrBusy) {
+		t.Fatalf("Enter with a message waiting on the registration: %v, want ErrBusy", err)
 	}
 }
 

@@ -4,22 +4,24 @@
 // instructions, up to the end marker, into a tiny ELF executable. They run with no Go runtime, use
 // no data but the stack, and jump only relative to themselves, so they run at any address.
 //
-// On entry the stack is the kernel's: 0(SP) argc, then argv, NULL, envp, NULL. The descriptor of
-// the registration (CONN below) and of the shim's executable (EXE, O_PATH) are immediates that
-// Executable patches in: 0x3c3c3c3c and 0x4d4d4d4d here. SIGINT and SIGTERM are blocked.
+// On entry the stack is the kernel's: 0(SP) argc, then argv, NULL, envp, NULL. The descriptors of
+// the registration (CONN below), of the shim's executable (EXE, O_PATH) and of the port's
+// listening socket (LISTEN; -1 when there is none) are immediates that Executable patches in:
+// 0x3c3c3c3c, 0x4d4d4d4d and 0x5b5b5b5b here. SIGINT and SIGTERM are blocked.
 //
 //	block SIGINT and SIGTERM (again); take the shim's name (prctl PR_SET_NAME)
 //	sfd = signalfd4(-1, {SIGINT, SIGTERM}, 8, SFD_CLOEXEC|SFD_NONBLOCK)
-//	wait: ppoll({CONN, POLLIN|POLLRDHUP}, {sfd, POLLIN}) until something happens
+//	wait: ppoll({CONN, POLLIN|POLLRDHUP}, {sfd, POLLIN}, {LISTEN, POLLIN}) until something happens
 //	a stop signal: shutdown(CONN, SHUT_WR) (the deregistration); wait up to 400 ms for the server to
 //	  close (read to EOF); exit 0
-//	anything else on the registration (the server went away): unless a stop signal is pending,
-//	  execveat(EXE, "", argv, envp, AT_EMPTY_PATH): the shim, resumed, re-registers
+//	anything else (the server went away, or a connection reached the port's socket because Envoy
+//	  is away): unless a stop signal is pending, execveat(EXE, "", argv, envp, AT_EMPTY_PATH): the
+//	  shim, resumed, re-registers or serves the connection
 TEXT ·image(SB), NOSPLIT|NOFRAME, $0-0
 	MOVQ SP, R12             // R12: the kernel's stack (argc, argv, envp)
 	SUBQ $1024, SP
 	ANDQ $-16, SP
-	// 0(SP): sigset; 16(SP): two pollfds; 32(SP): "" ; 40(SP): timespec; 64(SP): read buffer
+	// 0(SP): sigset; 16(SP): three pollfds; 40(SP): "" ; 48(SP): timespec; 64(SP): read buffer
 	MOVQ $0x4002, AX         // 1<<(SIGINT-1) | 1<<(SIGTERM-1)
 	MOVQ AX, 0(SP)
 	MOVQ $0, DI              // SIG_BLOCK: they are already, when Enter ran the program
@@ -51,10 +53,12 @@ TEXT ·image(SB), NOSPLIT|NOFRAME, $0-0
 	MOVL $0x2001, 20(SP)     // POLLIN | POLLRDHUP, revents 0
 	MOVL R13, 24(SP)
 	MOVL $1, 28(SP)          // POLLIN, revents 0
+	MOVL $0x5b5b5b5b, 32(SP)  // LISTEN (-1: ppoll skips it)
+	MOVL $1, 36(SP)          // POLLIN, revents 0
 
 wait:
 	LEAQ 16(SP), DI
-	MOVQ $2, SI
+	MOVQ $3, SI
 	XORQ DX, DX              // no timeout
 	XORQ R10, R10            // no signal mask
 	MOVQ $8, R8
@@ -66,7 +70,7 @@ wait:
 	TESTL AX, AX
 	JNE  stop
 
-	// The registration changed. A stop signal that came meanwhile is ours to handle: the Go
+	// The registration changed, or a connection waits on the port's socket. A stop signal that came meanwhile is ours to handle: the Go
 	// runtime would die of it before the shim could ask for it.
 	MOVQ R13, DI
 	LEAQ 64(SP), SI
@@ -77,9 +81,9 @@ wait:
 	JGT  deregister
 
 exec:
-	MOVQ $0, 32(SP)
+	MOVQ $0, 40(SP)
 	MOVQ $0x4d4d4d4d, DI     // EXE
-	LEAQ 32(SP), SI          // ""
+	LEAQ 40(SP), SI          // ""
 	LEAQ 8(R12), DX          // argv
 	MOVQ 0(R12), AX          // argc
 	LEAQ 16(R12)(AX*8), R10  // envp: after argv's NULL
@@ -103,14 +107,14 @@ deregister:
 	MOVQ $1, SI              // SHUT_WR
 	MOVQ $48, AX             // shutdown
 	SYSCALL
-	MOVQ $0, 40(SP)          // 400 ms in all: ppoll leaves the remaining time in the timespec
-	MOVQ $400000000, 48(SP)
+	MOVQ $0, 48(SP)          // 400 ms in all: ppoll leaves the remaining time in the timespec
+	MOVQ $400000000, 56(SP)
 	MOVL $-1, 24(SP)         // poll the registration only
 
 drain:
 	LEAQ 16(SP), DI
 	MOVQ $2, SI
-	LEAQ 40(SP), DX
+	LEAQ 48(SP), DX
 	XORQ R10, R10
 	MOVQ $8, R8
 	MOVQ $271, AX            // ppoll

@@ -55,10 +55,10 @@ type Options struct {
 	Log *logging.Logger
 	// Relay, if not nil, holds log lines to forward to the server.
 	Relay *logging.Relay
-	// Idle, if not nil, is offered each fresh registration (the one Register opened, and each
-	// re-registration) once IdleReady is closed (nil: at once) while Hold holds it: it may take
-	// the process over with the registration's connection (package idle), and returns only when
-	// it could not. The shim then goes on holding the registration in Go.
+	// Idle, if not nil, is offered the live registration each time IdleReady delivers (the
+	// caller's word that the shim has nothing else to do) while Hold holds it: it may take the
+	// process over with the registration's connection (package idle), and returns only when it
+	// could not. The shim then goes on holding the registration in Go.
 	Idle      func(ctx context.Context, conn *net.UnixConn) error
 	IdleReady <-chan struct{}
 	// Stats, if not nil, are the counters of the traffic the shim carries itself (UDP). They are
@@ -71,9 +71,8 @@ type Options struct {
 
 // Client holds one registration. Register, then Hold, from one goroutine.
 type Client struct {
-	opts    Options
-	cur     *session
-	adopted bool
+	opts Options
+	cur  *session
 }
 
 // New returns a client; it does not connect.
@@ -116,21 +115,17 @@ func (c *Client) Register(ctx context.Context) (*shimlink.Ready, error) {
 // backoff; Failed answers are logged and retried, since dockerd will not restart the shim.
 func (c *Client) Hold(ctx context.Context) error {
 	attempt := 0
-	fresh := c.cur != nil && !c.adopted
+	var idle <-chan struct{}
+	if c.opts.Idle != nil {
+		idle = c.opts.IdleReady
+	}
 	for {
 		if c.cur == nil {
 			s, err := c.reopen(ctx, &attempt)
 			if err != nil {
 				return nil // ctx ended
 			}
-			c.cur, fresh = s, true
-		}
-		var idle <-chan struct{}
-		if fresh && c.opts.Idle != nil {
-			idle = c.opts.IdleReady
-			if idle == nil {
-				idle = closed
-			}
+			c.cur = s
 		}
 		select {
 		case <-ctx.Done():
@@ -142,7 +137,6 @@ func (c *Client) Hold(ctx context.Context) error {
 			c.cur.close()
 			c.cur = nil
 		case <-idle:
-			fresh = false
 			c.flushLogs()
 			if err := c.opts.Idle(ctx, c.cur.conn.Unix()); err != nil && ctx.Err() == nil {
 				c.opts.Log.Info("holding the registration in Go", "why", err)
@@ -150,9 +144,6 @@ func (c *Client) Hold(ctx context.Context) error {
 		}
 	}
 }
-
-// closed is a channel that never blocks.
-var closed = func() chan struct{} { c := make(chan struct{}); close(c); return c }()
 
 // flushLogs gives the log lines still queued a moment to reach the server before Idle.
 func (c *Client) flushLogs() {
@@ -165,10 +156,8 @@ func (c *Client) flushLogs() {
 }
 
 // Adopt takes conn as a live registration (the one the idle shim held, package idle) for Hold.
-// Hold does not offer it to Idle again: only a fresh registration is.
 func (c *Client) Adopt(conn *shimlink.Conn) {
 	c.cur = c.newSession(conn, &shimlink.Ready{})
-	c.adopted = true
 }
 
 // reopen tries until a registration is Ready or ctx ends.

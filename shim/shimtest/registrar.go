@@ -152,12 +152,12 @@ func (r *Registrar) serve(conn *shimlink.Conn) {
 		}
 		return
 	}
-	if err := conn.Send(answer); err != nil {
-		return
-	}
 	if _, failed := answer.(*shimlink.Failed); failed {
+		_ = conn.Send(answer)
 		return
 	}
+	// Live before the shim hears Ready, as the real server's registry holds the port before it
+	// answers: a test that looks once the shim reported ready must find it.
 	r.mu.Lock()
 	id := r.nextID
 	r.nextID++
@@ -170,6 +170,9 @@ func (r *Registrar) serve(conn *shimlink.Conn) {
 		r.notifyLocked()
 		r.mu.Unlock()
 	}()
+	if err := conn.Send(answer); err != nil {
+		return
+	}
 	for m := range msgs {
 		r.mu.Lock()
 		switch m := m.(type) {

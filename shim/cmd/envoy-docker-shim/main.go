@@ -23,7 +23,7 @@ import (
 	"os"
 	"os/signal"
 	"strconv"
-
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -64,8 +64,8 @@ func main() {
 	signal.Notify(signals, os.Interrupt, syscall.SIGTERM)
 	args, argsErr := proxyargs.Parse(os.Args[1:])
 	// Run again by the idle program (package idle): fd 3 is the registration, not dockerd's pipe.
-	if conn, resumed, err := idle.Resumed(); resumed {
-		os.Exit(resume(conn, err, args, signals))
+	if held, resumed, err := idle.Resumed(); resumed {
+		os.Exit(resume(held, err, args, signals))
 	}
 	// A TCP shim that goes idle once ready sheds the Go runtime then; the others hold in Go, on
 	// one P. SCTP may exec docker-proxy, which keeps its own default.
@@ -129,12 +129,13 @@ func shim(start time.Time, status *statuspipe.Pipe, pipeErr error, args proxyarg
 	for _, a := range args.Ignored {
 		log.Warn("ignoring an argument this version does not know", "arg", a)
 	}
-	// Once Envoy has the port and no connection runs through the shim, a TCP shim only holds its
-	// registration: it goes idle (package idle). idleReady says when.
+	// While Envoy serves the port and no connection runs through the shim, a TCP shim only holds
+	// its registration and the port's socket: it goes idle (package idle). idleReady says when.
 	idleReady := make(chan struct{})
+	var lis *handover.Listener
 	regOpts := registration.Options{
 		Socket: cfg.ShimSocket, Open: registration.NewOpen(m, m.Proto == mapping.UDP), Log: log, Relay: relay,
-		Idle: idler(m.Proto, log), IdleReady: idleReady,
+		Idle: idler(m.Proto, func() *handover.Listener { return lis }, log), IdleReady: idleReady,
 	}
 	reg := registration.New(regOpts)
 	deadline := start.Add(cfg.Timeout - 250*time.Millisecond) // leaves time to write the reason, even on a loaded host
@@ -158,7 +159,6 @@ func shim(start time.Time, status *statuspipe.Pipe, pipeErr error, args proxyarg
 		// The port's host socket stays with the shim for the port's life: it serves what reaches it
 		// while Envoy gets ready and whenever Envoy is away (package handover).
 		ready := make(chan struct{})
-		var lis *handover.Listener
 		if args.UseListenFD {
 			lis, err = handover.Adopt(os.NewFile(listenFD, "listen-sock"), m.Host(), m.Container(), log)
 		} else {
@@ -167,24 +167,7 @@ func shim(start time.Time, status *statuspipe.Pipe, pipeErr error, args proxyarg
 		if err != nil {
 			return fail(status, log, 1, err)
 		}
-		g.Add(func() error {
-			if err := lis.Serve(); err != nil {
-				return err
-			}
-			<-ctx.Done()
-			return nil
-		}, func(error) { cancel(); lis.Close() })
-		g.Add(func() error {
-			select {
-			case <-ready:
-				if err := lis.Steer(ctx); err != nil && ctx.Err() == nil {
-					log.Warn("steering the port to Envoy stopped; the shim keeps serving it", "err", err)
-				}
-			case <-ctx.Done():
-			}
-			<-ctx.Done()
-			return nil
-		}, func(error) { cancel() })
+		servePort(ctx, cancel, &g, lis, ready, idleReady, log)
 		g.Add(func() error {
 			rctx, rcancel := context.WithDeadline(ctx, deadline)
 			_, err := reg.Register(rctx)
@@ -241,41 +224,118 @@ func shim(start time.Time, status *statuspipe.Pipe, pipeErr error, args proxyarg
 	return 1
 }
 
-// idler is the registration's Idle hook: TCP shims hand their process over to the idle program,
-// with the environment they are to resume with (one P: a resumed shim only re-registers).
-func idler(proto mapping.Protocol, log *logging.Logger) func(context.Context, *net.UnixConn) error {
+// servePort adds to g what a TCP shim does with the port's host socket: serve what reaches it,
+// steer the port's new connections to Envoy once registered (ready closed), and, while Envoy
+// serves the port and no connection runs through the shim, offer the process to the idle
+// program (on idleReady).
+func servePort(ctx context.Context, cancel func(), g *run.Group, lis *handover.Listener, ready <-chan struct{}, idleReady chan<- struct{}, log *logging.Logger) {
+	g.Add(func() error {
+		if err := lis.Serve(); err != nil {
+			return err
+		}
+		<-ctx.Done()
+		return nil
+	}, func(error) { cancel(); lis.Close() })
+	g.Add(func() error {
+		select {
+		case <-ready:
+			if err := lis.Steer(ctx); err != nil && ctx.Err() == nil {
+				log.Warn("steering the port to Envoy stopped; the shim keeps serving it", "err", err)
+			}
+		case <-ctx.Done():
+		}
+		<-ctx.Done()
+		return nil
+	}, func(error) { cancel() })
+	if !idle.Supported() {
+		return
+	}
+	g.Add(func() error {
+		offerIdle(ctx, lis, idleReady)
+		return nil
+	}, func(error) { cancel() })
+}
+
+// Pauses of offerIdle: between looks at the port, and after an offer the process survived (the
+// idle program could not take it, or something woke it at once).
+const (
+	idleLookMin, idleLookMax   = 10 * time.Millisecond, time.Second
+	idleRetryMin, idleRetryMax = time.Second, 30 * time.Second
+)
+
+// offerIdle offers the process to the idle program whenever Envoy's sockets take the port's new
+// connections and none runs through the shim, until ctx ends or the idle program cannot run here.
+func offerIdle(ctx context.Context, lis *handover.Listener, idleReady chan<- struct{}) {
+	retry := idleRetryMin
+	for look := idleLookMin; ; {
+		if lis.Steered() == 0 || lis.Active() > 0 {
+			if sleep(ctx, look) != nil {
+				return
+			}
+			look = min(2*look, idleLookMax)
+			continue
+		}
+		select {
+		case idleReady <- struct{}{}:
+		case <-ctx.Done():
+			return
+		}
+		// Still here: the idle program did not take the process.
+		if idleBroken.Load() || sleep(ctx, retry) != nil {
+			return
+		}
+		retry = min(2*retry, idleRetryMax)
+		look = idleLookMin
+	}
+}
+
+func sleep(ctx context.Context, d time.Duration) error {
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-time.After(d):
+		return nil
+	}
+}
+
+// idleBroken says the idle program cannot run here (no memfd exec, say): stop offering.
+var idleBroken atomic.Bool
+
+// idler is the registration's Idle hook: TCP shims hand their process, with the port's socket,
+// over to the idle program, with the environment they are to resume with (one P).
+func idler(proto mapping.Protocol, port func() *handover.Listener, log *logging.Logger) func(context.Context, *net.UnixConn) error {
 	if proto != mapping.TCP || !idle.Supported() {
 		return nil
 	}
 	return func(ctx context.Context, conn *net.UnixConn) error {
-		log.Debug("going idle: the registration is held without the Go runtime")
+		log.Debug("going idle: the registration and the port's socket are held without the Go runtime")
 		env := os.Environ()
 		if _, set := os.LookupEnv("GOMAXPROCS"); !set {
 			env = append(env, "GOMAXPROCS=1")
 		}
-		return idle.Enter(ctx, conn, env)
-	}
-}
-
-// waitIdle waits until the connections the shim accepted before the handover have ended (they
-// run through it until then), checking now and then; false if ctx ended first.
-func waitIdle(ctx context.Context, lis *handover.Listener) bool {
-	for wait := 10 * time.Millisecond; lis.Active() > 0; wait = min(2*wait, time.Second) {
-		select {
-		case <-ctx.Done():
-			return false
-		case <-time.After(wait):
+		var err error
+		if l := port(); l != nil {
+			// Nothing may be accepted from here to the exec: it would be cut.
+			err = l.Quiesce(ctx, func() error { return idle.Enter(ctx, conn, l.Socket(), env) })
+		} else {
+			err = idle.Enter(ctx, conn, nil, env)
 		}
+		if err != nil && !errors.Is(err, idle.ErrBusy) && !errors.Is(err, idle.ErrStopping) &&
+			!errors.Is(err, handover.ErrActive) && ctx.Err() == nil {
+			idleBroken.Store(true)
+		}
+		return err
 	}
-	return ctx.Err() == nil
 }
 
-// resume holds the registration the idle program held, after it ran the shim again because
-// something happened on it (the server went away, most likely): Hold re-registers, and goes idle
-// again once registered. Stop signals are handled as ever.
-func resume(conn *net.UnixConn, err error, args proxyargs.Result, signals <-chan os.Signal) int {
+// resume takes back what the idle program held, after it ran the shim again because something
+// happened: the registration (Hold re-registers if the server went away) and the port's socket
+// (a connection reached it: Envoy went away; the shim serves the port until Envoy is back). It
+// goes idle again as soon as it can. Stop signals are handled as ever.
+func resume(held idle.Held, err error, args proxyargs.Result, signals <-chan os.Signal) int {
 	relay := logging.NewRelay(64)
-	log := logging.New(relay, "mapping", args.Mapping.String(), "pid", os.Getpid())
+	m := args.Mapping
+	log := logging.New(relay, "mapping", m.String(), "pid", os.Getpid())
 	defer log.Close(100 * time.Millisecond)
 	if err != nil {
 		log.Error("resuming after idle", "err", err)
@@ -286,11 +346,13 @@ func resume(conn *net.UnixConn, err error, args proxyargs.Result, signals <-chan
 		log.Error("resuming after idle", "err", err)
 		return 1
 	}
+	var lis *handover.Listener
+	idleReady := make(chan struct{})
 	reg := registration.New(registration.Options{
-		Socket: cfg.ShimSocket, Open: registration.NewOpen(args.Mapping, false), Log: log, Relay: relay,
-		Idle: idler(args.Mapping.Proto, log),
+		Socket: cfg.ShimSocket, Open: registration.NewOpen(m, false), Log: log, Relay: relay,
+		Idle: idler(m.Proto, func() *handover.Listener { return lis }, log), IdleReady: idleReady,
 	})
-	reg.Adopt(shimlink.NewConn(conn))
+	reg.Adopt(shimlink.NewConn(held.Registration))
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	var g run.Group
@@ -304,6 +366,15 @@ func resume(conn *net.UnixConn, err error, args proxyargs.Result, signals <-chan
 			return nil
 		}
 	}, func(error) { cancel() })
+	if held.Listener != nil {
+		if lis, err = handover.Adopt(held.Listener, m.Host(), m.Container(), log); err != nil {
+			log.Error("resuming after idle: the port's socket", "err", err)
+			return 1
+		}
+		registered := make(chan struct{})
+		close(registered)
+		servePort(ctx, cancel, &g, lis, registered, idleReady, log)
+	}
 	g.Add(func() error { return reg.Hold(ctx) }, func(error) { cancel() })
 	_ = g.Run()
 	log.Info("stopped")

@@ -816,51 +816,180 @@ func TestOneProcessor(t *testing.T) {
 	}
 }
 
-// Issue 12 (a range's memory): once Envoy serves its port, a TCP shim holds its registration in
-// the idle program, a few KiB instead of the Go runtime's hundreds, under the same PID and
-// command line; it still stops as the contract says (exit 0 within 1 s of SIGINT, deregistered).
+// Issues 12 and 14: once Envoy serves its port, a TCP shim holds its registration and the port's
+// socket in the idle program, a few KiB instead of the Go runtime's hundreds, under the same PID
+// and command line. When Envoy goes away (restart, upgrade, kill -9), the next connection reaches
+// the shim's socket, wakes it, and the shim serves the port in Go until Envoy is back; then it
+// goes idle again. It still stops as the contract says (exit 0 within 1 s of SIGINT,
+// deregistered). Both daemon generations: the shim's own socket (before 28) and fd 4.
 func TestTCPShimGoesIdleOnceReady(t *testing.T) {
 	if !idle.Supported() {
 		t.Skipf("no idle program on %s", runtime.GOARCH)
 	}
-	h := newHarness(t)
-	srv := h.server(nil)
-	args, _ := tcpArgs(t, false)
-	p := h.start(args, nil, nil)
-	h.expectReady(p)
-	pid := p.Cmd.Process.Pid
+	for _, useListenFD := range []bool{false, true} {
+		t.Run(fmt.Sprintf("use-listen-fd=%v", useListenFD), func(t *testing.T) {
+			h := newHarness(t)
+			srv := h.server(nil)
+			echo := tcpEcho(t)
+			host := netip.AddrPortFrom(loopback, freePort(t))
+			args := shimtest.Args("tcp", host, echo, useListenFD)
+			var sock *os.File
+			if useListenFD {
+				var err error
+				if sock, err = shimtest.ListenTCP(host); err != nil {
+					t.Fatal(err)
+				}
+			}
+			p := h.start(args, nil, sock)
+			h.expectReady(p)
+			if sock != nil {
+				sock.Close() // as dockerd does after a successful start
+			}
+			pid := p.Cmd.Process.Pid
+			// No Envoy on the port yet: the shim serves it, in Go.
+			if err := dialEcho(host, "before Envoy"); err != nil {
+				t.Fatal(err)
+			}
+			if isIdle(pid) {
+				t.Fatal("the shim went idle while nobody else serves its port")
+			}
+			envoy := startReusePortServer(t, host, 2, "envoy")
+			waitIdle(t, pid)
+			cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+			if want := strings.Join(append([]string{shimBin}, args...), "\x00") + "\x00"; string(cmdline) != want {
+				t.Errorf("idle shim's command line %q, want %q", cmdline, want)
+			}
+			if kib := pssKiB(t, pid); kib > 64 {
+				t.Errorf("idle shim PSS %d KiB, want at most 64", kib)
+			}
+			for i := range 20 {
+				if who := answeredBy(t, host); who != "envoy" {
+					t.Fatalf("connection %d while Envoy serves: answered by %q", i, who)
+				}
+			}
+			if !isIdle(pid) {
+				t.Fatal("connections to Envoy woke the idle shim")
+			}
+
+			// Envoy goes away: the shim takes every connection, none refused.
+			envoy.close()
+			for i := range 20 {
+				if err := dialEcho(host, fmt.Sprint("Envoy away ", i)); err != nil {
+					t.Fatalf("connection %d while Envoy is away: %v", i, err)
+				}
+			}
+			if isIdle(pid) {
+				t.Fatal("the shim is idle while it serves the port")
+			}
+			// Envoy is back: steered to it, and idle again.
+			startReusePortServer(t, host, 2, "envoy")
+			waitIdle(t, pid)
+			deadline := time.Now().Add(5 * time.Second)
+			for who := answeredBy(t, host); who != "envoy"; who = answeredBy(t, host) {
+				if time.Now().After(deadline) {
+					t.Fatalf("Envoy is back, but connections are answered by %q", who)
+				}
+			}
+			if len(srv.Live()) != 1 || len(srv.Opens()) != 1 {
+				t.Fatalf("%d live registrations after %d opens, want 1 and 1", len(srv.Live()), len(srv.Opens()))
+			}
+			h.stop(p, os.Interrupt)
+			if !srv.WaitFor(time.Second, func(r *shimtest.Registrar) bool { return len(r.Live()) == 0 }) {
+				t.Error("the idle shim stopped without ending its registration")
+			}
+		})
+	}
+}
+
+// isIdle reports whether pid runs the idle program, waiting in ppoll.
+func isIdle(pid int) bool {
+	exe, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
+	sc, _ := os.ReadFile(fmt.Sprintf("/proc/%d/syscall", pid))
+	return strings.Contains(exe, "memfd:envoy-docker-shim-idle") && strings.HasPrefix(string(sc), "271 ")
+}
+
+func waitIdle(t *testing.T, pid int) {
+	t.Helper()
 	deadline := time.Now().Add(5 * time.Second)
-	for {
-		exe, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
-		sc, _ := os.ReadFile(fmt.Sprintf("/proc/%d/syscall", pid))
-		if strings.Contains(exe, "memfd:envoy-docker-shim-idle") && strings.HasPrefix(string(sc), "271 ") {
-			break
-		}
+	for !isIdle(pid) {
 		if time.Now().After(deadline) {
+			exe, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
 			t.Fatalf("the shim did not go idle: its executable is %q", exe)
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-	if want := strings.Join(append([]string{shimBin}, args...), "\x00") + "\x00"; string(cmdline) != want {
-		t.Errorf("idle shim's command line %q, want %q", cmdline, want)
-	}
+}
+
+func pssKiB(t *testing.T, pid int) int {
+	t.Helper()
 	rollup, err := os.ReadFile(fmt.Sprintf("/proc/%d/smaps_rollup", pid))
 	if err != nil {
 		t.Fatal(err)
 	}
 	for line := range strings.SplitSeq(string(rollup), "\n") {
 		if v, ok := strings.CutPrefix(line, "Pss:"); ok {
-			if kib, _ := strconv.Atoi(strings.Fields(v)[0]); kib > 64 {
-				t.Errorf("idle shim PSS %d KiB, want at most 64", kib)
-			}
+			kib, _ := strconv.Atoi(strings.Fields(v)[0])
+			return kib
 		}
 	}
-	if len(srv.Live()) != 1 {
-		t.Fatalf("live registrations %d, want 1", len(srv.Live()))
+	t.Fatalf("no Pss in smaps_rollup:\n%s", rollup)
+	return 0
+}
+
+// reusePortServer stands in for Envoy's workers: n sockets on addr with SO_REUSEPORT, each
+// answering every connection with its name and a newline, then closing.
+type reusePortServer struct{ ls []net.Listener }
+
+func startReusePortServer(t *testing.T, addr netip.AddrPort, n int, name string) *reusePortServer {
+	t.Helper()
+	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		c.Control(func(fd uintptr) { serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, 0xf /* SO_REUSEPORT */, 1) })
+		return serr
+	}}
+	lc.SetMultipathTCP(false)
+	s := &reusePortServer{}
+	for range n {
+		l, err := lc.Listen(context.Background(), "tcp4", addr.String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		s.ls = append(s.ls, l)
+		go func() {
+			for {
+				c, err := l.Accept()
+				if err != nil {
+					return
+				}
+				fmt.Fprintln(c, name)
+				c.Close()
+			}
+		}()
 	}
-	h.stop(p, os.Interrupt)
-	if !srv.WaitFor(time.Second, func(r *shimtest.Registrar) bool { return len(r.Live()) == 0 }) {
-		t.Error("the idle shim stopped without ending its registration")
+	t.Cleanup(s.close)
+	return s
+}
+
+func (s *reusePortServer) close() {
+	for _, l := range s.ls {
+		l.Close()
 	}
+}
+
+// answeredBy connects to addr and says who answered: the reuse-port server's name, or the line
+// the echo behind the shim sent back.
+func answeredBy(t *testing.T, addr netip.AddrPort) string {
+	t.Helper()
+	c, err := net.DialTimeout("tcp", addr.String(), 3*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(3 * time.Second))
+	fmt.Fprintln(c, "echo")
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.TrimSpace(line)
 }
