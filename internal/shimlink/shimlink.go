@@ -25,6 +25,7 @@ import (
 	"net/url"
 	"strconv"
 	"syscall"
+	"time"
 
 	"github.com/envoy-docker-shim/envoy-docker-shim/internal/mapping"
 )
@@ -45,8 +46,10 @@ type Open struct {
 	Version string
 	// ProxiesItself is set when the shim carries the traffic (UDP) and Envoy must not be configured.
 	ProxiesItself bool
-	// Serving is set on re-registrations: dockerd was told long ago that the port started, and
-	// it has been served since, so nothing may make Envoy drop it.
+	// Serving says the shim serves the port itself until Envoy takes it over (a TCP shim holds
+	// the port's socket for the port's life) or has served it for long (every re-registration):
+	// the server answers once the registration is valid, without waiting for Envoy, and nothing
+	// may make Envoy drop the port.
 	Serving bool
 }
 
@@ -60,6 +63,9 @@ type Ready struct {
 	// WantsStats asks a shim that carries the traffic itself for its counters (Stats). A server
 	// from before Stats existed does not ask, and would end a registration that sent them.
 	WantsStats bool
+	// ConnectRetryWindow is how long a shim that carries a TCP connection itself keeps retrying
+	// to connect to a container that refuses (its app is starting), as Envoy does; 0: once.
+	ConnectRetryWindow time.Duration
 }
 
 // Failed is the server's refusal; Reason is written for the user of docker run.
@@ -100,6 +106,9 @@ func (r *Ready) values() url.Values {
 	if r.WantsStats {
 		v.Set("stats", "1")
 	}
+	if r.ConnectRetryWindow > 0 {
+		v.Set("connect_retry_ms", strconv.FormatInt(r.ConnectRetryWindow.Milliseconds(), 10))
+	}
 	return v
 }
 
@@ -128,8 +137,16 @@ func Decode(b []byte) (Message, error) {
 	case "open":
 		return decodeOpen(v)
 	case "ready":
-		return &Ready{Service: v.Get("service"), Mode: v.Get("mode"), ContainerID: v.Get("container_id"),
-			ContainerName: v.Get("container_name"), Listener: v.Get("listener"), WantsStats: v.Get("stats") == "1"}, nil
+		r := &Ready{Service: v.Get("service"), Mode: v.Get("mode"), ContainerID: v.Get("container_id"),
+			ContainerName: v.Get("container_name"), Listener: v.Get("listener"), WantsStats: v.Get("stats") == "1"}
+		if ms := v.Get("connect_retry_ms"); ms != "" {
+			n, err := strconv.ParseUint(ms, 10, 32)
+			if err != nil {
+				return nil, fmt.Errorf("malformed connect_retry_ms %q", ms)
+			}
+			r.ConnectRetryWindow = time.Duration(n) * time.Millisecond
+		}
+		return r, nil
 	case "failed":
 		return &Failed{Reason: v.Get("reason")}, nil
 	case "log":

@@ -8,6 +8,7 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/envoy-docker-shim/envoy-docker-shim/internal/mapping"
 )
@@ -25,6 +26,7 @@ func TestRoundTrip(t *testing.T) {
 		&Open{Mapping: udp6, PID: 1, ProxiesItself: true, Serving: true},
 		&Ready{Service: "web-test", Mode: "http", ContainerID: "c0ffee", ContainerName: "web-1", Listener: "tcp_127.0.0.1_8080"},
 		&Ready{Service: "dns-test", Mode: "shim", WantsStats: true},
+		&Ready{Service: "web-test", Mode: "tcp", ConnectRetryWindow: 3 * time.Second},
 		&Failed{Reason: "listen tcp4 0.0.0.0:80: bind: address already in use & more=odd"},
 		&Log{Level: "WARN", Message: "msg=\"ünïcode\" n=1\nsecond line"},
 		&Stats{InDatagrams: 1000, InBytes: 18890, OutDatagrams: 999, OutBytes: 18880, Flows: 2, FlowsTotal: 1 << 40},
@@ -47,6 +49,8 @@ func TestDecodeRejects(t *testing.T) {
 		{"type=open&proto=tcp&host=127.0.0.1:0&container=10.0.0.1:1&pid=1", "host port"},
 		{"type=open&proto=tcp&host=127.0.0.1:1&container=10.0.0.1:1", "pid"},
 		{"type=log&%zz", "malformed"},
+		{"type=ready&connect_retry_ms=-5", "connect_retry_ms"},
+		{"type=ready&connect_retry_ms=3s", "connect_retry_ms"},
 		{"type=stats&in=1&in_bytes=2&out=3&out_bytes=4&flows=5", "flows_total"},
 		{"type=stats&in=-1&in_bytes=2&out=3&out_bytes=4&flows=5&flows_total=6", "stats in"},
 	} {

@@ -53,6 +53,9 @@ type Server struct {
 	OnRestored func()
 	// UDP, if not nil, keeps the counters shims report for the ports they proxy themselves.
 	UDP *udpstats.Store
+	// ConnectRetryWindow is passed to shims in Ready: how long one that carries a TCP connection
+	// itself keeps retrying a container that refuses, as Envoy does (EDS_CONNECT_RETRY_WINDOW).
+	ConnectRetryWindow time.Duration
 
 	linkMu  sync.Mutex
 	live    map[*shimlink.Conn]bool
@@ -156,10 +159,12 @@ func (s *Server) serve(sess session) {
 		}
 	}()
 
-	// A shim re-registering a port it has been serving (the server restarted) already told
-	// dockerd; waiting for Envoy helps nobody, and a failed wait would make Envoy drop the port.
+	// A shim that serves the port itself until Envoy takes it (every TCP shim), or has served it
+	// for long (a re-registration after a server restart), needs no wait for Envoy: the port
+	// carries traffic to the container already. A failed wait must not make Envoy drop the port
+	// either: it is only logged, and the shim keeps serving.
 	if open.Serving {
-		log.Info("re-registered a serving port")
+		go s.confirmInBackground(sess.Context(), expected, log)
 	} else if err := s.confirm(sess.Context(), expected); err != nil {
 		log.Warn("registration failed", "err", err)
 		s.fail(sess, Reason(m, err))
@@ -226,6 +231,18 @@ func (s *Server) confirm(ctx context.Context, expected []registry.Expected) erro
 	ctx, cancel := context.WithTimeout(ctx, s.ReadyTimeout)
 	defer cancel()
 	return s.Confirmer.Wait(ctx, expected)
+}
+
+// confirmInBackground waits for Envoy to take a port its shim serves meanwhile, and says so.
+func (s *Server) confirmInBackground(ctx context.Context, expected []registry.Expected, log *slog.Logger) {
+	start := time.Now()
+	if err := s.confirm(ctx, expected); err != nil {
+		if ctx.Err() == nil {
+			log.Warn("Envoy has not taken the port; its shim keeps serving it without Envoy's metrics, logs and traces", "err", err)
+		}
+		return
+	}
+	log.Debug("Envoy serves the port", "envoy_us", time.Since(start).Microseconds())
 }
 
 // removalWait bounds how long a deregistering shim is kept waiting for Envoy.

@@ -50,13 +50,27 @@ type fakeConfirmer struct {
 	mu    sync.Mutex
 	err   error
 	waits int
+	// block, if not nil, holds each Wait until it is closed; returned then hears of each return.
+	block    chan struct{}
+	returned chan struct{}
 }
 
-func (f *fakeConfirmer) Wait(context.Context, []registry.Expected) error {
+func (f *fakeConfirmer) Wait(ctx context.Context, _ []registry.Expected) error {
 	f.mu.Lock()
-	defer f.mu.Unlock()
 	f.waits++
-	return f.err
+	block, returned, err := f.block, f.returned, f.err
+	f.mu.Unlock()
+	if block != nil {
+		select {
+		case <-block:
+		case <-ctx.Done():
+			err = ctx.Err()
+		}
+	}
+	if returned != nil {
+		returned <- struct{}{}
+	}
+	return err
 }
 
 type fixture struct {
@@ -323,22 +337,28 @@ func TestRestore(t *testing.T) {
 	}
 }
 
-// TestReRegistrationOfServingPortNeverDropsIt: a shim re-registering a port it serves (after a
-// server restart) is answered without waiting for Envoy, so a wait that would fail cannot make
-// the server withdraw a port Envoy is serving.
-func TestReRegistrationOfServingPortNeverDropsIt(t *testing.T) {
+// TestServingPortNeverDropped: a shim that serves its port itself (a TCP shim, which holds the
+// port's socket until Envoy takes it, or any shim re-registering after a server restart) is
+// answered without waiting for Envoy, and a wait that fails later cannot make the server
+// withdraw the port.
+func TestServingPortNeverDropped(t *testing.T) {
 	f := newFixture(t)
 	f.confirmer.err = errors.New("envoy did not confirm the configuration in time")
+	f.confirmer.block = make(chan struct{})
+	f.confirmer.returned = make(chan struct{}, 1)
 	resp, end := f.open(t, tcpMapping(8090, "172.17.0.2"), &pb.Shim{Pid: 7, Serving: true})
 	defer end()
-	if resp.GetReady() == nil {
+	if resp.GetReady() == nil { // while the wait on Envoy is still blocked
 		t.Fatalf("want Ready, got %v", resp)
 	}
-	if f.confirmer.waits != 0 {
-		t.Fatalf("waited %d times on Envoy for a serving port", f.confirmer.waits)
+	close(f.confirmer.block)
+	select {
+	case <-f.confirmer.returned:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the server never waited for Envoy to take the serving port")
 	}
 	if _, ok := f.registry.Get(mapping.Key{Proto: mapping.TCP, HostIP: netip.MustParseAddr("127.0.0.1"), HostPort: 8090}); !ok {
-		t.Fatal("the serving port is not in the registry")
+		t.Fatal("the serving port left the registry when Envoy did not confirm it")
 	}
 
 	// The same failing wait on a first registration withdraws it: dockerd hears the reason.

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"sync/atomic"
+	"time"
 
 	"github.com/envoy-docker-shim/envoy-docker-shim/internal/shimlink"
 	pb "github.com/envoy-docker-shim/envoy-docker-shim/services/registration/registrationpb"
@@ -15,7 +16,7 @@ import (
 
 // ServeShim holds the registration a shim opens on conn, and closes conn when it ends.
 func (s *Server) ServeShim(ctx context.Context, conn *shimlink.Conn) {
-	sess := &linkSession{conn: conn, msgs: make(chan shimlink.Message)}
+	sess := &linkSession{conn: conn, msgs: make(chan shimlink.Message), retryWindow: s.ConnectRetryWindow}
 	sess.ctx, sess.cancel = context.WithCancel(ctx)
 	defer func() {
 		sess.cancel()
@@ -34,6 +35,8 @@ type linkSession struct {
 	msgs   chan shimlink.Message // what the shim sends after Open: log lines and counters
 	end    error                 // why the reader stopped; read after msgs is closed
 	ready  atomic.Bool
+	// retryWindow is the Server's ConnectRetryWindow, told the shim in Ready.
+	retryWindow time.Duration
 }
 
 func (l *linkSession) Context() context.Context { return l.ctx }
@@ -85,7 +88,7 @@ func (l *linkSession) Ready(e registry.Entry) error {
 	return l.conn.Send(&shimlink.Ready{
 		Service: e.Service.Name, Mode: string(e.Mode), ContainerID: e.ContainerID,
 		ContainerName: e.ContainerName, Listener: ToProto(e).GetListener(),
-		WantsStats: e.Mode == registry.ModeProxiedByShim,
+		WantsStats: e.Mode == registry.ModeProxiedByShim, ConnectRetryWindow: l.retryWindow,
 	})
 }
 

@@ -151,13 +151,14 @@ func (s *Server) Run(ctx context.Context) error {
 
 	registrations := grpc.NewServer()
 	shims := &registrar.Server{
-		Registry:     s.registry,
-		Finder:       s.finder,
-		Confirmer:    s.tracker,
-		ReadyTimeout: s.cfg.ReadyTimeout,
-		Log:          s.log.With("component", "registrar"),
-		Metrics:      registrar.NewMetrics(s.metrics, s.registry),
-		UDP:          s.udp,
+		Registry:           s.registry,
+		Finder:             s.finder,
+		Confirmer:          s.tracker,
+		ReadyTimeout:       s.cfg.ReadyTimeout,
+		Log:                s.log.With("component", "registrar"),
+		Metrics:            registrar.NewMetrics(s.metrics, s.registry),
+		UDP:                s.udp,
+		ConnectRetryWindow: s.cfg.ConnectRetryWindow,
 		OnRestored: func() {
 			if !s.cache.IsOpen() {
 				s.log.Info("resync done: answering envoy", "registrations", s.registry.Len())

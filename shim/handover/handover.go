@@ -288,6 +288,12 @@ func (l *Listener) Steered() int { return int(l.steered.Load()) }
 // Socket is the port's host socket, for the idle program to hold (package idle).
 func (l *Listener) Socket() syscall.Conn { return l.l }
 
+// SetRetryWindow bounds the retries of a connection the container refuses (package tcpproxy).
+func (l *Listener) SetRetryWindow(d time.Duration) { l.proxy.SetRetryWindow(d) }
+
+// RetryWindow is what SetRetryWindow set.
+func (l *Listener) RetryWindow() time.Duration { return l.proxy.RetryWindow() }
+
 // Active is the number of connections the shim is proxying itself.
 func (l *Listener) Active() int { return l.proxy.Active() }
 

@@ -1,6 +1,8 @@
 // Package tcpproxy is docker-proxy's TCP data plane: accept, dial the container, copy both ways
-// with half-close. The shim uses it only for connections that reach the socket dockerd 28+ hands
-// it (fd 4) before Envoy has taken the port over; Envoy carries everything else.
+// with half-close. The shim uses it only for connections that reach the port's socket while
+// Envoy does not serve the port (before Envoy takes it over, and while Envoy restarts); Envoy
+// carries everything else. Like Envoy, it retries a container that refuses the connection (its
+// app is still starting) for a bounded time.
 //
 // Stopping the accept loop never touches connections already accepted: they run to their end,
 // or until Close at shutdown.
@@ -9,9 +11,11 @@ package tcpproxy
 import (
 	"errors"
 	"io"
+	"math/rand/v2"
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -22,6 +26,8 @@ import (
 type Proxy struct {
 	backend netip.AddrPort
 	log     *logging.Logger
+	// retryWindow bounds the retries of a refused connection to the container.
+	retryWindow atomic.Int64
 
 	mu     sync.Mutex
 	conns  map[net.Conn]struct{}
@@ -31,7 +37,42 @@ type Proxy struct {
 
 // New returns a proxy to backend.
 func New(backend netip.AddrPort, log *logging.Logger) *Proxy {
-	return &Proxy{backend: backend, log: log, conns: map[net.Conn]struct{}{}}
+	p := &Proxy{backend: backend, log: log, conns: map[net.Conn]struct{}{}}
+	p.retryWindow.Store(int64(DefaultRetryWindow))
+	return p
+}
+
+// DefaultRetryWindow is the bound of the retries until SetRetryWindow: the server's default
+// (EDS_CONNECT_RETRY_WINDOW), which the server tells the shim once registered.
+const DefaultRetryWindow = 3 * time.Second
+
+// SetRetryWindow sets how long a connection the container refuses is retried; 0: not at all.
+func (p *Proxy) SetRetryWindow(d time.Duration) { p.retryWindow.Store(int64(max(d, 0))) }
+
+// RetryWindow is what SetRetryWindow set.
+func (p *Proxy) RetryWindow() time.Duration { return time.Duration(p.retryWindow.Load()) }
+
+// Bounds of the random pause between two connection attempts, as Envoy's (25 ms, growing to
+// 250 ms): the app behind the port is expected to start listening within a few seconds.
+const (
+	retryBase = 25 * time.Millisecond
+	retryMax  = 250 * time.Millisecond
+)
+
+// dial connects to the container, retrying while it refuses, up to the retry window.
+func (p *Proxy) dial() (*net.TCPConn, error) {
+	deadline := time.Now().Add(time.Duration(p.retryWindow.Load()))
+	for bound := retryBase; ; bound = min(2*bound, retryMax) {
+		c, err := net.DialTCP("tcp", nil, net.TCPAddrFromAddrPort(p.backend))
+		if err == nil || !errors.Is(err, syscall.ECONNREFUSED) {
+			return c, err
+		}
+		wait := time.Duration(rand.Int64N(int64(bound)))
+		if time.Now().Add(wait).After(deadline) {
+			return nil, err
+		}
+		time.Sleep(wait)
+	}
 }
 
 // Serve accepts on l until Accept fails (l closed or shut down) and proxies every connection.
@@ -67,7 +108,7 @@ func (p *Proxy) Serve(l net.Listener) error {
 }
 
 func (p *Proxy) forward(client *net.TCPConn) {
-	backend, err := net.DialTCP("tcp", nil, net.TCPAddrFromAddrPort(p.backend))
+	backend, err := p.dial()
 	if err != nil {
 		p.log.Warn("cannot forward a connection to the container", "container", p.backend, "err", err)
 		client.Close()

@@ -76,3 +76,79 @@ func TestUnreachableBackendClosesClient(t *testing.T) {
 		t.Fatal("read succeeded")
 	}
 }
+
+// Like Envoy (EDS_CONNECT_RETRY_WINDOW), the shim retries a container that refuses while its app
+// starts, within the window; with no window it fails at once, as docker-proxy does.
+func TestRetriesARefusingContainer(t *testing.T) {
+	for _, tc := range []struct {
+		name        string
+		window      time.Duration
+		listenAfter time.Duration // 0: never
+		served      bool
+		within      time.Duration
+	}{
+		{"app listens 300 ms late", 3 * time.Second, 300 * time.Millisecond, true, 2 * time.Second},
+		{"app never listens", 400 * time.Millisecond, 0, false, 400*time.Millisecond + 300*time.Millisecond},
+		{"no window", 0, 300 * time.Millisecond, false, 100 * time.Millisecond},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			// A free port nobody listens on yet.
+			probe, err := net.Listen("tcp4", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			backendAddr := probe.Addr().String()
+			probe.Close()
+			front, err := net.Listen("tcp4", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			p := New(netip.MustParseAddrPort(backendAddr), logging.Discard())
+			p.SetRetryWindow(tc.window)
+			go p.Serve(front)
+			defer func() { front.Close(); p.Close() }()
+
+			start := time.Now()
+			c, err := net.Dial("tcp4", front.Addr().String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			if tc.listenAfter > 0 {
+				listening := make(chan net.Listener, 1)
+				defer func() {
+					if l := <-listening; l != nil {
+						l.Close()
+					}
+				}()
+				time.AfterFunc(tc.listenAfter, func() {
+					backend, err := net.Listen("tcp4", backendAddr)
+					if err != nil {
+						listening <- nil
+						return // the test then fails on the answer
+					}
+					listening <- backend
+					go func() {
+						for {
+							b, err := backend.Accept()
+							if err != nil {
+								return
+							}
+							b.Write([]byte("app"))
+							b.Close()
+						}
+					}()
+				})
+			}
+			c.SetDeadline(time.Now().Add(5 * time.Second))
+			got, _ := io.ReadAll(c)
+			took := time.Since(start)
+			if served := string(got) == "app"; served != tc.served {
+				t.Fatalf("answer %q after %v; want served=%v", got, took, tc.served)
+			}
+			if took > tc.within {
+				t.Errorf("took %v, want at most %v", took, tc.within)
+			}
+		})
+	}
+}

@@ -133,8 +133,12 @@ func shim(start time.Time, status *statuspipe.Pipe, pipeErr error, args proxyarg
 	// its registration and the port's socket: it goes idle (package idle). idleReady says when.
 	idleReady := make(chan struct{})
 	var lis *handover.Listener
+	open := registration.NewOpen(m, m.Proto == mapping.UDP)
+	// A TCP shim serves the port's socket itself from the start: the server answers once the
+	// registration is valid, and Envoy takes the port over in the background (package handover).
+	open.Serving = m.Proto == mapping.TCP
 	regOpts := registration.Options{
-		Socket: cfg.ShimSocket, Open: registration.NewOpen(m, m.Proto == mapping.UDP), Log: log, Relay: relay,
+		Socket: cfg.ShimSocket, Open: open, Log: log, Relay: relay,
 		Idle: idler(m.Proto, func() *handover.Listener { return lis }, log), IdleReady: idleReady,
 	}
 	reg := registration.New(regOpts)
@@ -170,7 +174,7 @@ func shim(start time.Time, status *statuspipe.Pipe, pipeErr error, args proxyarg
 		servePort(ctx, cancel, &g, lis, ready, idleReady, log)
 		g.Add(func() error {
 			rctx, rcancel := context.WithDeadline(ctx, deadline)
-			_, err := reg.Register(rctx)
+			answer, err := reg.Register(rctx)
 			rcancel()
 			if err != nil {
 				if ctx.Err() != nil {
@@ -179,8 +183,9 @@ func shim(start time.Time, status *statuspipe.Pipe, pipeErr error, args proxyarg
 				}
 				return registrationFailed{err}
 			}
+			lis.SetRetryWindow(answer.ConnectRetryWindow)
 			status.Ready()
-			log.Info("port ready: Envoy serves it", "took", time.Since(start).Round(time.Millisecond))
+			log.Info("port ready: the shim serves it until Envoy takes it over", "took", time.Since(start).Round(time.Millisecond))
 			close(ready)
 			return reg.Hold(ctx)
 		}, func(error) { cancel() })
@@ -315,6 +320,7 @@ func idler(proto mapping.Protocol, port func() *handover.Listener, log *logging.
 		}
 		var err error
 		if l := port(); l != nil {
+			env = append(env, retryWindowEnv+"="+l.RetryWindow().String())
 			// Nothing may be accepted from here to the exec: it would be cut.
 			err = l.Quiesce(ctx, func() error { return idle.Enter(ctx, conn, l.Socket(), env) })
 		} else {
@@ -327,6 +333,10 @@ func idler(proto mapping.Protocol, port func() *handover.Listener, log *logging.
 		return err
 	}
 }
+
+// retryWindowEnv carries the server's connect retry window (shimlink.Ready) to the shim the idle
+// program runs again.
+const retryWindowEnv = "EDS_SHIM_RESUMED_RETRY_WINDOW"
 
 // resume takes back what the idle program held, after it ran the shim again because something
 // happened: the registration (Hold re-registers if the server went away) and the port's socket
@@ -371,6 +381,10 @@ func resume(held idle.Held, err error, args proxyargs.Result, signals <-chan os.
 			log.Error("resuming after idle: the port's socket", "err", err)
 			return 1
 		}
+		if d, err := time.ParseDuration(os.Getenv(retryWindowEnv)); err == nil {
+			lis.SetRetryWindow(d)
+		}
+		os.Unsetenv(retryWindowEnv)
 		registered := make(chan struct{})
 		close(registered)
 		servePort(ctx, cancel, &g, lis, registered, idleReady, log)
