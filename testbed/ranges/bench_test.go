@@ -189,6 +189,9 @@ func measure(b *testing.B, p *path, n int, settle time.Duration) Sample {
 	if err != nil {
 		b.Fatalf("docker run -p %s on %s: %v", publish, p.name, err)
 	}
+	if p.server != nil {
+		x.EnvoyAll = waitEnvoyHasAll(b, p, n, start)
+	}
 	if err := p.daemon.WaitEchoServing(ctx, id); err != nil {
 		b.Fatal(err)
 	}
@@ -216,6 +219,27 @@ func measure(b *testing.B, p *path, n int, settle time.Duration) Sample {
 	time.Sleep(time.Second)
 	x.Later = leftovers(b, p, base, lo, n)
 	return x
+}
+
+// waitEnvoyHasAll waits until Envoy serves every one of the n ports: each shim steered its port to
+// Envoy's sockets and went idle (package idle). It returns the time since start.
+func waitEnvoyHasAll(b *testing.B, p *path, n int, start time.Time) time.Duration {
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		idle := 0
+		for _, pid := range p.daemon.Processes(p.proxy) {
+			if exe, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid)); strings.Contains(exe, "memfd:envoy-docker-shim-idle") {
+				idle++
+			}
+		}
+		if idle >= n {
+			return time.Since(start)
+		}
+		if time.Now().After(deadline) {
+			b.Fatalf("%s: Envoy took %d of %d ports within 2 minutes of docker run", p.name, idle, n)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 // perfRecord profiles the server and Envoy with perf while `docker run` runs, once per port
