@@ -11,6 +11,22 @@ import (
 	"time"
 )
 
+// Start starts cmd for the test's life: killed (and waited for) when the test ends. Its exit
+// arrives on the channel returned; a reader that takes it puts it back for the cleanup.
+func Start(t testing.TB, cmd *exec.Cmd) chan error {
+	t.Helper()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		<-exited
+	})
+	return exited
+}
+
 // StopsCleanly checks a long-running program the way docker stop and dockerd meet it: for each of
 // SIGTERM and SIGINT it starts a fresh process from newCmd, waits until started reports true of
 // what the process wrote on stderr, sends the real signal, and expects exit code 0 within limit
@@ -22,15 +38,7 @@ func StopsCleanly(t *testing.T, newCmd func(t *testing.T) *exec.Cmd, started fun
 			cmd := newCmd(t)
 			var stderr lockedBuffer
 			cmd.Stderr = &stderr
-			if err := cmd.Start(); err != nil {
-				t.Fatal(err)
-			}
-			exited := make(chan error, 1)
-			go func() { exited <- cmd.Wait() }()
-			t.Cleanup(func() {
-				_ = cmd.Process.Kill()
-				<-exited
-			})
+			exited := Start(t, cmd)
 			deadline := time.Now().Add(30 * time.Second)
 			for !started(stderr.String()) {
 				select {

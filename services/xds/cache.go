@@ -1,11 +1,19 @@
 // Package xds is envoy-docker-server's xDS control plane: per-resource caches that the registry
-// feeds (one LinearCache per resource type, so a change costs the same with 10 ports or 10,000,
-// and delta xDS sends only what changed), go-control-plane's ADS server over them, and a tracker
-// of what Envoy acknowledged, so a registration is answered only once Envoy really serves it.
+// feeds (one LinearCache per resource type, and delta xDS sends only what changed),
+// go-control-plane's ADS server over them, and a tracker of what Envoy acknowledged.
+//
+// New resources reach the caches in batches: a change waits until none has come for a moment
+// (coalesceQuiet), or at most coalesceMax after the first one waiting. A port range publishes a
+// port every few milliseconds; one push per port made Envoy and the server rebuild and compare
+// their state a thousand times, on the same CPUs dockerd needed to start the range, while the
+// shims serve their ports themselves until Envoy takes them over (package handover). Removals
+// are never held back: they go out at once, after whatever was waiting.
 package xds
 
 import (
 	"fmt"
+	"sync"
+	"time"
 
 	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/v3"
@@ -26,7 +34,21 @@ type Cache struct {
 	mux       *cache.MuxCache
 	gate      *gate
 	metrics   *Metrics
+
+	// pending holds the resources published but not yet in the caches, by type; flush moves them.
+	mu            sync.Mutex
+	pending       map[*cache.LinearCache]map[string]types.Resource
+	firstPending  time.Time
+	flushTimer    *time.Timer
+	quiet, maxAge time.Duration
+	batches       int // how many times flush updated the caches
 }
+
+// Batching of new resources (see the package documentation).
+const (
+	coalesceQuiet = 20 * time.Millisecond
+	coalesceMax   = time.Second
+)
 
 // NewCache makes the caches, empty but for the clusters every port's configuration may refer to
 // (the trace collector's, when tracing is on), so that they reach Envoy before any listener.
@@ -39,6 +61,8 @@ func NewCache(bootID string, options envoyconfig.Options, metrics *Metrics, trac
 		listeners: cache.NewLinearCache(resource.ListenerType, cache.WithVersionPrefix(bootID+"-")),
 		clusters:  cache.NewLinearCache(resource.ClusterType, cache.WithVersionPrefix(bootID+"-")),
 		metrics:   metrics,
+		quiet:     coalesceQuiet,
+		maxAge:    coalesceMax,
 	}
 	c.mux = &cache.MuxCache{
 		Classify:      func(r *cache.Request) string { return r.GetTypeUrl() },
@@ -94,14 +118,45 @@ func (c *Cache) Publish(e registry.Entry) ([]registry.Expected, error) {
 	for _, x := range expected {
 		c.tracker.Invalidate(x.TypeURL, x.Name, x.Version)
 	}
-	if err := c.clusters.UpdateResource(res.Cluster.GetName(), res.Cluster); err != nil {
-		return nil, fmt.Errorf("publish cluster %s: %w", res.Cluster.GetName(), err)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.pending == nil {
+		c.pending = map[*cache.LinearCache]map[string]types.Resource{c.clusters: {}, c.listeners: {}}
+		c.firstPending = time.Now()
 	}
-	if err := c.listeners.UpdateResource(res.Listener.GetName(), res.Listener); err != nil {
-		return nil, fmt.Errorf("publish listener %s: %w", res.Listener.GetName(), err)
+	c.pending[c.clusters][res.Cluster.GetName()] = res.Cluster
+	c.pending[c.listeners][res.Listener.GetName()] = res.Listener
+	// Flush once nothing new came for quiet, and no later than maxAge after the first.
+	wait := min(c.quiet, time.Until(c.firstPending.Add(c.maxAge)))
+	if c.flushTimer == nil {
+		c.flushTimer = time.AfterFunc(wait, c.flushLater)
+	} else {
+		c.flushTimer.Reset(wait)
 	}
-	c.countResources()
 	return expected, nil
+}
+
+func (c *Cache) flushLater() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.flushLocked()
+}
+
+// flushLocked moves the pending resources into the caches, clusters first so that the listeners'
+// routes find them. Resources marshal (they were hashed when published), so the caches' errors,
+// which come only from marshalling, cannot happen here.
+func (c *Cache) flushLocked() {
+	if c.pending == nil {
+		return
+	}
+	for _, lc := range []*cache.LinearCache{c.clusters, c.listeners} {
+		if len(c.pending[lc]) > 0 {
+			_ = lc.UpdateResources(c.pending[lc], nil)
+		}
+	}
+	c.pending = nil
+	c.batches++
+	c.countResources()
 }
 
 // Withdraw removes the resources of e, the listener first so that no new connection meets a
@@ -117,6 +172,9 @@ func (c *Cache) Withdraw(e registry.Entry) []registry.Expected {
 	for _, x := range expected {
 		c.tracker.Invalidate(x.TypeURL, x.Name, "")
 	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.flushLocked() // in order: what was published before goes first
 	// Errors here only come from notifying watches of a resource that failed to marshal, which
 	// cannot happen for a deletion; there is nothing to roll back.
 	_ = c.listeners.DeleteResource(expected[0].Name)

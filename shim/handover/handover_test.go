@@ -183,6 +183,13 @@ func adopt(t *testing.T, host netip.AddrPort) (*Listener, netip.AddrPort, *os.Fi
 	if err != nil {
 		t.Fatal(err)
 	}
+	serveUntilCleanup(t, l)
+	return l, host, daemonCopy
+}
+
+// serveUntilCleanup serves l until the test ends, and checks that Serve then ends cleanly.
+func serveUntilCleanup(t *testing.T, l *Listener) {
+	t.Helper()
 	served := make(chan error, 1)
 	go func() { served <- l.Serve() }()
 	t.Cleanup(func() {
@@ -191,7 +198,6 @@ func adopt(t *testing.T, host netip.AddrPort) (*Listener, netip.AddrPort, *os.Fi
 			t.Errorf("Serve: %v", err)
 		}
 	})
-	return l, host, daemonCopy
 }
 
 // listen is the shim's own bind (daemons before 28), serving until the test ends.
@@ -228,14 +234,7 @@ func listenIn(t *testing.T, ns *testNetns, host netip.AddrPort) (*Listener, neti
 	} else if err := bind(); err != nil {
 		t.Fatal(err)
 	}
-	served := make(chan error, 1)
-	go func() { served <- l.Serve() }()
-	t.Cleanup(func() {
-		l.Close()
-		if err := <-served; err != nil {
-			t.Errorf("Serve: %v", err)
-		}
-	})
+	serveUntilCleanup(t, l)
 	return l, host
 }
 

@@ -75,15 +75,7 @@ func TestStopDrains(t *testing.T) {
 	var stderr strings.Builder
 	var mu sync.Mutex
 	cmd.Stderr = writerFunc(func(p []byte) (int, error) { mu.Lock(); defer mu.Unlock(); return stderr.Write(p) })
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
-	t.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		<-exited
-	})
+	exited := testbed.Start(t, cmd)
 	logs := func() string { mu.Lock(); defer mu.Unlock(); return stderr.String() }
 
 	// With no xDS server Envoy starts its listeners once the first fetch times out (15 s).

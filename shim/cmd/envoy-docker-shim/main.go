@@ -274,7 +274,7 @@ func offerIdle(ctx context.Context, lis *handover.Listener, idleReady chan<- str
 	retry := idleRetryMin
 	for look := idleLookMin; ; {
 		if lis.Steered() == 0 || lis.Active() > 0 {
-			if sleep(ctx, look) != nil {
+			if !sleep(ctx, look) {
 				return
 			}
 			look = min(2*look, idleLookMax)
@@ -286,7 +286,7 @@ func offerIdle(ctx context.Context, lis *handover.Listener, idleReady chan<- str
 			return
 		}
 		// Still here: the idle program did not take the process.
-		if idleBroken.Load() || sleep(ctx, retry) != nil {
+		if idleBroken.Load() || !sleep(ctx, retry) {
 			return
 		}
 		retry = min(2*retry, idleRetryMax)
@@ -294,12 +294,15 @@ func offerIdle(ctx context.Context, lis *handover.Listener, idleReady chan<- str
 	}
 }
 
-func sleep(ctx context.Context, d time.Duration) error {
+// sleep waits d, or less if ctx ends (then false).
+func sleep(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
 	select {
 	case <-ctx.Done():
-		return ctx.Err()
-	case <-time.After(d):
-		return nil
+		return false
+	case <-t.C:
+		return true
 	}
 }
 
