@@ -102,8 +102,10 @@ type Listener struct {
 	// its share of the port (before Envoy serves it, or while Envoy is away).
 	steered atomic.Int64
 	// moved is signalled by an accept while steered: Envoy's sockets changed.
-	moved   chan struct{}
-	closing atomic.Bool
+	moved chan struct{}
+	// lastAccept is when S last accepted a connection (unix ns), or when the Listener was made.
+	lastAccept atomic.Int64
+	closing    atomic.Bool
 	// pause, while not nil, asks the accept loop to stop accepting: it answers on pause.stopped
 	// and waits for pause.resume (see Quiesce).
 	pauseMu sync.Mutex
@@ -182,7 +184,9 @@ func newListener(tl *net.TCPListener, host, container netip.AddrPort, log *loggi
 		tl.Close()
 		return nil, fmt.Errorf("the socket of %s: %w", host, errors.Join(err, serr))
 	}
-	return &Listener{l: tl, raw: raw, addr: host, inode: st.Ino, proxy: tcpproxy.New(container, log), log: log, moved: make(chan struct{}, 1)}, nil
+	l := &Listener{l: tl, raw: raw, addr: host, inode: st.Ino, proxy: tcpproxy.New(container, log), log: log, moved: make(chan struct{}, 1)}
+	l.lastAccept.Store(time.Now().UnixNano())
+	return l, nil
 }
 
 func sockaddr(sa unix.Sockaddr) netip.AddrPort {
@@ -228,6 +232,9 @@ func (w watched) Accept() (net.Conn, error) {
 				w.l.pauseMu.Unlock()
 				continue
 			}
+		}
+		if err == nil {
+			w.l.lastAccept.Store(time.Now().UnixNano())
 		}
 		if err == nil && w.l.steered.Load() > 0 {
 			select {
@@ -284,6 +291,9 @@ var ErrActive = errors.New("the shim is proxying connections")
 // Steered returns the number of Envoy sockets the port's new connections go to; 0 while the
 // shim's socket takes its share.
 func (l *Listener) Steered() int { return int(l.steered.Load()) }
+
+// Quiet is how long ago the shim's socket last accepted a connection (or was taken, if never).
+func (l *Listener) Quiet() time.Duration { return time.Since(time.Unix(0, l.lastAccept.Load())) }
 
 // Socket is the port's host socket, for the idle program to hold (package idle).
 func (l *Listener) Socket() syscall.Conn { return l.l }

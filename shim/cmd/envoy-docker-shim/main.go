@@ -268,12 +268,21 @@ const (
 	idleRetryMin, idleRetryMax = time.Second, 30 * time.Second
 )
 
-// offerIdle offers the process to the idle program whenever Envoy's sockets take the port's new
-// connections and none runs through the shim, until ctx ends or the idle program cannot run here.
+// unsteeredIdleAfter is how long a shim whose port Envoy does not serve (yet, or any more) waits
+// with no connection before it goes idle all the same: the idle program wakes it for the next
+// connection that reaches its socket, and the shim, running again, serves it and steers the port
+// to Envoy if Envoy's sockets are there by then. A port range's shims, which dockerd starts one
+// after another while Envoy takes the ports over in batches, so never pile up as hundreds of live
+// Go processes competing with dockerd for the CPUs.
+const unsteeredIdleAfter = 250 * time.Millisecond
+
+// offerIdle offers the process to the idle program whenever no connection runs through the shim
+// and either Envoy's sockets take the port's new connections or none has reached the shim for
+// unsteeredIdleAfter, until ctx ends or the idle program cannot run here.
 func offerIdle(ctx context.Context, lis *handover.Listener, idleReady chan<- struct{}) {
 	retry := idleRetryMin
 	for look := idleLookMin; ; {
-		if lis.Steered() == 0 || lis.Active() > 0 {
+		if lis.Active() > 0 || (lis.Steered() == 0 && lis.Quiet() < unsteeredIdleAfter) {
 			if !sleep(ctx, look) {
 				return
 			}

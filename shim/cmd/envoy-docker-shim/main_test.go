@@ -846,14 +846,15 @@ func TestTCPShimGoesIdleOnceReady(t *testing.T) {
 				sock.Close() // as dockerd does after a successful start
 			}
 			pid := p.Cmd.Process.Pid
-			// No Envoy on the port yet: the shim serves it, in Go.
+			// No Envoy on the port yet: the shim serves it, and with nothing to do it goes idle
+			// all the same; the next connection wakes it and it serves that too.
 			if err := dialEcho(host, "before Envoy"); err != nil {
 				t.Fatal(err)
 			}
-			if isIdle(pid) {
-				t.Fatal("the shim went idle while nobody else serves its port")
+			waitIdle(t, pid)
+			if err := dialEcho(host, "waking the idle shim"); err != nil {
+				t.Fatalf("a connection to the idle shim's socket: %v", err)
 			}
-			envoy := startReusePortServer(t, host, 2, "envoy")
 			waitIdle(t, pid)
 			cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
 			if want := strings.Join(append([]string{shimBin}, args...), "\x00") + "\x00"; string(cmdline) != want {
@@ -862,14 +863,11 @@ func TestTCPShimGoesIdleOnceReady(t *testing.T) {
 			if kib := pssKiB(t, pid); kib > 64 {
 				t.Errorf("idle shim PSS %d KiB, want at most 64", kib)
 			}
-			for i := range 20 {
-				if who := answeredBy(t, host); who != "envoy" {
-					t.Fatalf("connection %d while Envoy serves: answered by %q", i, who)
-				}
-			}
-			if !isIdle(pid) {
-				t.Fatal("connections to Envoy woke the idle shim")
-			}
+
+			// Envoy comes: every connection succeeds, and once one has reached the shim's socket
+			// the shim steers the port to Envoy's sockets and goes idle again.
+			envoy := startReusePortServer(t, host, 2, "envoy")
+			waitSteeredToEnvoy(t, host, pid)
 
 			// Envoy goes away: the shim takes every connection, none refused.
 			envoy.close()
@@ -878,18 +876,9 @@ func TestTCPShimGoesIdleOnceReady(t *testing.T) {
 					t.Fatalf("connection %d while Envoy is away: %v", i, err)
 				}
 			}
-			if isIdle(pid) {
-				t.Fatal("the shim is idle while it serves the port")
-			}
 			// Envoy is back: steered to it, and idle again.
 			startReusePortServer(t, host, 2, "envoy")
-			waitIdle(t, pid)
-			deadline := time.Now().Add(5 * time.Second)
-			for who := answeredBy(t, host); who != "envoy"; who = answeredBy(t, host) {
-				if time.Now().After(deadline) {
-					t.Fatalf("Envoy is back, but connections are answered by %q", who)
-				}
-			}
+			waitSteeredToEnvoy(t, host, pid)
 			if len(srv.Live()) != 1 || len(srv.Opens()) != 1 {
 				t.Fatalf("%d live registrations after %d opens, want 1 and 1", len(srv.Live()), len(srv.Opens()))
 			}
@@ -898,6 +887,24 @@ func TestTCPShimGoesIdleOnceReady(t *testing.T) {
 				t.Error("the idle shim stopped without ending its registration")
 			}
 		})
+	}
+}
+
+// waitSteeredToEnvoy connects until the shim has steered the port to Envoy's sockets: 20
+// connections in a row answered by Envoy, the shim idle all along. Every connection must succeed.
+func waitSteeredToEnvoy(t *testing.T, host netip.AddrPort, pid int) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for inARow := 0; inARow < 20; {
+		if time.Now().After(deadline) {
+			t.Fatalf("the port was not steered to Envoy within 10 s (%d answers in a row from Envoy, idle %v)", inARow, isIdle(pid))
+		}
+		if who := answeredBy(t, host); who == "envoy" && isIdle(pid) {
+			inARow++
+		} else {
+			inARow = 0
+			time.Sleep(10 * time.Millisecond)
+		}
 	}
 }
 
