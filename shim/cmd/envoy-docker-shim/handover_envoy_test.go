@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -66,7 +67,9 @@ func TestListenFDHandoverToRealEnvoy(t *testing.T) {
 
 			sock, err := shimtest.ListenTCP(host) // dockerd 28+: bound and listening before the proxy starts
 			if err != nil {
-				t.Fatal(err)
+				// FreePort found the port free on 127.0.0.1 and ::1 a moment ago: say who took it.
+				out, _ := exec.Command("ss", "-Htanup", fmt.Sprintf("( sport = :%d or dport = :%d )", host.Port(), host.Port())).CombinedOutput()
+				t.Fatalf("%v; sockets on port %d now:\n%s", err, host.Port(), out)
 			}
 			var st unix.Stat_t
 			unix.Fstat(int(sock.Fd()), &st)
