@@ -39,7 +39,7 @@ func TestMarkdown(t *testing.T) {
 		{Run: 3 * time.Second, Remove: time.Second, Procs: 1000, Proxies: bench.Memory{RSS: 3000 << 20, PSS: 1000 << 20, USS: 900 << 20}, Left: Leftovers{0, 0, -1, -1, -1, -1}},
 	}}
 	ours := Series{Generation: "docker20", Path: "ours", Ports: 1000, Samples: []Sample{
-		{Run: 4500 * time.Millisecond, EnvoyAll: 5200 * time.Millisecond, Remove: time.Second, Procs: 1000, Proxies: bench.Memory{RSS: 1500 << 20, PSS: 400 << 20, USS: 300 << 20},
+		{Run: 4500 * time.Millisecond, AllIdle: 5200 * time.Millisecond, Remove: time.Second, Procs: 1000, Proxies: bench.Memory{RSS: 1500 << 20, PSS: 400 << 20, USS: 300 << 20},
 			Envoy: bench.Memory{RSS: 10000 << 10, PSS: 10000 << 10}, Server: bench.Memory{RSS: 5000 << 10, PSS: 5000 << 10}, HasStack: true, Left: Leftovers{0, 0, 2, 1000, 0, 0}},
 	}}
 	table := Markdown([]Summary{Summarize(stock), Summarize(ours)})
