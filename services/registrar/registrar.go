@@ -1,7 +1,9 @@
 // Package registrar serves the registration API that shims call: it turns one open stream into one
-// registry entry, answers Ready only once Envoy has acknowledged the resources that carry it (or
-// Failed with a reason fit for `docker run`), and removes the entry when the stream ends for any
-// reason — a clean stop, a crash of the shim, or the shim giving up.
+// registry entry, answers Ready (or Failed with a reason fit for `docker run`), and removes the
+// entry when the stream ends for any reason — a clean stop, a crash of the shim, or the shim giving
+// up. A shim that serves its port itself until Envoy takes it over (Open.Serving: every TCP shim,
+// and every re-registration) is answered as soon as its registration is valid; any other only
+// once Envoy has acknowledged the resources that carry the port.
 package registrar
 
 import (

@@ -17,7 +17,8 @@
 //  1. S has SO_REUSEPORT before the shim registers, so that Envoy's sockets can bind and listen
 //     beside it; they join S's group, and from the moment they listen the kernel splits new
 //     connections between S and them. The shim serves its share.
-//  2. Once the server says Envoy serves the port, Steer counts Envoy's sockets: N, the other
+//  2. Once the server accepted the registration, Steer counts Envoy's sockets (waiting for some to
+//     appear, as Envoy takes the port in the background): N, the other
 //     sockets listening on exactly this address (from the kernel's sock_diag; N must hold still).
 //     The group's array is then [S, E1..EN]: S was there first, and each socket is appended as
 //     it listens.
@@ -323,7 +324,7 @@ func (l *Listener) Close() {
 
 // Steer sends the port's new connections to Envoy's sockets whenever they listen, and lets them
 // reach the shim's socket whenever they do not, as the package documentation describes. Call it
-// once the server said Envoy serves the port; it runs until ctx ends and returns ctx's error, or
+// once the server accepted the registration; it runs until ctx ends and returns ctx's error, or
 // another error if the kernel refuses the program.
 func (l *Listener) Steer(ctx context.Context) error {
 	start := time.Now()

@@ -1,7 +1,8 @@
 // Package registration is the shim's side of its registration with envoy-docker-server, over the
 // link of package shimlink: the shim sends Open with its mapping, the server answers Ready once
-// Envoy serves the port or Failed with a reason for the user, and the connection stays open for
-// the shim's whole life; its end is the deregistration.
+// the registration is valid (and, unless the shim serves the port itself, once Envoy serves it) or
+// Failed with a reason for the user, and the connection stays open for the shim's whole life; its
+// end is the deregistration.
 //
 // The client owns that connection: it registers (bounded by the caller's deadline), holds the
 // registration, and when the server goes away it re-registers with backoff until the server is

@@ -32,8 +32,9 @@ const (
 // For semantics around ctx use and closing/ending streaming RPCs, please refer to https://pkg.go.dev/google.golang.org/grpc/?tab=doc#ClientConn.NewStream.
 type RegistrarClient interface {
 	// Register holds one published port for the life of the stream. The shim sends a Mapping first;
-	// the server answers Ready once Envoy serves the port, or Failed with the reason and ends the
-	// stream. Ending the stream (or the shim dying) deregisters the mapping.
+	// the server answers Ready once Envoy serves the port (at once when Shim.serving says the shim
+	// serves it itself meanwhile), or Failed with the reason and ends the stream. Ending the stream
+	// (or the shim dying) deregisters the mapping.
 	Register(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[RegisterRequest, RegisterResponse], error)
 	// List returns every live registration, in a stable order.
 	List(ctx context.Context, in *ListRequest, opts ...grpc.CallOption) (*ListResponse, error)
@@ -89,8 +90,9 @@ func (c *registrarClient) Restore(ctx context.Context, in *RestoreRequest, opts 
 // for forward compatibility.
 type RegistrarServer interface {
 	// Register holds one published port for the life of the stream. The shim sends a Mapping first;
-	// the server answers Ready once Envoy serves the port, or Failed with the reason and ends the
-	// stream. Ending the stream (or the shim dying) deregisters the mapping.
+	// the server answers Ready once Envoy serves the port (at once when Shim.serving says the shim
+	// serves it itself meanwhile), or Failed with the reason and ends the stream. Ending the stream
+	// (or the shim dying) deregisters the mapping.
 	Register(grpc.BidiStreamingServer[RegisterRequest, RegisterResponse]) error
 	// List returns every live registration, in a stable order.
 	List(context.Context, *ListRequest) (*ListResponse, error)
