@@ -160,14 +160,22 @@ func roundTripWith(dial dialer, addr netip.AddrPort, msg string) (string, error)
 	return who, nil
 }
 
-func adopt(t *testing.T, host netip.AddrPort) (*Listener, netip.AddrPort, *os.File) {
+// containerBackend stands in for the container: it answers lines as "container", on ip, until the
+// test ends.
+func containerBackend(t *testing.T, ip netip.Addr) netip.AddrPort {
 	t.Helper()
-	backend, err := net.Listen("tcp", netip.AddrPortFrom(host.Addr(), 0).String())
+	backend, err := net.Listen("tcp", netip.AddrPortFrom(ip, 0).String())
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { backend.Close() })
 	go serveLines(backend, "container", new(atomic.Int64))
+	return netip.MustParseAddrPort(backend.Addr().String())
+}
+
+func adopt(t *testing.T, host netip.AddrPort) (*Listener, netip.AddrPort, *os.File) {
+	t.Helper()
+	backend := containerBackend(t, host.Addr())
 	sock, err := shimtest.ListenTCP(host) // as dockerd 28+ creates it
 	if err != nil {
 		t.Fatal(err)
@@ -179,7 +187,7 @@ func adopt(t *testing.T, host netip.AddrPort) (*Listener, netip.AddrPort, *os.Fi
 	t.Cleanup(func() { daemonCopy.Close() })
 	sa, _ := unix.Getsockname(int(sock.Fd()))
 	host = sockaddr(sa)
-	l, err := Adopt(sock, host, netip.MustParseAddrPort(backend.Addr().String()), quiet)
+	l, err := Adopt(sock, host, backend, quiet)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -209,12 +217,7 @@ func listen(t *testing.T, host netip.AddrPort) (*Listener, netip.AddrPort) {
 // stays in the host's: the shim's proxy dials from whatever thread runs it.
 func listenIn(t *testing.T, ns *testNetns, host netip.AddrPort) (*Listener, netip.AddrPort) {
 	t.Helper()
-	backend, err := net.Listen("tcp", netip.AddrPortFrom(host.Addr(), 0).String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { backend.Close() })
-	go serveLines(backend, "container", new(atomic.Int64))
+	backend := containerBackend(t, host.Addr())
 	var l *Listener
 	bind := func() error {
 		if host.Port() == 0 {
@@ -225,7 +228,8 @@ func listenIn(t *testing.T, ns *testNetns, host netip.AddrPort) (*Listener, neti
 			host = netip.MustParseAddrPort(probe.Addr().String())
 			probe.Close()
 		}
-		l, err = Listen(host, netip.MustParseAddrPort(backend.Addr().String()), quiet)
+		var err error
+		l, err = Listen(host, backend, quiet)
 		return err
 	}
 	if ns != nil {
