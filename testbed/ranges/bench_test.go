@@ -190,6 +190,7 @@ func measure(b *testing.B, p *path, n int, settle time.Duration) Sample {
 		b.Fatalf("docker run -p %s on %s: %v", publish, p.name, err)
 	}
 	if p.server != nil {
+		x.EnvoyAll = waitEnvoyListens(b, p, base, n, start)
 		x.AllIdle = waitAllIdle(b, p, n, start)
 	}
 	if err := p.daemon.WaitEchoServing(ctx, id); err != nil {
@@ -219,6 +220,22 @@ func measure(b *testing.B, p *path, n int, settle time.Duration) Sample {
 	time.Sleep(time.Second)
 	x.Later = leftovers(b, p, base, lo, n)
 	return x
+}
+
+// waitEnvoyListens waits until Envoy's active listeners grew by n since base, and returns the time
+// since start.
+func waitEnvoyListens(b *testing.B, p *path, base counts, n int, start time.Time) time.Duration {
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		v, ok := p.envoy.Stat(b, "listener_manager.total_listeners_active")
+		if ok && int(v)-base.listeners >= n {
+			return time.Since(start)
+		}
+		if time.Now().After(deadline) {
+			b.Fatalf("%s: Envoy listens on %d of %d ports 2 minutes after docker run", p.name, int(v)-base.listeners, n)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }
 
 // waitAllIdle waits until each of the n shims went idle (package idle): their memory is then what
