@@ -283,13 +283,15 @@ func (f *restartFixture) restarts(t *testing.T) {
 	long.close()
 	a.Daemon.Remove(t, gone)
 
-	// Planned: compose restart envoy, then an upgrade to a rebuilt image.
+	// Planned: compose restart envoy, an upgrade to a rebuilt envoy image, and an upgrade of all
+	// four images at once.
 	for i, step := range []struct {
 		name string
 		do   func(*testing.T)
 	}{
 		{"compose restart envoy", func(t *testing.T) { a.Compose(t, "restart", "envoy") }},
 		{"upgrade to a new envoy image", func(t *testing.T) { f.upgradeEnvoy(t) }},
+		{"upgrade of the whole appliance", func(t *testing.T) { f.upgradeAll(t) }},
 	} {
 		long := openLongLived(t, f.tcpAddr, f.echo.Name)
 		before := f.envoyIdentity(t)
@@ -314,7 +316,7 @@ func (f *restartFixture) restarts(t *testing.T) {
 		} else if d := closed.Sub(began); d < TestDrainTime {
 			t.Errorf("%s: the long-lived connection was closed %v after the stop began, before the drain time (%v)", step.name, d, TestDrainTime)
 		}
-		if i == 0 {
+		if i != 1 {
 			f.checkSettled(t)
 		}
 	}
@@ -452,6 +454,75 @@ func (f *restartFixture) upgradeEnvoy(t *testing.T) {
 		// The previous upgrade's image, now unused: nothing piles up.
 		if _, err := f.a.Daemon.Docker(context.Background(), "image", "rm", old); err != nil {
 			t.Errorf("removing the previous upgrade's envoy image: %v", err)
+		}
+	}
+}
+
+// upgradeAll builds a new image of each of the appliance's four services (each as first built,
+// plus a label: new image IDs under the same tags) and runs `compose up -d`, which replaces every
+// container with one of its new image, as an upgrade of the whole appliance does: the server and
+// Envoy restart, the installer and resync run again.
+func (f *restartFixture) upgradeAll(t *testing.T) {
+	t.Helper()
+	d := f.a.Daemon
+	services := []string{"server", "envoy", "installer", "resync"}
+	built := map[string]string{}
+	var old []string
+	for _, svc := range services {
+		ref := "envoy-docker-shim/" + svc + ":" + imageVersion
+		base := ref + "-base"
+		if _, err := d.Docker(context.Background(), "image", "inspect", base); err != nil {
+			d.MustDocker(t, "tag", ref, base) // Docker 29's classic builder resolves FROM by name only
+		}
+		was := d.MustDocker(t, "image", "inspect", "-f", "{{.Id}}", ref)
+		dir := t.TempDir()
+		dockerfile := fmt.Sprintf("FROM %s\nLABEL org.envoy-docker-shim.test-upgrade=%q\n", base, time.Now().Format(time.RFC3339Nano))
+		if err := os.WriteFile(filepath.Join(dir, "Dockerfile"), []byte(dockerfile), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		d.MustDocker(t, "build", "-q", "-t", ref, dir)
+		built[svc] = d.MustDocker(t, "image", "inspect", "-f", "{{.Id}}", ref)
+		if built[svc] == was {
+			t.Fatalf("the rebuilt %s image has the old ID %s", svc, was)
+		}
+		if was != d.MustDocker(t, "image", "inspect", "-f", "{{.Id}}", base) {
+			old = append(old, was) // an earlier upgrade's image, unused once this one runs
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), composeTimeout)
+	defer cancel()
+	if out, err := f.a.ComposeErr(ctx, "up", "-d"); err != nil {
+		if !strings.Contains(out, "KeyError: 'ContainerConfig'") {
+			t.Fatal(err)
+		}
+		t.Logf("docker-compose 1.29 cannot recreate on this daemon: rm -s -f, then up -d")
+		f.a.Compose(t, append([]string{"rm", "-s", "-f"}, services...)...)
+		f.a.Compose(t, "up", "-d")
+	}
+	f.a.WaitHealthy(t, 60*time.Second, "server", "envoy")
+	for _, svc := range services {
+		testbed.WaitFor(t, 60*time.Second, svc+" runs its new image", func() error {
+			ids := f.a.Containers(t, svc)
+			if len(ids) != 1 {
+				return fmt.Errorf("%d %s containers", len(ids), svc)
+			}
+			if img := d.MustDocker(t, "inspect", "-f", "{{.Image}}", ids[0]); img != built[svc] {
+				return fmt.Errorf("%s runs image %s, want %s", svc, img, built[svc])
+			}
+			return nil
+		})
+	}
+	for _, svc := range []string{"installer", "resync"} {
+		testbed.WaitFor(t, 60*time.Second, svc+" done", func() error {
+			if st := d.MustDocker(t, "inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", f.a.Container(t, svc)); st != "exited 0" {
+				return fmt.Errorf("%s: %s", svc, st)
+			}
+			return nil
+		})
+	}
+	for _, id := range old {
+		if _, err := d.Docker(context.Background(), "image", "rm", id); err != nil {
+			t.Errorf("removing an earlier upgrade's image: %v", err)
 		}
 	}
 }
