@@ -16,6 +16,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -85,7 +86,8 @@ func helper() int {
 	signals := make(chan os.Signal, 1)
 	signal.Notify(signals, os.Interrupt, syscall.SIGTERM)
 	ctx, cancel := context.WithCancel(context.Background())
-	go func() { <-signals; cancel() }()
+	var seen atomic.Bool
+	go func() { <-signals; seen.Store(true); cancel() }()
 	f := os.NewFile(3, "registration")
 	fc, err := net.FileConn(f)
 	if err != nil {
@@ -106,7 +108,7 @@ func helper() int {
 		listener = l.(*net.TCPListener)
 	}
 	os.Stdout.WriteString("entering\n")
-	err = Enter(ctx, fc.(*net.UnixConn), listener, os.Environ())
+	err = Enter(ctx, fc.(*net.UnixConn), listener, os.Environ(), Stops{Signals: signals, Seen: seen.Load})
 	if errors.Is(err, ErrStopping) {
 		// The shim's own stop: end the registration, exit 0.
 		_ = fc.(*net.UnixConn).CloseWrite()
@@ -481,13 +483,13 @@ func TestEnterRefusesWhenBusy(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	if err := Enter(context.Background(), fc.(*net.UnixConn), l, nil); !errors.Is(err, ErrBusy) {
+	if err := Enter(context.Background(), fc.(*net.UnixConn), l, nil, Stops{}); !errors.Is(err, ErrBusy) {
 		t.Fatalf("Enter with a connection waiting: %v, want ErrBusy", err)
 	}
 	if _, err := unix.Write(fds[1], []byte("x")); err != nil {
 		t.Fatal(err)
 	}
-	if err := Enter(context.Background(), fc.(*net.UnixConn), nil, nil); !errors.Is(err, ErrBusy) {
+	if err := Enter(context.Background(), fc.(*net.UnixConn), nil, nil, Stops{}); !errors.Is(err, ErrBusy) {
 		t.Fatalf("Enter with a message waiting on the registration: %v, want ErrBusy", err)
 	}
 }

@@ -93,7 +93,7 @@ func oneProcessor(start time.Time) {
 	_ = syscall.Exec("/proc/self/exe", os.Args, append(os.Environ(), "GOMAXPROCS=1", startedEnv+"="+strconv.FormatInt(start.UnixNano(), 10)))
 }
 
-func shim(start time.Time, status *statuspipe.Pipe, pipeErr error, args proxyargs.Result, err error, signals <-chan os.Signal) int {
+func shim(start time.Time, status *statuspipe.Pipe, pipeErr error, args proxyargs.Result, err error, signals chan os.Signal) int {
 	switch {
 	case args.Help:
 		fmt.Print(proxyargs.Usage)
@@ -139,7 +139,7 @@ func shim(start time.Time, status *statuspipe.Pipe, pipeErr error, args proxyarg
 	open.Serving = m.Proto == mapping.TCP
 	regOpts := registration.Options{
 		Socket: cfg.ShimSocket, Open: open, Log: log, Relay: relay,
-		Idle: idler(m.Proto, func() *handover.Listener { return lis }, log), IdleReady: idleReady,
+		Idle: idler(m.Proto, func() *handover.Listener { return lis }, signals, log), IdleReady: idleReady,
 	}
 	reg := registration.New(regOpts)
 	deadline := start.Add(cfg.Timeout - 250*time.Millisecond) // leaves time to write the reason, even on a loaded host
@@ -150,6 +150,7 @@ func shim(start time.Time, status *statuspipe.Pipe, pipeErr error, args proxyarg
 	g.Add(func() error {
 		select {
 		case sig := <-signals:
+			stopSeen.Store(true) // first: the idle program must not be entered now (package idle)
 			log.Info("stopping", "signal", sig.String())
 			time.AfterFunc(stopWithin, func() { os.Exit(0) }) // whatever else is stuck, exit 0 soon
 			return run.SignalError{Signal: sig}
@@ -315,12 +316,15 @@ func sleep(ctx context.Context, d time.Duration) bool {
 	}
 }
 
+// stopSeen is set the moment the shim takes a stop signal.
+var stopSeen atomic.Bool
+
 // idleBroken says the idle program cannot run here (no memfd exec, say): stop offering.
 var idleBroken atomic.Bool
 
 // idler is the registration's Idle hook: TCP shims hand their process, with the port's socket,
 // over to the idle program, with the environment they are to resume with (one P).
-func idler(proto mapping.Protocol, port func() *handover.Listener, log *logging.Logger) func(context.Context, *net.UnixConn) error {
+func idler(proto mapping.Protocol, port func() *handover.Listener, signals chan os.Signal, log *logging.Logger) func(context.Context, *net.UnixConn) error {
 	if proto != mapping.TCP || !idle.Supported() {
 		return nil
 	}
@@ -330,13 +334,14 @@ func idler(proto mapping.Protocol, port func() *handover.Listener, log *logging.
 		if _, set := os.LookupEnv("GOMAXPROCS"); !set {
 			env = append(env, "GOMAXPROCS=1")
 		}
+		stops := idle.Stops{Signals: signals, Seen: stopSeen.Load}
 		var err error
 		if l := port(); l != nil {
 			env = append(env, retryWindowEnv+"="+l.RetryWindow().String())
 			// Nothing may be accepted from here to the exec: it would be cut.
-			err = l.Quiesce(ctx, func() error { return idle.Enter(ctx, conn, l.Socket(), env) })
+			err = l.Quiesce(ctx, func() error { return idle.Enter(ctx, conn, l.Socket(), env, stops) })
 		} else {
-			err = idle.Enter(ctx, conn, nil, env)
+			err = idle.Enter(ctx, conn, nil, env, stops)
 		}
 		if err != nil && !errors.Is(err, idle.ErrBusy) && !errors.Is(err, idle.ErrStopping) &&
 			!errors.Is(err, handover.ErrActive) && ctx.Err() == nil {
@@ -354,7 +359,7 @@ const retryWindowEnv = "EDS_SHIM_RESUMED_RETRY_WINDOW"
 // happened: the registration (Hold re-registers if the server went away) and the port's socket
 // (a connection reached it: Envoy went away; the shim serves the port until Envoy is back). It
 // goes idle again as soon as it can. Stop signals are handled as ever.
-func resume(held idle.Held, err error, args proxyargs.Result, signals <-chan os.Signal) int {
+func resume(held idle.Held, err error, args proxyargs.Result, signals chan os.Signal) int {
 	relay := logging.NewRelay(64)
 	m := args.Mapping
 	log := logging.New(relay, "mapping", m.String(), "pid", os.Getpid())
@@ -372,7 +377,7 @@ func resume(held idle.Held, err error, args proxyargs.Result, signals <-chan os.
 	idleReady := make(chan struct{})
 	reg := registration.New(registration.Options{
 		Socket: cfg.ShimSocket, Open: registration.NewOpen(m, false), Log: log, Relay: relay,
-		Idle: idler(m.Proto, func() *handover.Listener { return lis }, log), IdleReady: idleReady,
+		Idle: idler(m.Proto, func() *handover.Listener { return lis }, signals, log), IdleReady: idleReady,
 	})
 	reg.Adopt(shimlink.NewConn(held.Registration))
 	ctx, cancel := context.WithCancel(context.Background())
@@ -381,6 +386,7 @@ func resume(held idle.Held, err error, args proxyargs.Result, signals <-chan os.
 	g.Add(func() error {
 		select {
 		case sig := <-signals:
+			stopSeen.Store(true) // first: the idle program must not be entered now (package idle)
 			log.Info("stopping", "signal", sig.String())
 			time.AfterFunc(stopWithin, func() { os.Exit(0) })
 			return nil
