@@ -132,6 +132,8 @@ func (s *Server) serve(sess session) {
 		return
 	}
 	owner := s.Registry.NewOwner()
+	s.Registry.Hold(owner)
+	defer s.Registry.Unhold(owner)
 	entry := registry.Entry{
 		Mapping: m,
 		Service: service,

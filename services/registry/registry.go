@@ -134,11 +134,28 @@ type Registry struct {
 	entries   map[mapping.Key]Entry
 	publisher Publisher
 	lastOwner Owner
+	// live are the owners whose shim holds its registration open (Hold).
+	live map[Owner]bool
 }
 
 // New returns an empty registry that publishes its changes with publisher (which may be nil).
 func New(publisher Publisher) *Registry {
-	return &Registry{entries: make(map[mapping.Key]Entry), publisher: publisher}
+	return &Registry{entries: make(map[mapping.Key]Entry), publisher: publisher, live: make(map[Owner]bool)}
+}
+
+// Hold says owner's shim holds its registration open, until Unhold: RemoveContainer leaves its
+// entries to the shim's own deregistration.
+func (r *Registry) Hold(owner Owner) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.live[owner] = true
+}
+
+// Unhold ends Hold.
+func (r *Registry) Unhold(owner Owner) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	delete(r.live, owner)
 }
 
 // NewOwner hands out a token for one registration stream.
@@ -199,13 +216,16 @@ func (r *Registry) Release(key mapping.Key, owner Owner) ([]Expected, bool) {
 	return r.remove(e), true
 }
 
-// RemoveContainer drops every entry of a container that is gone and returns them.
+// RemoveContainer drops every entry of a container that is gone and returns them, except those
+// whose shim still holds its registration (Hold): dockerd stops that shim as it removes the
+// container, and the shim deregisters. Withdrawing its port from Envoy before then would send the
+// port's last connections to the shim's own socket and wake an idle shim just as dockerd stops it.
 func (r *Registry) RemoveContainer(containerID string) []Entry {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	var removed []Entry
 	for _, e := range r.entries {
-		if e.ContainerID == containerID {
+		if e.ContainerID == containerID && !r.live[e.Owner] {
 			removed = append(removed, e)
 		}
 	}

@@ -129,3 +129,27 @@ func TestRemoveContainer(t *testing.T) {
 		t.Fatalf("left %d entries, want 1", r.Len())
 	}
 }
+
+// A container's entries whose shims still hold their registrations are left to the shims'
+// deregistration: dockerd stops those shims as it removes the container.
+func TestRemoveContainerLeavesHeldEntries(t *testing.T) {
+	r := New(nil)
+	held, restored := r.NewOwner(), r.NewOwner()
+	r.Hold(held)
+	for _, e := range []Entry{
+		{Mapping: tcpMapping("127.0.0.1", 8080, "172.17.0.2"), Service: Service{ContainerID: "c1"}, Owner: held},
+		{Mapping: tcpMapping("127.0.0.1", 8081, "172.17.0.2"), Service: Service{ContainerID: "c1"}, Owner: restored},
+	} {
+		if _, err := r.Claim(e); err != nil {
+			t.Fatal(err)
+		}
+	}
+	removed := r.RemoveContainer("c1")
+	if len(removed) != 1 || removed[0].HostPort != 8081 {
+		t.Fatalf("removed %+v, want only the entry no shim holds (8081)", removed)
+	}
+	r.Unhold(held)
+	if removed := r.RemoveContainer("c1"); len(removed) != 1 || removed[0].HostPort != 8080 {
+		t.Fatalf("after its shim let go: removed %+v, want 8080", removed)
+	}
+}
