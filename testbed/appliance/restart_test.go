@@ -58,7 +58,6 @@ type restartFixture struct {
 	mappings                  []Registration
 	listeners                 []string
 	shims                     map[int]int // pid of each shim: its open sockets at the start (-1: UDP, not counted)
-	envoyImage                string      // the envoy image built for the appliance, tagged for upgrades to build on
 }
 
 func newRestartFixture(tb testing.TB, gen testbed.Generation) *restartFixture {
@@ -98,10 +97,11 @@ func newRestartFixture(tb testing.TB, gen testbed.Generation) *restartFixture {
 		Publish: []string{fmt.Sprintf("127.0.0.1:%d:7/udp", udpPort)},
 		Labels:  map[string]string{"ServiceName": "dgram", "EnvironmentName": "restart"},
 	})
-	// Upgrades build on the envoy image as built, under a tag of its own: the classic builder of
+	// Upgrades build on each image as built, under a tag of its own: the classic builder of
 	// Docker 29 resolves FROM only by name.
-	f.envoyImage = "envoy-docker-shim/envoy:" + imageVersion + "-base"
-	d.MustDocker(tb, "tag", "envoy-docker-shim/envoy:"+imageVersion, f.envoyImage)
+	for _, svc := range appliancesServices {
+		d.MustDocker(tb, "tag", imageRef(svc), imageRef(svc)+"-base")
+	}
 	f.httpURL = fmt.Sprintf("http://127.0.0.1:%d/", httpPort)
 	f.tcpAddr = fmt.Sprintf("127.0.0.1:%d", tcpPort)
 	f.udpAddr = fmt.Sprintf("127.0.0.1:%d", udpPort)
@@ -418,89 +418,40 @@ func (f *restartFixture) waitNewEnvoyServes(t *testing.T, before string) time.Ti
 	return time.Now()
 }
 
-// upgradeEnvoy builds a new envoy image (the fixture's first one plus a label: a new image ID
-// under the same tag) and runs `compose up -d` of envoy, which replaces the container with one of
-// the new image, as an upgrade does.
+// appliancesServices are the compose services whose images an upgrade replaces.
+var appliancesServices = []string{"server", "envoy", "installer", "resync"}
+
+func imageRef(svc string) string { return "envoy-docker-shim/" + svc + ":" + imageVersion }
+
+// upgradeEnvoy builds a new envoy image and runs `compose up -d` of envoy, which replaces the
+// container with one of the new image, as an upgrade does.
 func (f *restartFixture) upgradeEnvoy(t *testing.T) {
 	t.Helper()
-	ref := "envoy-docker-shim/envoy:" + imageVersion
-	old := f.a.Daemon.MustDocker(t, "image", "inspect", "-f", "{{.Id}}", ref)
-	dir := t.TempDir()
-	dockerfile := fmt.Sprintf("FROM %s\nLABEL org.envoy-docker-shim.test-upgrade=%q\n", f.envoyImage, time.Now().Format(time.RFC3339Nano))
-	if err := os.WriteFile(filepath.Join(dir, "Dockerfile"), []byte(dockerfile), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	f.a.Daemon.MustDocker(t, "build", "-q", "-t", ref, dir)
-	if now := f.a.Daemon.MustDocker(t, "image", "inspect", "-f", "{{.Id}}", ref); now == old {
-		t.Fatalf("the rebuilt envoy image has the old ID %s", old)
-	}
+	_, previous := f.rebuildImage(t, "envoy")
 	container := f.a.Container(t, "envoy")
-	ctx, cancel := context.WithTimeout(context.Background(), composeTimeout)
-	defer cancel()
-	if out, err := f.a.ComposeErr(ctx, "up", "-d", "--no-deps", "envoy"); err != nil {
-		// docker-compose 1.29 cannot recreate a container on Docker 25 and later (it reads the
-		// image's ContainerConfig, which they no longer report); its users replace it in two steps.
-		if !strings.Contains(out, "KeyError: 'ContainerConfig'") {
-			t.Fatal(err)
-		}
-		t.Logf("docker-compose 1.29 cannot recreate on this daemon: rm -s -f envoy, then up -d")
-		f.a.Compose(t, "rm", "-s", "-f", "envoy")
-		f.a.Compose(t, "up", "-d", "--no-deps", "envoy")
-	}
+	f.composeUp(t, "envoy")
 	if now := f.a.Container(t, "envoy"); now == container {
 		t.Fatalf("compose up -d kept the envoy container %s of the old image", container)
 	}
-	if base := f.a.Daemon.MustDocker(t, "image", "inspect", "-f", "{{.Id}}", f.envoyImage); old != base {
-		// The previous upgrade's image, now unused: nothing piles up.
-		if _, err := f.a.Daemon.Docker(context.Background(), "image", "rm", old); err != nil {
-			t.Errorf("removing the previous upgrade's envoy image: %v", err)
-		}
-	}
+	f.removeImages(t, previous)
 }
 
-// upgradeAll builds a new image of each of the appliance's four services (each as first built,
-// plus a label: new image IDs under the same tags) and runs `compose up -d`, which replaces every
-// container with one of its new image, as an upgrade of the whole appliance does: the server and
-// Envoy restart, the installer and resync run again.
+// upgradeAll builds a new image of each of the appliance's four services and runs `compose up
+// -d`, which replaces every container with one of its new image, as an upgrade of the whole
+// appliance does: the server and Envoy restart, the installer and resync run again.
 func (f *restartFixture) upgradeAll(t *testing.T) {
 	t.Helper()
 	d := f.a.Daemon
-	services := []string{"server", "envoy", "installer", "resync"}
 	built := map[string]string{}
-	var old []string
-	for _, svc := range services {
-		ref := "envoy-docker-shim/" + svc + ":" + imageVersion
-		base := ref + "-base"
-		if _, err := d.Docker(context.Background(), "image", "inspect", base); err != nil {
-			d.MustDocker(t, "tag", ref, base) // Docker 29's classic builder resolves FROM by name only
-		}
-		was := d.MustDocker(t, "image", "inspect", "-f", "{{.Id}}", ref)
-		dir := t.TempDir()
-		dockerfile := fmt.Sprintf("FROM %s\nLABEL org.envoy-docker-shim.test-upgrade=%q\n", base, time.Now().Format(time.RFC3339Nano))
-		if err := os.WriteFile(filepath.Join(dir, "Dockerfile"), []byte(dockerfile), 0o644); err != nil {
-			t.Fatal(err)
-		}
-		d.MustDocker(t, "build", "-q", "-t", ref, dir)
-		built[svc] = d.MustDocker(t, "image", "inspect", "-f", "{{.Id}}", ref)
-		if built[svc] == was {
-			t.Fatalf("the rebuilt %s image has the old ID %s", svc, was)
-		}
-		if was != d.MustDocker(t, "image", "inspect", "-f", "{{.Id}}", base) {
-			old = append(old, was) // an earlier upgrade's image, unused once this one runs
-		}
+	var previous []string
+	for _, svc := range appliancesServices {
+		var was string
+		built[svc], was = f.rebuildImage(t, svc)
+		previous = append(previous, was)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), composeTimeout)
-	defer cancel()
-	if out, err := f.a.ComposeErr(ctx, "up", "-d"); err != nil {
-		if !strings.Contains(out, "KeyError: 'ContainerConfig'") {
-			t.Fatal(err)
-		}
-		t.Logf("docker-compose 1.29 cannot recreate on this daemon: rm -s -f, then up -d")
-		f.a.Compose(t, append([]string{"rm", "-s", "-f"}, services...)...)
-		f.a.Compose(t, "up", "-d")
-	}
+	f.composeUp(t)
 	f.a.WaitHealthy(t, 60*time.Second, "server", "envoy")
-	for _, svc := range services {
+	for _, svc := range appliancesServices {
 		testbed.WaitFor(t, 60*time.Second, svc+" runs its new image", func() error {
 			ids := f.a.Containers(t, svc)
 			if len(ids) != 1 {
@@ -520,8 +471,69 @@ func (f *restartFixture) upgradeAll(t *testing.T) {
 			return nil
 		})
 	}
-	for _, id := range old {
-		if _, err := d.Docker(context.Background(), "image", "rm", id); err != nil {
+	f.removeImages(t, previous...)
+}
+
+// rebuildImage builds a new image of svc, the one the appliance built plus a label: a new image
+// ID under the same tag. It returns that ID, and the ID the tag had unless it was the one built
+// for the appliance (an earlier upgrade's, unused once the new one runs).
+func (f *restartFixture) rebuildImage(t *testing.T, svc string) (built, previous string) {
+	t.Helper()
+	d := f.a.Daemon
+	ref, base := imageRef(svc), imageRef(svc)+"-base"
+	was := d.MustDocker(t, "image", "inspect", "-f", "{{.Id}}", ref)
+	dir := t.TempDir()
+	dockerfile := fmt.Sprintf("FROM %s\nLABEL org.envoy-docker-shim.test-upgrade=%q\n", base, time.Now().Format(time.RFC3339Nano))
+	if err := os.WriteFile(filepath.Join(dir, "Dockerfile"), []byte(dockerfile), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	d.MustDocker(t, "build", "-q", "-t", ref, dir)
+	built = d.MustDocker(t, "image", "inspect", "-f", "{{.Id}}", ref)
+	if built == was {
+		t.Fatalf("the rebuilt %s image has the old ID %s", svc, was)
+	}
+	if was != d.MustDocker(t, "image", "inspect", "-f", "{{.Id}}", base) {
+		previous = was
+	}
+	return built, previous
+}
+
+// composeUp runs `compose up -d` of services (all without any). docker-compose 1.29 cannot
+// recreate a container on Docker 25 and later (it reads the image's ContainerConfig, which they
+// no longer report); its users replace containers in two steps, rm -s -f and up -d.
+func (f *restartFixture) composeUp(t *testing.T, services ...string) {
+	t.Helper()
+	up := []string{"up", "-d"}
+	if len(services) > 0 {
+		up = append(up, "--no-deps")
+	}
+	up = append(up, services...)
+	ctx, cancel := context.WithTimeout(context.Background(), composeTimeout)
+	defer cancel()
+	out, err := f.a.ComposeErr(ctx, up...)
+	if err == nil {
+		return
+	}
+	if !strings.Contains(out, "KeyError: 'ContainerConfig'") {
+		t.Fatal(err)
+	}
+	rm := services
+	if len(rm) == 0 {
+		rm = appliancesServices
+	}
+	t.Logf("docker-compose 1.29 cannot recreate on this daemon: rm -s -f %s, then up -d", strings.Join(rm, " "))
+	f.a.Compose(t, append([]string{"rm", "-s", "-f"}, rm...)...)
+	f.a.Compose(t, up...)
+}
+
+// removeImages removes earlier upgrades' images ("" is none): nothing piles up across runs.
+func (f *restartFixture) removeImages(t *testing.T, ids ...string) {
+	t.Helper()
+	for _, id := range ids {
+		if id == "" {
+			continue
+		}
+		if _, err := f.a.Daemon.Docker(context.Background(), "image", "rm", id); err != nil {
 			t.Errorf("removing an earlier upgrade's image: %v", err)
 		}
 	}
