@@ -4,6 +4,7 @@
 //
 //	shim → server  Open    the mapping, once, first
 //	server → shim  Ready   Envoy serves the port; or Failed with a reason for docker run
+//	server → shim  Served  Envoy has taken the port over (once), to a shim whose Open asked
 //	shim → server  Log     the shim's log lines, for as long as it lives
 //	shim → server  Stats   the traffic a shim carries itself (UDP): every few seconds while it
 //	                       changes, and once more at the end; cumulative, so a lost one loses
@@ -36,7 +37,7 @@ const DefaultSocket = "/run/envoy-docker-shim/shim.sock"
 // MaxMessage bounds a message; longer log lines are cut to fit.
 const MaxMessage = 16 << 10
 
-// Message is one of Open, Ready, Failed, Log and Stats.
+// Message is one of Open, Ready, Served, Failed, Log and Stats.
 type Message interface{ values() url.Values }
 
 // Open is what a shim registers.
@@ -51,7 +52,13 @@ type Open struct {
 	// the server answers once the registration is valid, without waiting for Envoy, and nothing
 	// may make Envoy drop the port.
 	Serving bool
+	// WantsServed asks for Served once Envoy has the port: a shim that went idle before Envoy
+	// took the port over (package idle's fast start) wakes for it, to steer the port to Envoy.
+	WantsServed bool
 }
+
+// Served says Envoy has taken the port over: its listener is acknowledged.
+type Served struct{}
 
 // Ready says Envoy serves the port, and under which names.
 type Ready struct {
@@ -97,8 +104,13 @@ func (o *Open) values() url.Values {
 	if o.Serving {
 		v.Set("serving", "1")
 	}
+	if o.WantsServed {
+		v.Set("wants_served", "1")
+	}
 	return v
 }
+
+func (*Served) values() url.Values { return url.Values{"type": {"served"}} }
 
 func (r *Ready) values() url.Values {
 	v := url.Values{"type": {"ready"}, "service": {r.Service}, "mode": {r.Mode},
@@ -149,6 +161,8 @@ func Decode(b []byte) (Message, error) {
 		return r, nil
 	case "failed":
 		return &Failed{Reason: v.Get("reason")}, nil
+	case "served":
+		return &Served{}, nil
 	case "log":
 		return &Log{Level: v.Get("level"), Message: v.Get("message")}, nil
 	case "stats":
@@ -184,7 +198,8 @@ func decodeOpen(v url.Values) (*Open, error) {
 		return nil, err
 	}
 	return &Open{Mapping: m, PID: pid, Version: v.Get("version"),
-		ProxiesItself: v.Get("proxies_itself") == "1", Serving: v.Get("serving") == "1"}, nil
+		ProxiesItself: v.Get("proxies_itself") == "1", Serving: v.Get("serving") == "1",
+		WantsServed: v.Get("wants_served") == "1"}, nil
 }
 
 func decodeStats(v url.Values) (*Stats, error) {

@@ -24,6 +24,8 @@ func TestRoundTrip(t *testing.T) {
 	for _, m := range []Message{
 		&Open{Mapping: tcp("127.0.0.1:8080", "172.17.0.2:80"), PID: 42, Version: "v1 (abc)"},
 		&Open{Mapping: udp6, PID: 1, ProxiesItself: true, Serving: true},
+		&Open{Mapping: tcp("[::1]:8080", "172.17.0.2:80"), PID: 7, Version: "dev", Serving: true, WantsServed: true},
+		&Served{},
 		&Ready{Service: "web-test", Mode: "http", ContainerID: "c0ffee", ContainerName: "web-1", Listener: "tcp_127.0.0.1_8080"},
 		&Ready{Service: "dns-test", Mode: "shim", WantsStats: true},
 		&Ready{Service: "web-test", Mode: "tcp", ConnectRetryWindow: 3 * time.Second},

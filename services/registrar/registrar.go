@@ -102,6 +102,8 @@ type session interface {
 	// Open reads the registration's first message; errShimGone when the shim left before it.
 	Open() (shimlink.Open, error)
 	Ready(registry.Entry) error
+	// Served tells the shim Envoy has the port (shimlink.Served), once, after Ready.
+	Served() error
 	Fail(reason string) error
 	// Next reads the shim's next message after Open (a *shimlink.Log or *shimlink.Stats); io.EOF
 	// once the shim ended the registration.
@@ -140,7 +142,18 @@ func (s *Server) serve(sess session) {
 		Shim:    registry.Shim{PID: int32(open.PID), Version: open.Version},
 		Owner:   owner,
 	}
-	expected, err := s.Registry.Claim(entry)
+	// A shim that serves the port itself until Envoy takes it (every TCP shim), or has served it
+	// for long (a re-registration after a server restart), needs no wait for Envoy: the port
+	// carries traffic to the container already. It hears Ready as soon as the registration is
+	// valid (dockerd waits for that, one port after another), and the port goes to Envoy after.
+	// A failed wait must not make Envoy drop the port either: it is only logged, and the shim
+	// keeps serving.
+	var expected []registry.Expected
+	if open.Serving {
+		err = s.Registry.Reserve(entry)
+	} else {
+		expected, err = s.Registry.Claim(entry)
+	}
 	if err != nil {
 		s.fail(sess, err.Error())
 		return
@@ -163,28 +176,32 @@ func (s *Server) serve(sess session) {
 		}
 	}()
 
-	// A shim that serves the port itself until Envoy takes it (every TCP shim), or has served it
-	// for long (a re-registration after a server restart), needs no wait for Envoy: the port
-	// carries traffic to the container already. A failed wait must not make Envoy drop the port
-	// either: it is only logged, and the shim keeps serving.
-	if open.Serving {
-		go s.confirmInBackground(sess.Context(), expected, log)
-	} else if err := s.confirm(sess.Context(), expected); err != nil {
-		log.Warn("registration failed", "err", err)
-		s.fail(sess, Reason(m, err))
-		return
+	if !open.Serving {
+		if err := s.confirm(sess.Context(), expected); err != nil {
+			log.Warn("registration failed", "err", err)
+			s.fail(sess, Reason(m, err))
+			return
+		}
 	}
 	readyAt := time.Now()
 	s.Registry.MarkReady(m.Key, owner, readyAt)
 	entry.ReadyAt = readyAt
+	if err := sess.Ready(entry); err != nil {
+		return
+	}
+	if open.Serving {
+		expected, err := s.Registry.Publish(m.Key, owner)
+		if err != nil {
+			log.Error("the port cannot be given to Envoy; its shim keeps serving it without Envoy's metrics, logs and traces", "err", err)
+		} else {
+			go s.confirmInBackground(sess, expected, open.WantsServed, log)
+		}
+	}
 	s.Metrics.results.WithLabelValues("ready").Inc()
 	s.Metrics.toReady.Observe(readyAt.Sub(started).Seconds())
 	// Where the time went: the Docker API, then Envoy's acknowledgement (dockerd waits for it all).
 	log.Info("ready", "service", service.Name, "mode", service.Mode, "ms", readyAt.Sub(started).Milliseconds(),
 		"docker_us", described.Sub(started).Microseconds(), "envoy_us", readyAt.Sub(described).Microseconds())
-	if err := sess.Ready(entry); err != nil {
-		return
-	}
 
 	// Hold the mapping until the session ends, relaying what the shim logs (under dockerd its
 	// stdout and stderr go nowhere, and this is where an operator looks) and keeping the
@@ -237,8 +254,10 @@ func (s *Server) confirm(ctx context.Context, expected []registry.Expected) erro
 	return s.Confirmer.Wait(ctx, expected)
 }
 
-// confirmInBackground waits for Envoy to take a port its shim serves meanwhile, and says so.
-func (s *Server) confirmInBackground(ctx context.Context, expected []registry.Expected, log *slog.Logger) {
+// confirmInBackground waits for Envoy to take a port its shim serves meanwhile, says so in the
+// log, and tells the shim if it asked (Open.WantsServed).
+func (s *Server) confirmInBackground(sess session, expected []registry.Expected, tell bool, log *slog.Logger) {
+	ctx := sess.Context()
 	start := time.Now()
 	if err := s.confirm(ctx, expected); err != nil {
 		if ctx.Err() == nil {
@@ -247,6 +266,11 @@ func (s *Server) confirmInBackground(ctx context.Context, expected []registry.Ex
 		return
 	}
 	log.Debug("Envoy serves the port", "envoy_us", time.Since(start).Microseconds())
+	if tell {
+		if err := sess.Served(); err != nil && ctx.Err() == nil {
+			log.Debug("telling the shim Envoy serves the port", "err", err)
+		}
+	}
 }
 
 // removalWait bounds how long a deregistering shim is kept waiting for Envoy.

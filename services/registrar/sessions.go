@@ -94,6 +94,8 @@ func (l *linkSession) Ready(e registry.Entry) error {
 
 func (l *linkSession) Fail(reason string) error { return l.conn.Send(&shimlink.Failed{Reason: reason}) }
 
+func (l *linkSession) Served() error { return l.conn.Send(&shimlink.Served{}) }
+
 func (l *linkSession) Next() (shimlink.Message, error) {
 	if msg, ok := <-l.msgs; ok {
 		return msg, nil
@@ -135,6 +137,9 @@ func (g grpcSession) Ready(e registry.Entry) error {
 }
 
 // Fail sends the reason in a message: the stream's end carries no status, so the user gets it.
+// Served says nothing: shims that speak gRPC never ask for it.
+func (g grpcSession) Served() error { return nil }
+
 func (g grpcSession) Fail(reason string) error {
 	return g.stream.Send(&pb.RegisterResponse{Response: &pb.RegisterResponse_Failed{Failed: &pb.Failed{Reason: reason}}})
 }

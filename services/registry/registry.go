@@ -170,18 +170,10 @@ func (r *Registry) NewOwner() Owner {
 // The same mapping claimed again (a shim that reconnected) changes owner without changing what
 // Envoy holds; a different mapping on a held key is a conflict.
 func (r *Registry) Claim(e Entry) ([]Expected, error) {
-	if err := e.Mapping.Validate(); err != nil {
-		return nil, err
-	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if old, ok := r.entries[e.Key]; ok && old.Owner != e.Owner {
-		if old.Mapping != e.Mapping || old.ContainerID != e.ContainerID {
-			return nil, &ConflictError{Existing: old}
-		}
-		if e.ReadyAt.IsZero() {
-			e.ReadyAt = old.ReadyAt
-		}
+	if err := r.check(&e); err != nil {
+		return nil, err
 	}
 	var expected []Expected
 	if r.publisher != nil {
@@ -192,6 +184,47 @@ func (r *Registry) Claim(e Entry) ([]Expected, error) {
 	}
 	r.entries[e.Key] = e
 	return expected, nil
+}
+
+// Reserve records e as Claim does, conflicts included, but leaves it unpublished: the caller
+// answers a shim that serves the port itself first, and then Publishes it.
+func (r *Registry) Reserve(e Entry) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if err := r.check(&e); err != nil {
+		return err
+	}
+	r.entries[e.Key] = e
+	return nil
+}
+
+// Publish hands the entry of key to the publisher if owner still holds it, and returns what
+// Envoy must then hold (nothing if owner let go of key meanwhile).
+func (r *Registry) Publish(key mapping.Key, owner Owner) ([]Expected, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	e, ok := r.entries[key]
+	if !ok || e.Owner != owner || r.publisher == nil {
+		return nil, nil
+	}
+	return r.publisher.Publish(e)
+}
+
+// check validates e against the entry that holds its key, if any, and takes that entry's ready
+// time when e is the same mapping of the same container (a re-registration).
+func (r *Registry) check(e *Entry) error {
+	if err := e.Mapping.Validate(); err != nil {
+		return err
+	}
+	if old, ok := r.entries[e.Key]; ok && old.Owner != e.Owner {
+		if old.Mapping != e.Mapping || old.ContainerID != e.ContainerID {
+			return &ConflictError{Existing: old}
+		}
+		if e.ReadyAt.IsZero() {
+			e.ReadyAt = old.ReadyAt
+		}
+	}
+	return nil
 }
 
 // MarkReady records when Envoy confirmed the entry; it is a no-op for a key the owner no longer holds.
