@@ -82,7 +82,7 @@ func TestLoggingNeverBlocks(t *testing.T) {
 	stuck := make(chan struct{})
 	defer close(stuck)
 	out := NewRelay(1)
-	l := newLogger(out, []*asyncSink{newAsyncSink(func(Level, []byte) { <-stuck }, nil)}, nil)
+	l := newLogger(out, func() []*asyncSink { return []*asyncSink{newAsyncSink(func(Level, []byte) { <-stuck }, nil)} }, nil)
 	done := make(chan struct{})
 	go func() {
 		for i := 0; i < 10000; i++ {
@@ -172,4 +172,34 @@ func FuzzJSONString(f *testing.F) {
 			t.Fatalf("%q reads back as %q", s, got)
 		}
 	})
+}
+
+// The local sinks open with the first record, not before: dialling syslog and starting their
+// writers stays off dockerd's path for a shim that logs nothing until its port is ready.
+func TestLocalSinksOpenWithTheFirstRecord(t *testing.T) {
+	opened := 0
+	var got bytes.Buffer
+	l := newLogger(nil, func() []*asyncSink {
+		opened++
+		return []*asyncSink{newAsyncSink(func(_ Level, line []byte) { got.Write(line) }, nil)}
+	}, nil)
+	child := l.With("k", "v")
+	if opened != 0 {
+		t.Fatalf("sinks opened %d times before any record", opened)
+	}
+	l.Info("one")
+	child.Info("two")
+	l.Close(time.Second)
+	if opened != 1 {
+		t.Errorf("sinks opened %d times, want once", opened)
+	}
+	if n := strings.Count(got.String(), "\n"); n != 2 {
+		t.Errorf("%d lines written, want 2: %q", n, got.String())
+	}
+	closedEarly := 0
+	quiet := newLogger(nil, func() []*asyncSink { closedEarly++; return nil }, nil)
+	quiet.Close(time.Second)
+	if closedEarly != 0 {
+		t.Error("Close opened the sinks of a logger that logged nothing")
+	}
 }
