@@ -16,6 +16,7 @@ import (
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/resync"
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/server"
 	shimconfig "github.com/envoy-docker-shim/envoy-docker-shim/shim/config"
+	"github.com/envoy-docker-shim/envoy-docker-shim/shim/idle"
 	"github.com/envoy-docker-shim/envoy-docker-shim/shim/installer"
 )
 
@@ -114,5 +115,23 @@ func TestComposeDefaultsMatchConfig(t *testing.T) {
 	}
 	if checked < 10 {
 		t.Errorf("only %d compose.yaml defaults compared: has the file's format changed?", checked)
+	}
+}
+
+// Every build of the shim that ships links its fast start as its entry point (package idle): a
+// build that forgot it would work, only as slowly as the Go runtime starts, so nothing else would
+// notice.
+func TestShipsTheShimsFastStart(t *testing.T) {
+	if idle.LinkFlag == "" {
+		t.Skip("no fast start on this architecture")
+	}
+	for _, f := range []string{"Makefile", "images/installer.Dockerfile"} {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Contains(b, []byte(idle.LinkFlag)) {
+			t.Errorf("%s builds the shim without %s", f, idle.LinkFlag)
+		}
 	}
 }

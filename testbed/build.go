@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/envoy-docker-shim/envoy-docker-shim/shim/idle"
 )
 
 // BuildStatic builds the package pkg (an import path of this module) as a static binary named
@@ -19,7 +21,11 @@ func BuildStatic(t testing.TB, pkg, name string) string {
 	out := filepath.Join(t.TempDir(), name)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, "go", "build", "-trimpath", "-o", out, pkg)
+	args := []string{"build", "-trimpath"}
+	if strings.HasSuffix(pkg, "/shim/cmd/envoy-docker-shim") && idle.LinkFlag != "" {
+		args = append(args, "-ldflags="+idle.LinkFlag) // the shim's fast start (package idle)
+	}
+	cmd := exec.CommandContext(ctx, "go", append(args, "-o", out, pkg)...)
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if msg, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("go build %s: %v: %s", pkg, err, strings.TrimSpace(string(msg)))

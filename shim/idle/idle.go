@@ -46,6 +46,17 @@ import (
 // its descriptors (LISTEN -1 when it held no listening socket).
 const ResumeEnv = "EDS_SHIM_RESUMED"
 
+// RetryWindowEnv carries the server's connect retry window (shimlink.Ready) to the shim the idle
+// program runs again, as a duration ("1500ms").
+const RetryWindowEnv = "EDS_SHIM_RESUMED_RETRY_WINDOW"
+
+// StartedEnv carries the time the shim started, in nanoseconds since the epoch, to the Go shim
+// when something ran before it (an exec, the fast start): its deadline counts from then.
+const StartedEnv = "EDS_SHIM_STARTED_UNIX_NANO"
+
+// StoppedBeforeReady is what dockerd reads on fd 3 from a shim stopped before its port was ready.
+const StoppedBeforeReady = "envoy-docker-shim was stopped before the port was ready"
+
 // The placeholders of the idle program's descriptors, patched into its code, each so many times.
 var (
 	connPlaceholder   = []byte{0x3c, 0x3c, 0x3c, 0x3c} // the registration
@@ -53,7 +64,7 @@ var (
 	listenPlaceholder = []byte{0x5b, 0x5b, 0x5b, 0x5b} // the port's listening socket
 )
 
-const connUses, exeUses, listenUses = 3, 1, 1
+const connUses, exeUses, listenUses = 1, 1, 1
 
 // The placeholders of the process name (comm), in two halves of 8 bytes.
 var (
@@ -367,4 +378,20 @@ func Resumed() (Held, bool, error) {
 	}
 	held.Registration = uc
 	return held, true, nil
+}
+
+// Running reports whether process pid is the idle program waiting for something to happen: one
+// thread (a Go process has several), in ppoll on its three descriptors (the fast start, which
+// also has one thread, polls two while it registers). For tests and benchmarks that watch shims.
+func Running(pid int) bool {
+	sc, err := os.ReadFile(fmt.Sprintf("/proc/%d/syscall", pid))
+	if err != nil {
+		return false
+	}
+	f := strings.Fields(string(sc))
+	if len(f) < 3 || f[0] != "271" || f[2] != "0x3" {
+		return false
+	}
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	return err == nil && strings.Contains(string(status), "\nThreads:\t1\n")
 }

@@ -21,6 +21,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/envoy-docker-shim/envoy-docker-shim/internal/shimlink"
+
 	"golang.org/x/sys/unix"
 )
 
@@ -279,12 +281,21 @@ func (s *idleShim) wait(t *testing.T, within time.Duration) error {
 	}
 }
 
-// readEOF waits for the idle shim to end its side of the registration.
-func (s *idleShim) readEOF(t *testing.T) {
+// readStopped waits for the idle shim to say why it stops (the log line the shim in Go would
+// send, naming signal) and then to end its side of the registration.
+func (s *idleShim) readStopped(t *testing.T, signal string) {
 	t.Helper()
 	_ = s.peer.SetReadDeadline(time.Now().Add(2 * time.Second))
-	buf := make([]byte, 64)
+	buf := make([]byte, shimlink.MaxMessage)
 	n, err := s.peer.Read(buf)
+	if err != nil {
+		t.Fatalf("registration: %v; want the shim's log line saying it stops", err)
+	}
+	msg, err := shimlink.Decode(buf[:n])
+	if l, ok := msg.(*shimlink.Log); err != nil || !ok || l.Level != "INFO" || l.Message != "msg=stopping signal="+signal {
+		t.Fatalf("registration: read %q (%v); want the log line \"msg=stopping signal=%s\"", buf[:n], err, signal)
+	}
+	n, err = s.peer.Read(buf)
 	if n != 0 || (err != nil && !errors.Is(err, os.ErrDeadlineExceeded) && err.Error() != "EOF") {
 		t.Fatalf("registration: read %q, %v; want the shim's end of stream", buf[:n], err)
 	}
@@ -312,7 +323,7 @@ func TestIdleStopsOnSignal(t *testing.T) {
 			if err := s.cmd.Process.Signal(tt.sig); err != nil {
 				t.Fatal(err)
 			}
-			s.readEOF(t)
+			s.readStopped(t, tt.sig.String())
 			// The server closes once Envoy let go of the port; the shim then exits 0 at once.
 			time.Sleep(50 * time.Millisecond)
 			s.peer.Close()
@@ -331,7 +342,7 @@ func TestIdleStopsWithoutServer(t *testing.T) {
 	s := startIdle(t)
 	sent := time.Now()
 	_ = s.cmd.Process.Signal(syscall.SIGINT)
-	s.readEOF(t)
+	s.readStopped(t, "interrupt")
 	if err := s.wait(t, time.Second); err != nil {
 		t.Errorf("exit: %v, want 0", err)
 	}

@@ -1,4 +1,5 @@
 #include "textflag.h"
+#include "start_amd64.h"
 
 // The idle shim's whole program, for x86-64 Linux. It is never called from Go: Image copies these
 // instructions, up to the end marker, into a tiny ELF executable. They run with no Go runtime, use
@@ -7,21 +8,26 @@
 // On entry the stack is the kernel's: 0(SP) argc, then argv, NULL, envp, NULL. The descriptors of
 // the registration (CONN below), of the shim's executable (EXE, O_PATH) and of the port's
 // listening socket (LISTEN; -1 when there is none) are immediates that Executable patches in:
-// 0x3c3c3c3c, 0x4d4d4d4d and 0x5b5b5b5b here. SIGINT and SIGTERM are blocked.
+// 0x3c3c3c3c, 0x4d4d4d4d and 0x5b5b5b5b here, loaded into R14, R15 and BX. SIGINT and SIGTERM
+// are blocked. The fast start (start_amd64.s) jumps here instead of exec'ing a copy: with SP at
+// a block laid out as the kernel's, the descriptors already in R14, R15 and BX, and its mark in R8.
 //
-//	block SIGINT and SIGTERM (again); take the shim's name (prctl PR_SET_NAME)
+//	block SIGINT and SIGTERM (again); unless started by the fast start: load the descriptors and
+//	  take the shim's name (prctl PR_SET_NAME)
 //	sfd = signalfd4(-1, {SIGINT, SIGTERM}, 8, SFD_CLOEXEC|SFD_NONBLOCK)
 //	wait: ppoll({CONN, POLLIN|POLLRDHUP}, {sfd, POLLIN}, {LISTEN, POLLIN}) until something happens
-//	a stop signal: shutdown(CONN, SHUT_WR) (the deregistration); wait up to 400 ms for the server to
-//	  close (read to EOF); exit 0
-//	anything else (the server went away, or a connection reached the port's socket because Envoy
-//	  is away): unless a stop signal is pending, execveat(EXE, "", argv, envp, AT_EMPTY_PATH): the
-//	  shim, resumed, re-registers or serves the connection
+//	a stop signal: a log line saying so (as the shim in Go logs it), then shutdown(CONN, SHUT_WR)
+//	  (the deregistration); wait up to 400 ms for the server to close (read to EOF); exit 0
+//	anything else (the server went away or said something, or a connection reached the port's
+//	  socket because Envoy is away or not there yet): unless a stop signal is pending,
+//	  execveat(EXE, "", argv, envp, AT_EMPTY_PATH): the shim, resumed, re-registers or serves the
+//	  connection
 TEXT ·image(SB), NOSPLIT|NOFRAME, $0-0
 	MOVQ SP, R12             // R12: the kernel's stack (argc, argv, envp)
 	SUBQ $1024, SP
 	ANDQ $-16, SP
-	// 0(SP): sigset; 16(SP): three pollfds; 40(SP): "" ; 48(SP): timespec; 64(SP): read buffer
+	// 0(SP): sigset; 16(SP): three pollfds; 40(SP): "" ; 48(SP): timespec; 64(SP): read buffer;
+	// 640(SP): the log line
 	MOVQ $0x4002, AX         // 1<<(SIGINT-1) | 1<<(SIGTERM-1)
 	MOVQ AX, 0(SP)
 	MOVQ $0, DI              // SIG_BLOCK: they are already, when Enter ran the program
@@ -30,6 +36,12 @@ TEXT ·image(SB), NOSPLIT|NOFRAME, $0-0
 	MOVQ $8, R10
 	MOVQ $14, AX             // rt_sigprocmask
 	SYSCALL
+	MOVQ $startMark, AX
+	CMPQ R8, AX
+	JEQ  held                // the fast start: the descriptors are in their registers, the name is right
+	MOVL $0x3c3c3c3c, R14    // CONN
+	MOVL $0x4d4d4d4d, R15    // EXE
+	MOVQ $0x5b5b5b5b, BX     // LISTEN (sign-extended: -1 stays -1)
 	// prctl(PR_SET_NAME, NAME): run through a descriptor, the process is named after its
 	// number; it keeps the shim's name (NAME: 16 bytes, patched in like the descriptors).
 	MOVQ $0x6e6e6e6e6e6e6e6e, AX // NAME[0:8]
@@ -40,6 +52,8 @@ TEXT ·image(SB), NOSPLIT|NOFRAME, $0-0
 	LEAQ 64(SP), SI
 	MOVQ $157, AX            // prctl
 	SYSCALL
+
+held:
 	MOVQ $-1, DI
 	MOVQ SP, SI
 	MOVQ $8, DX
@@ -49,11 +63,11 @@ TEXT ·image(SB), NOSPLIT|NOFRAME, $0-0
 	CMPQ AX, $0
 	JLT  exec                // cannot watch for signals: the shim, resumed, holds in Go
 	MOVQ AX, R13             // R13: the signalfd
-	MOVL $0x3c3c3c3c, 16(SP)  // CONN
+	MOVL R14, 16(SP)         // CONN
 	MOVL $0x2001, 20(SP)     // POLLIN | POLLRDHUP, revents 0
 	MOVL R13, 24(SP)
 	MOVL $1, 28(SP)          // POLLIN, revents 0
-	MOVL $0x5b5b5b5b, 32(SP)  // LISTEN (-1: ppoll skips it)
+	MOVL BX, 32(SP)          // LISTEN (-1: ppoll skips it)
 	MOVL $1, 36(SP)          // POLLIN, revents 0
 
 wait:
@@ -82,7 +96,7 @@ wait:
 
 exec:
 	MOVQ $0, 40(SP)
-	MOVQ $0x4d4d4d4d, DI     // EXE
+	MOVQ R15, DI             // EXE
 	LEAQ 40(SP), SI          // ""
 	LEAQ 8(R12), DX          // argv
 	MOVQ 0(R12), AX          // argc
@@ -103,7 +117,48 @@ stop:
 	SYSCALL
 
 deregister:
-	MOVQ $0x3c3c3c3c, DI     // CONN
+	// Say why, as the shim in Go would: a log line, "msg=stopping signal=interrupt" (or
+	// "terminated": the signal's number is at the start of what the signalfd gave).
+	MOVQ $0x4e493d6c6576656c, AX
+	MOVQ AX, 640(SP)
+	MOVQ $0x617373656d264f46, AX
+	MOVQ AX, 648(SP)
+	MOVQ $0x332567736d3d6567, AX
+	MOVQ AX, 656(SP)
+	MOVQ $0x6e6970706f747344, AX
+	MOVQ AX, 664(SP)
+	MOVQ $0x6c616e6769732b67, AX
+	MOVQ AX, 672(SP)
+	MOVQ $0x0000000000443325, AX
+	MOVQ AX, 680(SP)
+	MOVL 64(SP), AX
+	CMPL AX, $15             // SIGTERM
+	JEQ  terminated
+	MOVQ $0x7075727265746e69, AX
+	MOVQ AX, 683(SP)
+	MOVQ $0x6c3d657079742674, AX
+	MOVQ AX, 691(SP)
+	MOVQ $0x000000000000676f, AX
+	MOVQ AX, 699(SP)
+	MOVQ $61, DX
+	JMP  say
+terminated:
+	MOVQ $0x74616e696d726574, AX
+	MOVQ AX, 683(SP)
+	MOVQ $0x3d65707974266465, AX
+	MOVQ AX, 691(SP)
+	MOVQ $0x0000000000676f6c, AX
+	MOVQ AX, 699(SP)
+	MOVQ $62, DX
+say:
+	MOVQ R14, DI             // CONN
+	LEAQ 640(SP), SI
+	MOVQ $0x4040, R10        // MSG_NOSIGNAL | MSG_DONTWAIT
+	XORQ R8, R8
+	XORQ R9, R9
+	MOVQ $44, AX             // sendto
+	SYSCALL
+	MOVQ R14, DI             // CONN
 	MOVQ $1, SI              // SHUT_WR
 	MOVQ $48, AX             // shutdown
 	SYSCALL
@@ -123,7 +178,7 @@ drain:
 	JEQ  drain
 	CMPQ AX, $0
 	JLE  done                // timed out, or failed
-	MOVQ $0x3c3c3c3c, DI     // CONN
+	MOVQ R14, DI             // CONN
 	LEAQ 64(SP), SI
 	MOVQ $512, DX
 	MOVQ $0, AX              // read

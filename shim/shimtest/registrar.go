@@ -47,6 +47,7 @@ type Registrar struct {
 	conns    map[*shimlink.Conn]bool
 	opens    []*shimlink.Open
 	live     map[int]*shimlink.Open
+	answered map[int]*shimlink.Conn // live registrations that heard Ready
 	nextID   int
 	logs     []*shimlink.Log
 	stats    []*shimlink.Stats
@@ -59,7 +60,8 @@ func StartRegistrar(t testing.TB, socket string, answer Answer) *Registrar {
 	if answer == nil {
 		answer = ReadyAnswer
 	}
-	r := &Registrar{Socket: socket, answer: answer, conns: map[*shimlink.Conn]bool{}, live: map[int]*shimlink.Open{}, change: make(chan struct{})}
+	r := &Registrar{Socket: socket, answer: answer, conns: map[*shimlink.Conn]bool{}, live: map[int]*shimlink.Open{},
+		answered: map[int]*shimlink.Conn{}, change: make(chan struct{})}
 	if err := r.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -167,10 +169,17 @@ func (r *Registrar) serve(conn *shimlink.Conn) {
 	defer func() {
 		r.mu.Lock()
 		delete(r.live, id)
+		delete(r.answered, id)
 		r.notifyLocked()
 		r.mu.Unlock()
 	}()
-	if err := conn.Send(answer); err != nil {
+	r.mu.Lock() // held while sending, so that TellServed cannot come first
+	err = conn.Send(answer)
+	if err == nil {
+		r.answered[id] = conn
+	}
+	r.mu.Unlock()
+	if err != nil {
 		return
 	}
 	for m := range msgs {
@@ -185,6 +194,20 @@ func (r *Registrar) serve(conn *shimlink.Conn) {
 		r.mu.Unlock()
 	}
 	// The shim ended its side (deregistration) or went away: the connection closes on return.
+}
+
+// TellServed sends Served, as the server does once Envoy has a port, on every live registration
+// that heard Ready and asked for it (Open.WantsServed), and returns how many.
+func (r *Registrar) TellServed() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	n := 0
+	for id, conn := range r.answered {
+		if r.live[id].WantsServed && conn.Send(&shimlink.Served{}) == nil {
+			n++
+		}
+	}
+	return n
 }
 
 func (r *Registrar) notifyLocked() {

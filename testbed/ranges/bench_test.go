@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/envoy-docker-shim/envoy-docker-shim/shim/idle"
 	"github.com/envoy-docker-shim/envoy-docker-shim/testbed"
 	"github.com/envoy-docker-shim/envoy-docker-shim/testbed/bench"
 	"github.com/envoy-docker-shim/envoy-docker-shim/testbed/stack"
@@ -243,17 +244,17 @@ func waitEnvoyListens(b *testing.B, p *path, base counts, n int, start time.Time
 func waitAllIdle(b *testing.B, p *path, n int, start time.Time) time.Duration {
 	deadline := time.Now().Add(2 * time.Minute)
 	for {
-		idle := 0
+		idled := 0
 		for _, pid := range p.daemon.Processes(p.proxy) {
-			if exe, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid)); strings.Contains(exe, "memfd:envoy-docker-shim-idle") {
-				idle++
+			if idle.Running(pid) {
+				idled++
 			}
 		}
-		if idle >= n {
+		if idled >= n {
 			return time.Since(start)
 		}
 		if time.Now().After(deadline) {
-			b.Fatalf("%s: %d of %d shims idle 2 minutes after docker run", p.name, idle, n)
+			b.Fatalf("%s: %d of %d shims idle 2 minutes after docker run", p.name, idled, n)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}

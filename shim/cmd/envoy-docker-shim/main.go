@@ -50,13 +50,9 @@ const listenFD = 4
 // stopWithin bounds the exit after SIGINT/SIGTERM: dockerd waits for its proxy without a timeout.
 const stopWithin = 900 * time.Millisecond
 
-// startedEnv carries the time the shim first started across oneProcessor's exec: dockerd's 16 s
-// run from then, and so does the shim's own deadline.
-const startedEnv = "EDS_SHIM_STARTED_UNIX_NANO"
-
 func main() {
 	start := time.Now()
-	if ns, err := strconv.ParseInt(os.Getenv(startedEnv), 10, 64); err == nil {
+	if ns, err := strconv.ParseInt(os.Getenv(idle.StartedEnv), 10, 64); err == nil {
 		start = time.Unix(0, ns)
 	}
 	// From the start, so that a stop signal at any moment means "exit 0" (and not death by signal).
@@ -90,7 +86,7 @@ func oneProcessor(start time.Time) {
 	if _, set := os.LookupEnv("GOMAXPROCS"); set {
 		return
 	}
-	_ = syscall.Exec("/proc/self/exe", os.Args, append(os.Environ(), "GOMAXPROCS=1", startedEnv+"="+strconv.FormatInt(start.UnixNano(), 10)))
+	_ = syscall.Exec("/proc/self/exe", os.Args, append(os.Environ(), "GOMAXPROCS=1", idle.StartedEnv+"="+strconv.FormatInt(start.UnixNano(), 10)))
 }
 
 func shim(start time.Time, status *statuspipe.Pipe, pipeErr error, args proxyargs.Result, err error, signals chan os.Signal) int {
@@ -179,7 +175,7 @@ func shim(start time.Time, status *statuspipe.Pipe, pipeErr error, args proxyarg
 			rcancel()
 			if err != nil {
 				if ctx.Err() != nil {
-					status.Fail("envoy-docker-shim was stopped before the port was ready")
+					status.Fail(idle.StoppedBeforeReady)
 					return nil
 				}
 				return registrationFailed{err}
@@ -337,7 +333,7 @@ func idler(proto mapping.Protocol, port func() *handover.Listener, signals chan 
 		stops := idle.Stops{Signals: signals, Seen: stopSeen.Load}
 		var err error
 		if l := port(); l != nil {
-			env = append(env, retryWindowEnv+"="+l.RetryWindow().String())
+			env = append(env, idle.RetryWindowEnv+"="+l.RetryWindow().String())
 			// Nothing may be accepted from here to the exec: it would be cut.
 			err = l.Quiesce(ctx, func() error { return idle.Enter(ctx, conn, l.Socket(), env, stops) })
 		} else {
@@ -350,10 +346,6 @@ func idler(proto mapping.Protocol, port func() *handover.Listener, signals chan 
 		return err
 	}
 }
-
-// retryWindowEnv carries the server's connect retry window (shimlink.Ready) to the shim the idle
-// program runs again.
-const retryWindowEnv = "EDS_SHIM_RESUMED_RETRY_WINDOW"
 
 // resume takes back what the idle program held, after it ran the shim again because something
 // happened: the registration (Hold re-registers if the server went away) and the port's socket
@@ -399,10 +391,10 @@ func resume(held idle.Held, err error, args proxyargs.Result, signals chan os.Si
 			log.Error("resuming after idle: the port's socket", "err", err)
 			return 1
 		}
-		if d, err := time.ParseDuration(os.Getenv(retryWindowEnv)); err == nil {
+		if d, err := time.ParseDuration(os.Getenv(idle.RetryWindowEnv)); err == nil {
 			lis.SetRetryWindow(d)
 		}
-		os.Unsetenv(retryWindowEnv)
+		os.Unsetenv(idle.RetryWindowEnv)
 		registered := make(chan struct{})
 		close(registered)
 		servePort(ctx, cancel, &g, lis, registered, idleReady, log)

@@ -39,7 +39,7 @@ func TestMain(m *testing.M) {
 	shimBin = filepath.Join(dir, "envoy-docker-shim")
 	goBin, err := exec.LookPath("go")
 	if err == nil {
-		build := exec.Command(goBin, "build", "-o", shimBin, ".")
+		build := exec.Command(goBin, "build", "-ldflags="+idle.LinkFlag, "-o", shimBin, ".")
 		build.Env = append(os.Environ(), "CGO_ENABLED=0")
 		build.Stdout, build.Stderr = os.Stderr, os.Stderr
 		err = build.Run()
@@ -897,9 +897,9 @@ func waitSteeredToEnvoy(t *testing.T, host netip.AddrPort, pid int) {
 	deadline := time.Now().Add(10 * time.Second)
 	for inARow := 0; inARow < 20; {
 		if time.Now().After(deadline) {
-			t.Fatalf("the port was not steered to Envoy within 10 s (%d answers in a row from Envoy, idle %v)", inARow, isIdle(pid))
+			t.Fatalf("the port was not steered to Envoy within 10 s (%d answers in a row from Envoy, idle %v)", inARow, idle.Running(pid))
 		}
-		if who := answeredBy(t, host); who == "envoy" && isIdle(pid) {
+		if who := answeredBy(t, host); who == "envoy" && idle.Running(pid) {
 			inARow++
 		} else {
 			inARow = 0
@@ -908,17 +908,10 @@ func waitSteeredToEnvoy(t *testing.T, host netip.AddrPort, pid int) {
 	}
 }
 
-// isIdle reports whether pid runs the idle program, waiting in ppoll.
-func isIdle(pid int) bool {
-	exe, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
-	sc, _ := os.ReadFile(fmt.Sprintf("/proc/%d/syscall", pid))
-	return strings.Contains(exe, "memfd:envoy-docker-shim-idle") && strings.HasPrefix(string(sc), "271 ")
-}
-
 func waitIdle(t *testing.T, pid int) {
 	t.Helper()
 	deadline := time.Now().Add(5 * time.Second)
-	for !isIdle(pid) {
+	for !idle.Running(pid) {
 		if time.Now().After(deadline) {
 			exe, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
 			t.Fatalf("the shim did not go idle: its executable is %q", exe)
@@ -999,4 +992,132 @@ func answeredBy(t *testing.T, addr netip.AddrPort) string {
 		t.Fatal(err)
 	}
 	return strings.TrimSpace(line)
+}
+
+// --- The fast start (package idle, start_amd64.s) ---
+
+// Issue 12: "every millisecond between shim started and ready is paid a thousand times". dockerd's
+// usual TCP invocation registers and reports ready without starting the Go runtime, and the shim
+// is idle at once: one thread, the shim's own executable (the shim in Go would have gone idle
+// through the idle program's memfd), in the idle program. What it registers is what the shim in Go
+// registers, with Serving and WantsServed; it still serves the port (a connection wakes it) and
+// stops as the contract says. Each way the shim gets the port's socket, both address families.
+func TestFastStart(t *testing.T) {
+	if idle.LinkFlag == "" {
+		t.Skipf("no fast start on %s", runtime.GOARCH)
+	}
+	for _, tc := range []struct {
+		name        string
+		ip          string
+		useListenFD bool
+	}{
+		{"IPv4, bound by the shim (before dockerd 28)", "127.0.0.1", false},
+		{"IPv6 ::1, bound by the shim", "::1", false},
+		{"IPv4, fd 4", "127.0.0.1", true},
+		{"IPv6 ::1, fd 4", "::1", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := newHarness(t)
+			srv := h.server(nil)
+			echo := tcpEcho(t)
+			host := netip.AddrPortFrom(netip.MustParseAddr(tc.ip), freePort(t))
+			args := shimtest.Args("tcp", host, echo, tc.useListenFD)
+			var sock *os.File
+			if tc.useListenFD {
+				var err error
+				if sock, err = shimtest.ListenTCP(host); err != nil {
+					t.Fatal(err)
+				}
+			}
+			p := h.start(args, nil, sock)
+			st := h.expectReady(p)
+			if sock != nil {
+				sock.Close()
+			}
+			pid := p.Cmd.Process.Pid
+			if !idle.Running(pid) {
+				time.Sleep(100 * time.Millisecond) // the few instructions from "0\n" to the idle program's ppoll
+			}
+			exe, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
+			if !idle.Running(pid) || exe != shimBin {
+				t.Fatalf("ready after %s but not idle in the fast start's form: idle %v, executable %q", st.After, idle.Running(pid), exe)
+			}
+			t.Logf("ready after %s; idle; PSS %d KiB", st.After, pssKiB(t, pid))
+			opens := srv.Opens()
+			if len(opens) != 1 {
+				t.Fatalf("%d opens, want 1", len(opens))
+			}
+			want := shimlink.Open{Mapping: mapping.Mapping{Key: mapping.Key{Proto: mapping.TCP, HostIP: host.Addr(), HostPort: host.Port()},
+				ContainerIP: echo.Addr(), ContainerPort: echo.Port()}, PID: pid, Version: opens[0].Version, Serving: true, WantsServed: true}
+			if *opens[0] != want || opens[0].Version == "" {
+				t.Errorf("Open = %+v, want %+v with a version", *opens[0], want)
+			}
+			if err := dialEcho(host, "to the idle shim"); err != nil {
+				t.Fatalf("a connection to the idle shim's port: %v", err)
+			}
+			waitIdle(t, pid)
+			h.stop(p, os.Interrupt)
+			if !srv.WaitFor(time.Second, func(r *shimtest.Registrar) bool { return len(r.Live()) == 0 }) {
+				t.Error("registration still live after the shim exited")
+			}
+			expectStoppingLog(t, srv, "interrupt")
+		})
+	}
+}
+
+// A shim that went idle from the fast start has not steered its port to Envoy (Envoy did not have
+// it yet). The server's Served wakes it: it steers the port to Envoy's sockets and goes idle
+// again, so that Envoy (its metrics, logs and traces) gets every connection from the first one
+// on, rather than the shim getting its share until one lands on it.
+func TestServedSteersAFastStartedShim(t *testing.T) {
+	if idle.LinkFlag == "" {
+		t.Skipf("no fast start on %s", runtime.GOARCH)
+	}
+	for _, useListenFD := range []bool{false, true} {
+		t.Run(fmt.Sprintf("use-listen-fd=%v", useListenFD), func(t *testing.T) {
+			h := newHarness(t)
+			srv := h.server(nil)
+			echo := tcpEcho(t)
+			host := netip.AddrPortFrom(loopback, freePort(t))
+			var sock *os.File
+			if useListenFD {
+				var err error
+				if sock, err = shimtest.ListenTCP(host); err != nil {
+					t.Fatal(err)
+				}
+			}
+			p := h.start(shimtest.Args("tcp", host, echo, useListenFD), nil, sock)
+			h.expectReady(p)
+			if sock != nil {
+				sock.Close()
+			}
+			pid := p.Cmd.Process.Pid
+			waitIdle(t, pid)
+			startReusePortServer(t, host, 2, "envoy")
+			if n := srv.TellServed(); n != 1 {
+				t.Fatalf("Served sent on %d registrations, want 1", n)
+			}
+			// Woken, steered, idle again: now through the idle program's memfd.
+			deadline := time.Now().Add(5 * time.Second)
+			for {
+				exe, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
+				if idle.Running(pid) && strings.Contains(exe, "memfd:") {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("the shim did not wake, steer and go idle again after Served: idle %v, executable %q", idle.Running(pid), exe)
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+			for i := range 30 {
+				if who := answeredBy(t, host); who != "envoy" {
+					t.Fatalf("connection %d answered by %q, want Envoy: the port was not steered before it", i, who)
+				}
+			}
+			if len(srv.Live()) != 1 || len(srv.Opens()) != 1 {
+				t.Fatalf("%d live registrations after %d opens, want 1 and 1", len(srv.Live()), len(srv.Opens()))
+			}
+			h.stop(p, os.Interrupt)
+		})
+	}
 }
