@@ -23,6 +23,11 @@
 //
 // This package never enters on its own: the caller decides that the shim has nothing left to
 // do but hold the registration (no socket to serve, no connection to proxy).
+//
+// The fast start (start_amd64.s, the shim's entry point when linked with LinkFlag) is the other
+// way into the program: for dockerd's usual TCP invocation it registers before any Go runs,
+// reports ready and jumps to the program in its own process, so that no Go runtime starts for a
+// port at all (dockerd waits for each port of a range in turn). See shim/README.md.
 package idle
 
 import (
