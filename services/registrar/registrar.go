@@ -15,6 +15,7 @@ import (
 	"net/netip"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -62,7 +63,18 @@ type Server struct {
 	linkMu  sync.Mutex
 	live    map[*shimlink.Conn]bool
 	closing bool
+
+	// lastOpen is when the latest registration opened (Unix nanoseconds): Served waits for
+	// registrations to pause (servedQuiet).
+	lastOpen atomic.Int64
 }
+
+// servedQuiet is how long registrations must pause before the server tells shims that Envoy has
+// their ports (Served). Each Served wakes an idle shim, which runs in Go for a few milliseconds
+// of CPU to steer its port to Envoy; during a port range that would be hundreds of Go starts on
+// the CPUs dockerd needs to start the range's proxies one after another. Meanwhile the shim
+// serves what reaches its own socket.
+const servedQuiet = 250 * time.Millisecond
 
 // Metrics are the registration API's Prometheus series.
 type Metrics struct {
@@ -124,6 +136,7 @@ func (s *Server) serve(sess session) {
 		s.fail(sess, err.Error())
 		return
 	}
+	s.lastOpen.Store(time.Now().UnixNano())
 	m := open.Mapping
 	log := s.Log.With("mapping", m.Key.String(), "container_ip", m.ContainerIP.String(), "shim_pid", open.PID)
 
@@ -266,9 +279,26 @@ func (s *Server) confirmInBackground(sess session, expected []registry.Expected,
 		return
 	}
 	log.Debug("Envoy serves the port", "envoy_us", time.Since(start).Microseconds())
-	if tell {
+	if tell && s.registrationsPaused(ctx) {
 		if err := sess.Served(); err != nil && ctx.Err() == nil {
 			log.Debug("telling the shim Envoy serves the port", "err", err)
+		}
+	}
+}
+
+// registrationsPaused waits until no registration has opened for servedQuiet; false if ctx ended.
+func (s *Server) registrationsPaused(ctx context.Context) bool {
+	for {
+		wait := servedQuiet - time.Since(time.Unix(0, s.lastOpen.Load()))
+		if wait <= 0 {
+			return true
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return false
+		case <-t.C:
 		}
 	}
 }

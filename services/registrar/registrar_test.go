@@ -475,3 +475,62 @@ func TestShimLinkStats(t *testing.T) {
 		t.Errorf("a TCP port's reports were kept: %+v", got)
 	}
 }
+
+// A shim that asks (Open.WantsServed, the fast start's) hears Served once Envoy confirmed its port
+// and registrations paused for servedQuiet (a port range's later ports keep it waiting), and not
+// before its Ready; one that does not ask never hears it.
+func TestServedOnceEnvoyHasThePortAndRegistrationsPause(t *testing.T) {
+	f := newFixture(t)
+	sock := filepath.Join(t.TempDir(), "shim.sock")
+	l, err := shimlink.Listen(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan error, 1)
+	go func() { served <- f.server.ServeShims(l) }()
+	t.Cleanup(func() { l.Close(); <-served; f.server.CloseShims() })
+	register := func(port uint16, wantsServed bool) *shimlink.Conn {
+		t.Helper()
+		c, err := shimlink.Dial(sock)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		m := mapping.Mapping{Key: mapping.Key{Proto: mapping.TCP, HostIP: netip.MustParseAddr("127.0.0.1"), HostPort: port},
+			ContainerIP: netip.MustParseAddr("172.17.0.2"), ContainerPort: 80}
+		if err := c.Send(&shimlink.Open{Mapping: m, PID: 7, Serving: true, WantsServed: wantsServed}); err != nil {
+			t.Fatal(err)
+		}
+		if msg, err := c.Recv(); err != nil {
+			t.Fatal(err)
+		} else if _, ok := msg.(*shimlink.Ready); !ok {
+			t.Fatalf("first answer %+v, want Ready", msg)
+		}
+		return c
+	}
+	next := func(c *shimlink.Conn, within time.Duration) (shimlink.Message, error) {
+		_ = c.Unix().SetReadDeadline(time.Now().Add(within))
+		return c.Recv()
+	}
+	start := time.Now()
+	asks, silent := register(9001, true), register(9002, false)
+	// Registrations keep coming for twice servedQuiet: no Served meanwhile.
+	for port := uint16(9003); time.Since(start) < 2*servedQuiet; port++ {
+		register(port, false)
+		time.Sleep(servedQuiet / 5)
+	}
+	lastOpen := time.Now()
+	if msg, err := next(asks, servedQuiet/2); err == nil {
+		t.Fatalf("%+v while registrations still came in, want nothing yet", msg)
+	}
+	msg, err := next(asks, 2*time.Second)
+	if _, ok := msg.(*shimlink.Served); err != nil || !ok {
+		t.Fatalf("after the pause: %+v, %v; want Served", msg, err)
+	}
+	if d := time.Since(lastOpen); d < servedQuiet/2 {
+		t.Errorf("Served %v after the last registration, want about %v", d, servedQuiet)
+	}
+	if msg, err := next(silent, servedQuiet); err == nil {
+		t.Errorf("a shim that did not ask heard %+v", msg)
+	}
+}

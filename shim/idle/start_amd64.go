@@ -12,6 +12,8 @@ var (
 	// startFlags is dockerd's argv, in its order: -proto tcp -host-ip IP -host-port N
 	// -container-ip IP -container-port N [-use-listen-fd].
 	startFlags = [...]string{"-proto", "tcp", "-host-ip", "-host-port", "-container-ip", "-container-port", "-use-listen-fd"}
+	// startFlagAt is where each of startFlags is in argv.
+	startFlagAt = [...]int64{1, 2, 3, 5, 7, 9, 11}
 	// startEnvPrefix marks the settings that change how a TCP shim starts (EDS_SHIM_TIMEOUT, and
 	// the shim's own: StartedEnv, ResumeEnv); of them the fast start reads only the socket's. The
 	// others are the Go shim's to read.

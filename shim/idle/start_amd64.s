@@ -85,50 +85,31 @@ TEXT _rt0_envoy_docker_shim(SB), NOSPLIT|NOFRAME, $0
 	ADDQ (TIMESPEC+8)(SP), AX
 	MOVQ AX, STARTNS(SP)
 
-	// argv: exactly dockerd's.
+	// argv: exactly dockerd's: startFlags[i] at argv[startFlagAt[i]], the last with 12 only.
 	MOVQ 0(R12), AX
+	MOVQ $6, R9              // how many flags to look at
 	CMPQ AX, $11
 	JEQ  flags
 	CMPQ AX, $12
 	JNE  goruntime
 	ORQ  $FLAG_FD4, R13
-	MOVQ ARGV(11), DI
-	LEAQ ·startFlags+96(SB), SI
-	CALL startArgIs<>(SB)
-	TESTQ AX, AX
-	JEQ  goruntime
-
+	MOVQ $7, R9
 flags:
-	MOVQ ARGV(1), DI
-	LEAQ ·startFlags+0(SB), SI
+	XORQ R8, R8
+flag:
+	LEAQ ·startFlagAt(SB), SI
+	MOVQ (SI)(R8*8), AX
+	MOVQ 8(R12)(AX*8), DI
+	MOVQ R8, AX
+	SHLQ $4, AX              // a string header is 16 bytes
+	LEAQ ·startFlags(SB), SI
+	ADDQ AX, SI
 	CALL startArgIs<>(SB)
 	TESTQ AX, AX
 	JEQ  goruntime
-	MOVQ ARGV(2), DI
-	LEAQ ·startFlags+16(SB), SI
-	CALL startArgIs<>(SB)
-	TESTQ AX, AX
-	JEQ  goruntime
-	MOVQ ARGV(3), DI
-	LEAQ ·startFlags+32(SB), SI
-	CALL startArgIs<>(SB)
-	TESTQ AX, AX
-	JEQ  goruntime
-	MOVQ ARGV(5), DI
-	LEAQ ·startFlags+48(SB), SI
-	CALL startArgIs<>(SB)
-	TESTQ AX, AX
-	JEQ  goruntime
-	MOVQ ARGV(7), DI
-	LEAQ ·startFlags+64(SB), SI
-	CALL startArgIs<>(SB)
-	TESTQ AX, AX
-	JEQ  goruntime
-	MOVQ ARGV(9), DI
-	LEAQ ·startFlags+80(SB), SI
-	CALL startArgIs<>(SB)
-	TESTQ AX, AX
-	JEQ  goruntime
+	INCQ R8
+	CMPQ R8, R9
+	JLT  flag
 
 	// The values: addresses of hex digits, dots and colons; ports 1-65535.
 	MOVQ ARGV(4), SI
@@ -602,14 +583,8 @@ closelisten:
 
 	// The block the idle program takes for the kernel's: argc, argv, NULL, envp (and ours), NULL.
 	LEAQ BLOCK(SP), DI
-	MOVQ 0(R12), CX
-	MOVQ CX, 0(DI)
-	ADDQ $8, DI
-	LEAQ 8(R12), SI
-	INCQ CX                  // argv and its NULL
-	REP; MOVSQ
 	MOVQ ENVC(SP), CX
-	REP; MOVSQ
+	CALL startCopyArgs<>(SB)
 	LEAQ RESUMEENV(SP), AX
 	MOVQ AX, 0(DI)
 	ADDQ $8, DI
@@ -686,14 +661,8 @@ undone:
 	CALL startAppendUint<>(SB)
 	MOVB $0, 0(DI)
 	LEAQ BLOCK(SP), DI
-	MOVQ 0(R12), CX
-	MOVQ CX, 0(DI)
-	ADDQ $8, DI
-	LEAQ 8(R12), SI
-	INCQ CX                  // argv and its NULL
-	REP; MOVSQ
 	MOVQ ENVC(SP), CX
-	REP; MOVSQ
+	CALL startCopyArgs<>(SB)
 	MOVQ STARTENV(SP), AX
 	MOVQ AX, 0(DI)
 	MOVQ $0, 8(DI)
@@ -724,6 +693,20 @@ goruntime:
 	XORQ DX, DX
 	XORQ R8, R8
 	JMP  _rt0_amd64_linux(SB)
+
+// startCopyArgs copies the kernel's argc, argv with its NULL, and the first CX pointers of envp,
+// from R12 to DI; DI ends past them, SI at the next of envp.
+TEXT startCopyArgs<>(SB), NOSPLIT|NOFRAME, $0
+	MOVQ CX, R8
+	MOVQ 0(R12), CX
+	MOVQ CX, 0(DI)
+	ADDQ $8, DI
+	LEAQ 8(R12), SI
+	INCQ CX                  // argv and its NULL
+	REP; MOVSQ
+	MOVQ R8, CX
+	REP; MOVSQ
+	RET
 
 // startClose closes DI unless it is negative.
 TEXT startClose<>(SB), NOSPLIT|NOFRAME, $0
@@ -801,7 +784,7 @@ no:
 	XORQ AX, AX
 	RET
 
-// startArgIs: AX = 1 if the NUL-terminated string at DI is the Go string at SI.
+// startArgIs: AX = 1 if the NUL-terminated string at DI is the Go string at SI (uses CX, DX).
 TEXT startArgIs<>(SB), NOSPLIT|NOFRAME, $0
 	MOVQ 8(SI), DX
 	MOVQ 0(SI), SI

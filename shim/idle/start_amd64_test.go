@@ -9,6 +9,7 @@ import (
 	"github.com/envoy-docker-shim/envoy-docker-shim/internal/buildinfo"
 	"github.com/envoy-docker-shim/envoy-docker-shim/internal/mapping"
 	"github.com/envoy-docker-shim/envoy-docker-shim/internal/shimlink"
+	"github.com/envoy-docker-shim/envoy-docker-shim/shim/shimtest"
 )
 
 // The fast start writes and reads the link's messages from its words, without package shimlink:
@@ -52,7 +53,15 @@ func TestFastStartWords(t *testing.T) {
 			t.Errorf("%q, want %q", got, want)
 		}
 	}
-	if strings.Join(startFlags[:], " ") != "-proto tcp -host-ip -host-port -container-ip -container-port -use-listen-fd" {
-		t.Errorf("startFlags %q", startFlags)
+	// dockerd's argv, as shimtest.Args (and the contract) spell it: the flags where the fast start
+	// looks for them.
+	argv := append([]string{"envoy-docker-shim"}, shimtest.Args("tcp", netip.MustParseAddrPort("127.0.0.1:80"), netip.MustParseAddrPort("172.17.0.2:80"), true)...)
+	if len(argv) != 12 {
+		t.Fatalf("argv %q", argv)
+	}
+	for i, flag := range startFlags {
+		if argv[startFlagAt[i]] != flag {
+			t.Errorf("argv[%d] is %q, the fast start looks for %q", startFlagAt[i], argv[startFlagAt[i]], flag)
+		}
 	}
 }

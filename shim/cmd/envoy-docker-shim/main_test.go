@@ -104,6 +104,25 @@ func (h *harness) expectReady(p *shimtest.Proxy) shimtest.Status {
 	return st
 }
 
+// startTCPReady starts a TCP shim for host as dockerd would (with -use-listen-fd: a listening socket
+// on fd 4, whose copy it then closes, as dockerd does after a successful start), and expects ready.
+func (h *harness) startTCPReady(host, container netip.AddrPort, useListenFD bool) (*shimtest.Proxy, shimtest.Status) {
+	h.t.Helper()
+	var sock *os.File
+	if useListenFD {
+		var err error
+		if sock, err = shimtest.ListenTCP(host); err != nil {
+			h.t.Fatal(err)
+		}
+	}
+	p := h.start(shimtest.Args("tcp", host, container, useListenFD), nil, sock)
+	st := h.expectReady(p)
+	if sock != nil {
+		sock.Close()
+	}
+	return p, st
+}
+
 // expectFailure checks "1\n<message containing want>", a non-zero exit, and that the shim is gone.
 func (h *harness) expectFailure(p *shimtest.Proxy, within time.Duration, want ...string) shimtest.Status {
 	h.t.Helper()
@@ -833,18 +852,7 @@ func TestTCPShimGoesIdleOnceReady(t *testing.T) {
 			echo := tcpEcho(t)
 			host := netip.AddrPortFrom(loopback, freePort(t))
 			args := shimtest.Args("tcp", host, echo, useListenFD)
-			var sock *os.File
-			if useListenFD {
-				var err error
-				if sock, err = shimtest.ListenTCP(host); err != nil {
-					t.Fatal(err)
-				}
-			}
-			p := h.start(args, nil, sock)
-			h.expectReady(p)
-			if sock != nil {
-				sock.Close() // as dockerd does after a successful start
-			}
+			p, _ := h.startTCPReady(host, echo, useListenFD)
 			pid := p.Cmd.Process.Pid
 			// No Envoy on the port yet: the shim serves it, and with nothing to do it goes idle
 			// all the same; the next connection wakes it and it serves that too.
@@ -1021,19 +1029,7 @@ func TestFastStart(t *testing.T) {
 			srv := h.server(nil)
 			echo := tcpEcho(t)
 			host := netip.AddrPortFrom(netip.MustParseAddr(tc.ip), freePort(t))
-			args := shimtest.Args("tcp", host, echo, tc.useListenFD)
-			var sock *os.File
-			if tc.useListenFD {
-				var err error
-				if sock, err = shimtest.ListenTCP(host); err != nil {
-					t.Fatal(err)
-				}
-			}
-			p := h.start(args, nil, sock)
-			st := h.expectReady(p)
-			if sock != nil {
-				sock.Close()
-			}
+			p, st := h.startTCPReady(host, echo, tc.useListenFD)
 			pid := p.Cmd.Process.Pid
 			if !idle.Running(pid) {
 				time.Sleep(100 * time.Millisecond) // the few instructions from "0\n" to the idle program's ppoll
@@ -1079,18 +1075,7 @@ func TestServedSteersAFastStartedShim(t *testing.T) {
 			srv := h.server(nil)
 			echo := tcpEcho(t)
 			host := netip.AddrPortFrom(loopback, freePort(t))
-			var sock *os.File
-			if useListenFD {
-				var err error
-				if sock, err = shimtest.ListenTCP(host); err != nil {
-					t.Fatal(err)
-				}
-			}
-			p := h.start(shimtest.Args("tcp", host, echo, useListenFD), nil, sock)
-			h.expectReady(p)
-			if sock != nil {
-				sock.Close()
-			}
+			p, _ := h.startTCPReady(host, echo, useListenFD)
 			pid := p.Cmd.Process.Pid
 			waitIdle(t, pid)
 			startReusePortServer(t, host, 2, "envoy")
