@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/netip"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -532,5 +533,57 @@ func TestServedOnceEnvoyHasThePortAndRegistrationsPause(t *testing.T) {
 	}
 	if msg, err := next(silent, servedQuiet); err == nil {
 		t.Errorf("a shim that did not ask heard %+v", msg)
+	}
+}
+
+// Served wakes shims, which then run in Go for a few milliseconds each: many at once go out
+// servedEvery apart, not all together.
+func TestServedIsPaced(t *testing.T) {
+	f := newFixture(t)
+	sock := filepath.Join(t.TempDir(), "shim.sock")
+	l, err := shimlink.Listen(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan error, 1)
+	go func() { served <- f.server.ServeShims(l) }()
+	t.Cleanup(func() { l.Close(); <-served; f.server.CloseShims() })
+	const n = 20
+	heard := make(chan time.Time, n)
+	for i := range n {
+		c, err := shimlink.Dial(sock)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		m := mapping.Mapping{Key: mapping.Key{Proto: mapping.TCP, HostIP: netip.MustParseAddr("127.0.0.1"), HostPort: uint16(9100 + i)},
+			ContainerIP: netip.MustParseAddr("172.17.0.2"), ContainerPort: 80}
+		if err := c.Send(&shimlink.Open{Mapping: m, PID: 7, Serving: true, WantsServed: true}); err != nil {
+			t.Fatal(err)
+		}
+		go func() {
+			for {
+				msg, err := c.Recv()
+				if err != nil {
+					return
+				}
+				if _, ok := msg.(*shimlink.Served); ok {
+					heard <- time.Now()
+				}
+			}
+		}()
+	}
+	var times []time.Time
+	for range n {
+		select {
+		case at := <-heard:
+			times = append(times, at)
+		case <-time.After(5 * time.Second):
+			t.Fatalf("%d of %d shims heard Served", len(times), n)
+		}
+	}
+	slices.SortFunc(times, func(a, b time.Time) int { return a.Compare(b) })
+	if spread, want := times[n-1].Sub(times[0]), (n-1)*servedEvery*3/4; spread < want {
+		t.Errorf("%d Served went out within %v, want them paced over at least %v", n, spread, want)
 	}
 }

@@ -1031,12 +1031,9 @@ func TestFastStart(t *testing.T) {
 			host := netip.AddrPortFrom(netip.MustParseAddr(tc.ip), freePort(t))
 			p, st := h.startTCPReady(host, echo, tc.useListenFD)
 			pid := p.Cmd.Process.Pid
-			if !idle.Running(pid) {
-				time.Sleep(100 * time.Millisecond) // the few instructions from "0\n" to the idle program's ppoll
-			}
-			exe, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
-			if !idle.Running(pid) || exe != shimBin {
-				t.Fatalf("ready after %s but not idle in the fast start's form: idle %v, executable %q", st.After, idle.Running(pid), exe)
+			waitIdle(t, pid) // the few instructions from "0\n" to the idle program's ppoll
+			if exe, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid)); exe != shimBin {
+				t.Fatalf("ready after %s and idle, but through the shim in Go: the executable is %q", st.After, exe)
 			}
 			t.Logf("ready after %s; idle; PSS %d KiB", st.After, pssKiB(t, pid))
 			opens := srv.Opens()
