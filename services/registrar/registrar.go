@@ -73,11 +73,12 @@ type Server struct {
 }
 
 // servedQuiet is how long registrations must pause before the server tells shims that Envoy has
-// their ports (Served). Each Served wakes an idle shim, which runs in Go for a few milliseconds
-// of CPU to steer its port to Envoy; during a port range that would be hundreds of Go starts on
-// the CPUs dockerd needs to start the range's proxies one after another. Meanwhile the shim
-// serves what reaches its own socket.
-const servedQuiet = 250 * time.Millisecond
+// their ports (Served), as long as Envoy's own batches wait (package xds). Each Served wakes an
+// idle shim, which runs in Go for 2-3 ms of CPU to steer its port to Envoy: during a port range
+// that would be hundreds of Go starts on the CPUs dockerd needs to start the range's proxies one
+// after another. A lone `docker run -p` pauses at once: its port is steered before docker run
+// returns, as the e2e tests expect. Meanwhile the shim serves what reaches its own socket.
+const servedQuiet = 20 * time.Millisecond
 
 // servedEvery paces Served: one shim woken every 10 ms, each for 2-3 ms of CPU, keeps the
 // wake-ups of a 1,000-port range (10 s of them) to about a quarter of one CPU, beside the
