@@ -123,6 +123,20 @@ func newFixture(t *testing.T) *fixture {
 
 func (f *fixture) onRestored(fn func()) { f.server.OnRestored = fn }
 
+// serveShims serves the shim link on a socket of its own until the test ends, and returns its path.
+func (f *fixture) serveShims(t *testing.T) string {
+	t.Helper()
+	sock := filepath.Join(t.TempDir(), "shim.sock")
+	l, err := shimlink.Listen(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan error, 1)
+	go func() { served <- f.server.ServeShims(l) }()
+	t.Cleanup(func() { l.Close(); <-served; f.server.CloseShims() })
+	return sock
+}
+
 func tcpMapping(hostPort uint32, containerIP string) *pb.Mapping {
 	return &pb.Mapping{Proto: pb.Protocol_PROTOCOL_TCP, HostIp: "127.0.0.1", HostPort: hostPort, ContainerIp: containerIP, ContainerPort: 80}
 }
@@ -418,14 +432,7 @@ func TestRegistrationTranslatesOnce(t *testing.T) {
 func TestShimLinkStats(t *testing.T) {
 	f := newFixture(t)
 	f.server.UDP = udpstats.New()
-	sock := filepath.Join(t.TempDir(), "shim.sock")
-	l, err := shimlink.Listen(sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	served := make(chan error, 1)
-	go func() { served <- f.server.ServeShims(l) }()
-	t.Cleanup(func() { l.Close(); <-served; f.server.CloseShims() })
+	sock := f.serveShims(t)
 
 	register := func(proto mapping.Protocol, port uint16) *shimlink.Conn {
 		t.Helper()
@@ -481,14 +488,7 @@ func TestShimLinkStats(t *testing.T) {
 // and registrations paused; one that does not ask never hears it.
 func TestServedOnlyToShimsThatAsk(t *testing.T) {
 	f := newFixture(t)
-	sock := filepath.Join(t.TempDir(), "shim.sock")
-	l, err := shimlink.Listen(sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	served := make(chan error, 1)
-	go func() { served <- f.server.ServeShims(l) }()
-	t.Cleanup(func() { l.Close(); <-served; f.server.CloseShims() })
+	sock := f.serveShims(t)
 	register := func(port uint16, wantsServed bool) *shimlink.Conn {
 		t.Helper()
 		c, err := shimlink.Dial(sock)
@@ -546,14 +546,7 @@ func TestServedWaitsForRegistrationsToPause(t *testing.T) {
 // servedEvery apart, not all together.
 func TestServedIsPaced(t *testing.T) {
 	f := newFixture(t)
-	sock := filepath.Join(t.TempDir(), "shim.sock")
-	l, err := shimlink.Listen(sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	served := make(chan error, 1)
-	go func() { served <- f.server.ServeShims(l) }()
-	t.Cleanup(func() { l.Close(); <-served; f.server.CloseShims() })
+	sock := f.serveShims(t)
 	const n = 20
 	before := time.Now() // no Served can go earlier
 	heard := make(chan time.Time, n)

@@ -543,11 +543,8 @@ keeplisten:
 	JLT  unkeep
 
 	// Ready.
-	MOVQ $3, DI
-	MOVQ ·startStatusReady+0(SB), SI
-	MOVQ ·startStatusReady+8(SB), DX
-	MOVQ $1, AX              // write
-	SYSCALL
+	LEAQ ·startStatusReady(SB), SI
+	CALL startStatus<>(SB)
 	MOVQ $3, DI
 	MOVQ $3, AX              // close
 	SYSCALL
@@ -616,11 +613,8 @@ unkeep:
 
 stopped:
 	// As the Go shim does: dockerd hears why, and the shim exits 0.
-	MOVQ $3, DI
-	MOVQ ·startStatusStopped+0(SB), SI
-	MOVQ ·startStatusStopped+8(SB), DX
-	MOVQ $1, AX              // write
-	SYSCALL
+	LEAQ ·startStatusStopped(SB), SI
+	CALL startStatus<>(SB)
 	MOVQ $0, DI
 	MOVQ $231, AX            // exit_group
 	SYSCALL
@@ -706,6 +700,15 @@ TEXT startCopyArgs<>(SB), NOSPLIT|NOFRAME, $0
 	REP; MOVSQ
 	MOVQ R8, CX
 	REP; MOVSQ
+	RET
+
+// startStatus writes the Go string at SI to fd 3, dockerd's status pipe, in one write.
+TEXT startStatus<>(SB), NOSPLIT|NOFRAME, $0
+	MOVQ 8(SI), DX
+	MOVQ 0(SI), SI
+	MOVQ $3, DI
+	MOVQ $1, AX              // write
+	SYSCALL
 	RET
 
 // startClose closes DI unless it is negative.
