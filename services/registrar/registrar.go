@@ -22,6 +22,7 @@ import (
 
 	"github.com/envoy-docker-shim/envoy-docker-shim/internal/mapping"
 	"github.com/envoy-docker-shim/envoy-docker-shim/internal/shimlink"
+	"github.com/envoy-docker-shim/envoy-docker-shim/internal/wait"
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/dockerapi"
 	"github.com/envoy-docker-shim/envoy-docker-shim/services/labels"
 	pb "github.com/envoy-docker-shim/envoy-docker-shim/services/registration/registrationpb"
@@ -299,8 +300,8 @@ func (s *Server) confirmInBackground(sess session, expected []registry.Expected,
 // the next of the Served paced servedEvery apart; false if ctx ended.
 func (s *Server) servedTurn(ctx context.Context) bool {
 	for {
-		if wait := servedQuiet - time.Since(time.Unix(0, s.lastOpen.Load())); wait > 0 {
-			if !sleep(ctx, wait) {
+		if left := servedQuiet - s.sinceLastOpen(); left > 0 {
+			if !wait.Sleep(ctx, left) {
 				return false
 			}
 			continue
@@ -312,29 +313,17 @@ func (s *Server) servedTurn(ctx context.Context) bool {
 		}
 		s.nextServed = at.Add(servedEvery)
 		s.servedMu.Unlock()
-		if !sleep(ctx, time.Until(at)) {
+		if !wait.Sleep(ctx, time.Until(at)) {
 			return false
 		}
-		if time.Since(time.Unix(0, s.lastOpen.Load())) >= servedQuiet {
+		if s.sinceLastOpen() >= servedQuiet {
 			return true // still paused: a new burst of registrations puts the rest back
 		}
 	}
 }
 
-// sleep waits d, or less if ctx ends (then false).
-func sleep(ctx context.Context, d time.Duration) bool {
-	if d <= 0 {
-		return ctx.Err() == nil
-	}
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return false
-	case <-t.C:
-		return true
-	}
-}
+// sinceLastOpen is how long ago the latest registration opened.
+func (s *Server) sinceLastOpen() time.Duration { return time.Since(time.Unix(0, s.lastOpen.Load())) }
 
 // removalWait bounds how long a deregistering shim is kept waiting for Envoy.
 const removalWait = 300 * time.Millisecond

@@ -71,6 +71,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/envoy-docker-shim/envoy-docker-shim/internal/wait"
 	"github.com/envoy-docker-shim/envoy-docker-shim/shim/logging"
 
 	"golang.org/x/net/bpf"
@@ -339,8 +340,8 @@ func (l *Listener) Steer(ctx context.Context) error {
 			}
 			// S is in no group: the sockets on this address did not join it.
 			l.log.Debug("steering: Envoy's sockets are not in the shim's socket's group", "err", err)
-			if err := sleep(ctx, retryMax); err != nil {
-				return err
+			if !wait.Sleep(ctx, retryMax) {
+				return ctx.Err()
 			}
 			continue
 		}
@@ -363,7 +364,7 @@ func (l *Listener) Steer(ctx context.Context) error {
 func (l *Listener) waitPeers(ctx context.Context, first bool) (int, error) {
 	start := time.Now()
 	warned := false
-	wait := retryMin
+	pause := retryMin
 	for {
 		n, err := l.stablePeers(ctx)
 		if err != nil || n > 0 {
@@ -380,10 +381,10 @@ func (l *Listener) waitPeers(ctx context.Context, first bool) (int, error) {
 				l.log.Warn("Envoy has not come back to the port yet; the shim keeps serving it", "addr", l.addr, "for", time.Since(start).Round(time.Second))
 			}
 		}
-		if err := sleep(ctx, wait); err != nil {
-			return 0, err
+		if !wait.Sleep(ctx, pause) {
+			return 0, ctx.Err()
 		}
-		wait = min(2*wait, retryMax)
+		pause = min(2*pause, retryMax)
 	}
 }
 
@@ -402,8 +403,8 @@ func (l *Listener) peers() (n int, err error) {
 func (l *Listener) stablePeers(ctx context.Context) (int, error) {
 	n, err := l.peers()
 	for err == nil {
-		if err := sleep(ctx, settle); err != nil {
-			return 0, err
+		if !wait.Sleep(ctx, settle) {
+			return 0, ctx.Err()
 		}
 		var again int
 		again, err = l.peers()
@@ -451,13 +452,4 @@ func spread(n int) []bpf.Instruction {
 // the kernel's own hash) once S has left.
 func last(n int) []bpf.Instruction {
 	return []bpf.Instruction{bpf.RetConstant{Val: uint32(n)}}
-}
-
-func sleep(ctx context.Context, d time.Duration) error {
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-time.After(d):
-		return nil
-	}
 }

@@ -767,7 +767,8 @@ loop:
 done:
 	RET
 
-// startHasPrefix: AX = 1 if the NUL-terminated string at DI starts with the Go string at SI.
+// startHasPrefix: AX = 1 if the NUL-terminated string at DI starts with the Go string at SI, and
+// then CX is the prefix's length (uses DX).
 TEXT startHasPrefix<>(SB), NOSPLIT|NOFRAME, $0
 	MOVQ 8(SI), DX
 	MOVQ 0(SI), SI
@@ -787,26 +788,16 @@ no:
 	XORQ AX, AX
 	RET
 
-// startArgIs: AX = 1 if the NUL-terminated string at DI is the Go string at SI (uses CX, DX).
+// startArgIs: AX = 1 if the NUL-terminated string at DI is the Go string at SI (uses CX, DX):
+// it starts with it, and ends there.
 TEXT startArgIs<>(SB), NOSPLIT|NOFRAME, $0
-	MOVQ 8(SI), DX
-	MOVQ 0(SI), SI
-	XORQ CX, CX
-loop:
-	CMPQ CX, DX
-	JEQ  end
-	MOVBLZX (DI)(CX*1), AX
-	CMPB AX, (SI)(CX*1)
-	JNE  no
-	INCQ CX
-	JMP  loop
-end:
+	CALL startHasPrefix<>(SB)
+	TESTQ AX, AX
+	JEQ  done
 	CMPB (DI)(CX*1), $0
-	JNE  no
-	MOVQ $1, AX
-	RET
-no:
+	JEQ  done
 	XORQ AX, AX
+done:
 	RET
 
 // startAddress: AX = 1 if the NUL-terminated string at SI is 1 to 45 hex digits, dots and colons

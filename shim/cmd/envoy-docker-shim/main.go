@@ -34,6 +34,7 @@ import (
 	"github.com/envoy-docker-shim/envoy-docker-shim/internal/buildinfo"
 	"github.com/envoy-docker-shim/envoy-docker-shim/internal/mapping"
 	"github.com/envoy-docker-shim/envoy-docker-shim/internal/shimlink"
+	"github.com/envoy-docker-shim/envoy-docker-shim/internal/wait"
 	"github.com/envoy-docker-shim/envoy-docker-shim/shim/config"
 	"github.com/envoy-docker-shim/envoy-docker-shim/shim/handover"
 	"github.com/envoy-docker-shim/envoy-docker-shim/shim/idle"
@@ -280,7 +281,7 @@ func offerIdle(ctx context.Context, lis *handover.Listener, idleReady chan<- str
 	retry := idleRetryMin
 	for look := idleLookMin; ; {
 		if lis.Active() > 0 || (lis.Steered() == 0 && lis.Quiet() < unsteeredIdleAfter) {
-			if !sleep(ctx, look) {
+			if !wait.Sleep(ctx, look) {
 				return
 			}
 			look = min(2*look, idleLookMax)
@@ -292,23 +293,11 @@ func offerIdle(ctx context.Context, lis *handover.Listener, idleReady chan<- str
 			return
 		}
 		// Still here: the idle program did not take the process.
-		if idleBroken.Load() || !sleep(ctx, retry) {
+		if idleBroken.Load() || !wait.Sleep(ctx, retry) {
 			return
 		}
 		retry = min(2*retry, idleRetryMax)
 		look = idleLookMin
-	}
-}
-
-// sleep waits d, or less if ctx ends (then false).
-func sleep(ctx context.Context, d time.Duration) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return false
-	case <-t.C:
-		return true
 	}
 }
 
