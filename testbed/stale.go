@@ -14,6 +14,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -66,6 +67,7 @@ func sweepStale(root string, logf func(string, ...any)) map[string]instanceState
 		}
 	}
 	removeOrphanBridges(occupied, logf)
+	removeOrphanTables(occupied, logf)
 	return occupied
 }
 
@@ -510,6 +512,85 @@ func removeOrphanBridges(occupied map[string]instanceState, logf func(string, ..
 			}
 		}
 	}
+}
+
+// testTablePrefix begins the name of every nftables table a test gives a server of its own
+// (EDS_NETFILTER_TABLE), so that the tests' tables never meet a real installation's.
+const testTablePrefix = "eds_"
+
+// removeOrphanTables deletes the nftables tables that servers of dead test processes left: a
+// server keeps its rules when it stops (EDS_NETFILTER_KEEP, as shipped), and a test killed before
+// its cleanup never removes them. Left, a table would masquerade and isolate whatever the next
+// daemon on the same slot runs, under another test. An orphan is an eds_* table of family inet
+// whose rules name edsb* bridges, none of them owned by a remaining instance or present as a link;
+// a table naming none is left alone, since nothing tells whose it is.
+func removeOrphanTables(occupied map[string]instanceState, logf func(string, ...any)) {
+	nft, err := exec.LookPath("nft")
+	if err != nil {
+		return // without nft no test made a table
+	}
+	out, err := exec.Command(nft, "list", "tables", "inet").Output()
+	if err != nil {
+		logf("testbed: nft list tables: %v", err)
+		return
+	}
+	owned := map[string]bool{}
+	for _, st := range occupied {
+		owned[st.Bridge] = true
+	}
+	for _, name := range testTables(string(out)) {
+		listing, err := exec.Command(nft, "list", "table", "inet", name).Output()
+		if err != nil {
+			continue // removed meanwhile by its own test
+		}
+		bridges := tableBridges(string(listing))
+		if !orphanTable(bridges, owned, linkExists) {
+			continue
+		}
+		logf("testbed: deleting nftables table inet %s, left by a dead test's server for %s", name, strings.Join(bridges, ", "))
+		if out, err := exec.Command(nft, "delete", "table", "inet", name).CombinedOutput(); err != nil {
+			logf("testbed: nft delete table inet %s: %v: %s", name, err, strings.TrimSpace(string(out)))
+		}
+	}
+}
+
+// testTables picks the tests' tables out of `nft list tables` ("table inet eds_x" per line).
+func testTables(listing string) []string {
+	var names []string
+	for _, line := range strings.Split(listing, "\n") {
+		f := strings.Fields(line)
+		if len(f) == 3 && f[0] == "table" && f[1] == "inet" && strings.HasPrefix(f[2], testTablePrefix) {
+			names = append(names, f[2])
+		}
+	}
+	return names
+}
+
+// testbedBridge matches the testbed's bridges as a table's rules name them (iifname "edsb40").
+var testbedBridge = regexp.MustCompile(`"(` + bridgePrefix + `[0-9]+)"`)
+
+// tableBridges lists the testbed bridges a table's rules name, sorted, each once.
+func tableBridges(listing string) []string {
+	var names []string
+	for _, m := range testbedBridge.FindAllStringSubmatch(listing, -1) {
+		names = append(names, m[1])
+	}
+	slices.Sort(names)
+	return slices.Compact(names)
+}
+
+// orphanTable decides from the bridges a table names whether its test is gone: it names some,
+// and none belongs to a remaining instance or exists.
+func orphanTable(bridges []string, owned map[string]bool, exists func(string) bool) bool {
+	if len(bridges) == 0 {
+		return false
+	}
+	for _, b := range bridges {
+		if owned[b] || exists(b) {
+			return false
+		}
+	}
+	return true
 }
 
 // envoyShmPath is the shared memory Envoy's hot restart creates for a base ID; Envoy leaves it

@@ -1,7 +1,10 @@
 package testbed
 
 import (
+	"fmt"
+	mathrand "math/rand/v2"
 	"net/netip"
+	"os/exec"
 	"slices"
 	"strings"
 	"testing"
@@ -153,5 +156,93 @@ func TestParseBridges(t *testing.T) {
 	pool := netip.MustParsePrefix("172.28.3.0/24")
 	if !addrsWithin(got[1].Addrs, pool) || addrsWithin(got[0].Addrs, pool) || addrsWithin(got[2].Addrs, pool) {
 		t.Errorf("addrsWithin misjudged which bridges are in %s", pool)
+	}
+}
+
+func TestTestTables(t *testing.T) {
+	listing := "table inet eds_edse2e68babfcd\ntable inet envoy_docker_shim\ntable ip nat\ntable inet eds_e2e_edsb40\n\n"
+	if got, want := testTables(listing), []string{"eds_edse2e68babfcd", "eds_e2e_edsb40"}; !slices.Equal(got, want) {
+		t.Errorf("testTables = %q, want %q", got, want)
+	}
+}
+
+func TestOrphanTable(t *testing.T) {
+	listing := `table inet eds_edse2e2e17817c {
+	chain forward {
+		iifname "edsb40" oifname != "edsb40" jump isolation comment "edsb40 (bridge): to another network: isolation"
+		iifname "br-0123456789ab" oifname "edsb7" accept comment "br-0123456789ab (eds-a): isolation"
+		iifname "edsb400x" accept
+	}
+}`
+	bridges := tableBridges(listing)
+	if want := []string{"edsb40", "edsb7"}; !slices.Equal(bridges, want) {
+		t.Fatalf("tableBridges = %q, want %q", bridges, want)
+	}
+	none := func(string) bool { return false }
+	tests := []struct {
+		name    string
+		bridges []string
+		owned   map[string]bool
+		exists  func(string) bool
+		want    bool
+	}{
+		{"no instance, no link", bridges, nil, none, true},
+		{"one bridge owned by a live instance", bridges, map[string]bool{"edsb7": true}, none, false},
+		{"one bridge exists (another testbed root)", bridges, nil, func(b string) bool { return b == "edsb40" }, false},
+		{"names no testbed bridge", nil, nil, none, false},
+	}
+	for _, tt := range tests {
+		if got := orphanTable(tt.bridges, tt.owned, tt.exists); got != tt.want {
+			t.Errorf("%s: orphanTable = %v, want %v", tt.name, got, tt.want)
+		}
+	}
+}
+
+// TestSweepRemovesOrphanTables: the tables a killed test's server kept are gone by the time the
+// next instance is handed out; a table whose bridge exists, or that names none, stays.
+func TestSweepRemovesOrphanTables(t *testing.T) {
+	RequireRoot(t)
+	nft, err := exec.LookPath("nft")
+	if err != nil {
+		missing(t, "the nft command", provisionHint+" (Debian package nftables)")
+	}
+	n := 5000 + mathrand.IntN(4000) // beyond any slot: no instance's bridge
+	live, gone := fmt.Sprintf("%s%d", bridgePrefix, n), fmt.Sprintf("%s%d", bridgePrefix, n+1)
+	suffix := randomHex(4)
+	tables := map[string]string{ // name: the bridge its rule names
+		testTablePrefix + "sweep_orphan_" + suffix: gone,
+		testTablePrefix + "sweep_live_" + suffix:   live,
+		testTablePrefix + "sweep_none_" + suffix:   "",
+	}
+	err = withGlobalLock(func(root string) error {
+		// A veth, not a bridge: the sweep deletes edsb* bridges no instance owns.
+		if out, err := exec.Command("ip", "link", "add", live, "type", "veth", "peer", "name", live+"p").CombinedOutput(); err != nil {
+			return fmt.Errorf("ip link add %s: %v: %s", live, err, out)
+		}
+		defer exec.Command("ip", "link", "del", live).Run()
+		for name, bridge := range tables {
+			script := fmt.Sprintf("table inet %s {\n chain c {\n", name)
+			if bridge != "" {
+				script += fmt.Sprintf("  iifname %q accept\n", bridge)
+			}
+			script += " }\n}\n"
+			cmd := exec.Command(nft, "-f", "-")
+			cmd.Stdin = strings.NewReader(script)
+			if out, err := cmd.CombinedOutput(); err != nil {
+				return fmt.Errorf("nft -f: %v: %s", err, out)
+			}
+			t.Cleanup(func() { _ = exec.Command(nft, "delete", "table", "inet", name).Run() })
+		}
+		sweepStale(root, t.Logf)
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, bridge := range tables {
+		exists := exec.Command(nft, "list", "table", "inet", name).Run() == nil
+		if want := bridge != gone; exists != want {
+			t.Errorf("table %s (naming %q): exists %v after the sweep, want %v", name, bridge, exists, want)
+		}
 	}
 }

@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -68,6 +69,10 @@ func TestE2ENetfilter(t *testing.T) {
 	before := ruleset(t, nft, table.Name)
 	if strings.Contains(before, table.Name) {
 		t.Fatalf("table %s exists before the test:\n%s", table, before)
+	}
+	if others := tablesNaming(run(t, nft, "list", "ruleset"), `"`+d.Bridge+`"`, d.Subnet.String()); len(others) > 0 {
+		t.Fatalf("%s already have rules for this test's bridge %s (%s), left by a run that did not clean up: "+
+			"they would answer for the rules under test; delete them (nft delete table <family> <name>) and run again", strings.Join(others, ", "), d.Bridge, d.Subnet)
 	}
 	outside := testbed.StartOutside(t, d)
 
@@ -340,6 +345,23 @@ func ruleset(t *testing.T, nft, own string) string {
 	return regexp.MustCompile(`\[\d+:\d+\]`).ReplaceAllString(out, "[-]")
 }
 
+// tablesNaming lists the tables of an `nft list ruleset` whose text contains any of needles.
+func tablesNaming(ruleset string, needles ...string) []string {
+	var names []string
+	name, hit := "", false
+	for _, line := range strings.Split(ruleset, "\n") {
+		if strings.HasPrefix(line, "table ") {
+			name, hit = strings.TrimSuffix(strings.TrimPrefix(line, "table "), " {"), false
+		}
+		for _, n := range needles {
+			if !hit && name != "" && strings.Contains(line, n) {
+				names, hit = append(names, name), true
+			}
+		}
+	}
+	return names
+}
+
 // iptablesSave is what iptables-save and ip6tables-save print, without their timestamp comments.
 func iptablesSave(t *testing.T) string {
 	t.Helper()
@@ -449,6 +471,35 @@ func (f *forwardingState) expectOn(t *testing.T) {
 	for p, v := range f.files {
 		if v == "0" {
 			t.Logf("the server turned %s on", p)
+		}
+	}
+}
+
+func TestTablesNaming(t *testing.T) {
+	ruleset := `table inet envoy_docker_shim {
+	chain postrouting {
+		ip saddr 172.29.40.0/24 oifname != "edsb40" masquerade
+	}
+}
+table inet eds_e2e_edsb41 {
+	chain forward {
+		iifname "edsb41" accept
+		oifname "edsb41" accept
+	}
+}
+table ip nat {
+}`
+	tests := []struct {
+		needles []string
+		want    []string
+	}{
+		{[]string{`"edsb40"`, "172.29.40.0/24"}, []string{"inet envoy_docker_shim"}},
+		{[]string{`"edsb41"`, "172.29.41.0/24"}, []string{"inet eds_e2e_edsb41"}},
+		{[]string{`"edsb4"`, "172.29.4.0/24"}, nil},
+	}
+	for _, tt := range tests {
+		if got := tablesNaming(ruleset, tt.needles...); !slices.Equal(got, tt.want) {
+			t.Errorf("tablesNaming(%q) = %q, want %q", tt.needles, got, tt.want)
 		}
 	}
 }
