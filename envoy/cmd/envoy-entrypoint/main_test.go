@@ -60,13 +60,13 @@ func TestStopDrains(t *testing.T) {
 	envoy := testbed.EnvoyBinary(t)
 	bin := testbed.BuildStatic(t, "github.com/envoy-docker-shim/envoy-docker-shim/envoy/cmd/envoy-entrypoint", "envoy-entrypoint")
 	const drain = 3 * time.Second
-	ui := testbed.FreePort(t)
+	ui, admin := testbed.FreePort(t), testbed.FreePort(t)
 	uiAddr := fmt.Sprintf("127.0.0.1:%d", ui)
 	cmd := exec.Command(bin, "--disable-hot-restart")
 	cmd.Env = append(os.Environ(),
 		"ENVOY_BINARY="+envoy,
 		"ENVOY_CONFIG_PATH="+filepath.Join(t.TempDir(), "envoy.yaml"),
-		"ENVOY_PORT="+strconv.Itoa(testbed.FreePort(t)),
+		"ENVOY_PORT="+strconv.Itoa(admin),
 		"ENVOY_UI_LISTEN_PORT="+strconv.Itoa(ui),
 		"ENVOY_CONCURRENCY=1",
 		"ENVOY_DRAIN_TIME="+drain.String(),
@@ -91,6 +91,16 @@ func TestStopDrains(t *testing.T) {
 		t.Fatal("Envoy closes keep-alive connections before any stop")
 	}
 	idle := dialUI(t, uiAddr)
+	// Until Envoy accepts it, a connection is the kernel's, which resets it when the listening
+	// socket closes: wait for Envoy to hold both (a loaded machine delays the accept).
+	stat := fmt.Sprintf("listener.%s.downstream_cx_active", strings.ReplaceAll(uiAddr, ":", "_"))
+	testbed.WaitFor(t, 5*time.Second, "Envoy holds both connections", func() error {
+		_, body, err := testbed.HTTPGet(t.Context(), fmt.Sprintf("http://127.0.0.1:%d/stats?filter=^%s$", admin, stat))
+		if err == nil && strings.TrimSpace(body) != stat+": 2" {
+			err = fmt.Errorf("%q", body)
+		}
+		return err
+	})
 
 	stopped := time.Now()
 	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
