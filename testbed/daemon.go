@@ -2,6 +2,7 @@ package testbed
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -48,6 +49,12 @@ type DaemonOptions struct {
 	// bridge and its containers live in, so that what dockerd does to the network (iptables rules
 	// with "--iptables=true") stays there and leaves with it.
 	NetNS *os.File
+	// ConfigJSON is the daemon's configuration file, e.g. a daemon.json as the installer writes it.
+	// Then the file alone decides how ports are published (iptables, ip6tables, userland-proxy,
+	// userland-proxy-path: dockerd's defaults where it says nothing, UserlandProxyPath unused),
+	// and the harness's other flags are left off for the settings it makes (dockerd refuses to
+	// start when a setting is both a flag and in the file). Empty: "{}" and the harness's flags.
+	ConfigJSON string
 }
 
 // Daemon is a private dockerd with its own bridge, data, sockets, containerd and cgroups.
@@ -259,7 +266,12 @@ func (d *Daemon) start(bins daemonBinaries, proxy string, opts DaemonOptions) er
 	}
 	// An empty config file keeps the host's /etc/docker/daemon.json out of the test.
 	config := filepath.Join(in.dir, "daemon.json")
-	if err := os.WriteFile(config, []byte("{}\n"), 0o644); err != nil {
+	configJSON := cmp.Or(opts.ConfigJSON, "{}\n")
+	var inFile map[string]json.RawMessage
+	if err := json.Unmarshal([]byte(configJSON), &inFile); err != nil {
+		return fmt.Errorf("DaemonOptions.ConfigJSON: %w", err)
+	}
+	if err := os.WriteFile(config, []byte(configJSON), 0o644); err != nil {
 		return err
 	}
 	ipCommands := [][]string{
@@ -288,15 +300,6 @@ func (d *Daemon) start(bins daemonBinaries, proxy string, opts DaemonOptions) er
 		"--pidfile", filepath.Join(in.dir, "docker.pid"),
 		"-H", d.Host,
 		"--bridge", d.Bridge,
-		"--iptables=false",
-		// Docker 27 and later keep ip6tables on when iptables is off: they would put IPv6 rules in
-		// the host's ruleset (with a FORWARD policy of drop) and leave them there when they stop.
-		// 20.10 takes the flag too.
-		"--ip6tables=false",
-		"--ip-forward=false",
-		"--ip-masq=false",
-		"--userland-proxy=true",
-		"--userland-proxy-path", proxy,
 		"--containerd-namespace", in.state.Namespace,
 		"--containerd-plugins-namespace", in.state.Namespace + "-plugins",
 		"--cgroup-parent", in.state.CgroupParent,
@@ -315,6 +318,24 @@ func (d *Daemon) start(bins daemonBinaries, proxy string, opts DaemonOptions) er
 			return err
 		}
 		args = append(args, "--containerd", sock)
+	}
+	for _, f := range []struct {
+		key, value string
+		publishing bool // a setting of how ports are published, which ConfigJSON decides alone
+	}{
+		{"iptables", "false", true},
+		// Docker 27 and later keep ip6tables on when iptables is off: they would put IPv6 rules in
+		// the host's ruleset (with a FORWARD policy of drop) and leave them there when they stop.
+		// 20.10 takes the flag too.
+		{"ip6tables", "false", true},
+		{"userland-proxy", "true", true},
+		{"userland-proxy-path", proxy, true},
+		{"ip-forward", "false", false},
+		{"ip-masq", "false", false},
+	} {
+		if _, set := inFile[f.key]; !set && !(f.publishing && opts.ConfigJSON != "") {
+			args = append(args, "--"+f.key+"="+f.value)
+		}
 	}
 	args = append(args, opts.ExtraArgs...)
 	logf, err := os.OpenFile(d.LogPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)

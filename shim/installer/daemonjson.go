@@ -16,6 +16,7 @@ import (
 const (
 	KeyProxyPath    = "userland-proxy-path"
 	KeyIPTables     = "iptables"
+	KeyIP6Tables    = "ip6tables"
 	KeyUserlandProx = "userland-proxy"
 	keyLiveRestore  = "live-restore"
 )
@@ -196,6 +197,8 @@ type Previous struct {
 //   - userland-proxy-path: the shim instead of docker-proxy;
 //   - iptables false: with iptables on, dockerd DNATs outside traffic straight to the container,
 //     past the userland proxy and so past Envoy;
+//   - ip6tables false: Docker 27 and later keep it on when iptables is off (20.10's default is
+//     off), and then DNAT IPv6 traffic to published ports past Envoy just the same;
 //   - userland-proxy not false: false would mean no userland proxy at all. Only an explicit false
 //     is changed; absent means true.
 func wanted(shimPath string) []struct {
@@ -210,6 +213,7 @@ func wanted(shimPath string) []struct {
 	}{
 		{KeyProxyPath, func(raw json.RawMessage, present bool) bool { return present && isString(raw, shimPath) }, encodeValue(shimPath)},
 		{KeyIPTables, func(raw json.RawMessage, present bool) bool { return present && isBool(raw, false) }, encodeValue(false)},
+		{KeyIP6Tables, func(raw json.RawMessage, present bool) bool { return present && isBool(raw, false) }, encodeValue(false)},
 		{KeyUserlandProx, func(raw json.RawMessage, present bool) bool { return !present || !isBool(raw, false) }, encodeValue(true)},
 	}
 }

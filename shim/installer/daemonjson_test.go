@@ -59,23 +59,23 @@ func TestMerge(t *testing.T) {
 		{
 			name:     "missing file",
 			orig:     "",
-			want:     `{"userland-proxy-path": "/usr/local/bin/envoy-docker-shim", "iptables": false}`,
-			wantKeys: []string{KeyProxyPath, KeyIPTables},
-			wantPrev: []Previous{{Key: KeyProxyPath}, {Key: KeyIPTables}},
+			want:     `{"userland-proxy-path": "/usr/local/bin/envoy-docker-shim", "iptables": false, "ip6tables": false}`,
+			wantKeys: []string{KeyProxyPath, KeyIPTables, KeyIP6Tables},
+			wantPrev: []Previous{{Key: KeyProxyPath}, {Key: KeyIPTables}, {Key: KeyIP6Tables}},
 		},
 		{
 			name:     "whitespace only",
 			orig:     " \n\t\n",
-			want:     `{"userland-proxy-path": "/usr/local/bin/envoy-docker-shim", "iptables": false}`,
-			wantKeys: []string{KeyProxyPath, KeyIPTables},
-			wantPrev: []Previous{{Key: KeyProxyPath}, {Key: KeyIPTables}},
+			want:     `{"userland-proxy-path": "/usr/local/bin/envoy-docker-shim", "iptables": false, "ip6tables": false}`,
+			wantKeys: []string{KeyProxyPath, KeyIPTables, KeyIP6Tables},
+			wantPrev: []Previous{{Key: KeyProxyPath}, {Key: KeyIPTables}, {Key: KeyIP6Tables}},
 		},
 		{
 			name:     "empty object",
 			orig:     "{}",
-			want:     `{"userland-proxy-path": "/usr/local/bin/envoy-docker-shim", "iptables": false}`,
-			wantKeys: []string{KeyProxyPath, KeyIPTables},
-			wantPrev: []Previous{{Key: KeyProxyPath}, {Key: KeyIPTables}},
+			want:     `{"userland-proxy-path": "/usr/local/bin/envoy-docker-shim", "iptables": false, "ip6tables": false}`,
+			wantKeys: []string{KeyProxyPath, KeyIPTables, KeyIP6Tables},
+			wantPrev: []Previous{{Key: KeyProxyPath}, {Key: KeyIPTables}, {Key: KeyIP6Tables}},
 		},
 		{
 			name: "nested keys kept in place, values as written",
@@ -88,38 +88,46 @@ func TestMerge(t *testing.T) {
 	"mtu": 1500.0,
 	"big": 12345678901234567890,
 	"note": "\u00e9 <&> \"q\"",
-	"userland-proxy-path": "/usr/local/bin/envoy-docker-shim"
+	"userland-proxy-path": "/usr/local/bin/envoy-docker-shim",
+	"ip6tables": false
 }`,
-			wantKeys: []string{"log-driver", "log-opts", "default-address-pools", KeyIPTables, "mtu", "big", "note", KeyProxyPath},
-			wantPrev: []Previous{{Key: KeyProxyPath}, {Key: KeyIPTables, Present: true, Value: json.RawMessage("true")}},
+			wantKeys: []string{"log-driver", "log-opts", "default-address-pools", KeyIPTables, "mtu", "big", "note", KeyProxyPath, KeyIP6Tables},
+			wantPrev: []Previous{{Key: KeyProxyPath}, {Key: KeyIPTables, Present: true, Value: json.RawMessage("true")}, {Key: KeyIP6Tables}},
 		},
 		{
 			name:     "another proxy path is replaced",
-			orig:     `{"userland-proxy-path": "/usr/libexec/docker/docker-proxy", "iptables": false}`,
-			want:     `{"userland-proxy-path": "/usr/local/bin/envoy-docker-shim", "iptables": false}`,
-			wantKeys: []string{KeyProxyPath, KeyIPTables},
+			orig:     `{"userland-proxy-path": "/usr/libexec/docker/docker-proxy", "iptables": false, "ip6tables": false}`,
+			want:     `{"userland-proxy-path": "/usr/local/bin/envoy-docker-shim", "iptables": false, "ip6tables": false}`,
+			wantKeys: []string{KeyProxyPath, KeyIPTables, KeyIP6Tables},
 			wantPrev: []Previous{{Key: KeyProxyPath, Present: true, Value: json.RawMessage(`"/usr/libexec/docker/docker-proxy"`)}},
 		},
 		{
 			name:     "userland-proxy false would bypass the shim",
 			orig:     `{"userland-proxy": false, "debug": true}`,
-			want:     `{"userland-proxy": true, "debug": true, "userland-proxy-path": "/usr/local/bin/envoy-docker-shim", "iptables": false}`,
-			wantKeys: []string{KeyUserlandProx, "debug", KeyProxyPath, KeyIPTables},
-			wantPrev: []Previous{{Key: KeyProxyPath}, {Key: KeyIPTables}, {Key: KeyUserlandProx, Present: true, Value: json.RawMessage("false")}},
+			want:     `{"userland-proxy": true, "debug": true, "userland-proxy-path": "/usr/local/bin/envoy-docker-shim", "iptables": false, "ip6tables": false}`,
+			wantKeys: []string{KeyUserlandProx, "debug", KeyProxyPath, KeyIPTables, KeyIP6Tables},
+			wantPrev: []Previous{{Key: KeyProxyPath}, {Key: KeyIPTables}, {Key: KeyIP6Tables}, {Key: KeyUserlandProx, Present: true, Value: json.RawMessage("false")}},
 		},
 		{
 			name:     "iptables null is not false",
-			orig:     `{"iptables": null, "userland-proxy-path": "/usr/local/bin/envoy-docker-shim"}`,
-			want:     `{"iptables": false, "userland-proxy-path": "/usr/local/bin/envoy-docker-shim"}`,
-			wantKeys: []string{KeyIPTables, KeyProxyPath},
+			orig:     `{"iptables": null, "userland-proxy-path": "/usr/local/bin/envoy-docker-shim", "ip6tables": false}`,
+			want:     `{"iptables": false, "userland-proxy-path": "/usr/local/bin/envoy-docker-shim", "ip6tables": false}`,
+			wantKeys: []string{KeyIPTables, KeyProxyPath, KeyIP6Tables},
 			wantPrev: []Previous{{Key: KeyIPTables, Present: true, Value: json.RawMessage("null")}},
 		},
 		{
 			name:     "iptables as a string is not false",
-			orig:     `{"iptables": "false"}`,
-			want:     `{"iptables": false, "userland-proxy-path": "/usr/local/bin/envoy-docker-shim"}`,
-			wantKeys: []string{KeyIPTables, KeyProxyPath},
+			orig:     `{"iptables": "false", "ip6tables": false}`,
+			want:     `{"iptables": false, "ip6tables": false, "userland-proxy-path": "/usr/local/bin/envoy-docker-shim"}`,
+			wantKeys: []string{KeyIPTables, KeyIP6Tables, KeyProxyPath},
 			wantPrev: []Previous{{Key: KeyProxyPath}, {Key: KeyIPTables, Present: true, Value: json.RawMessage(`"false"`)}},
+		},
+		{
+			name:     "ip6tables on would DNAT IPv6 past Envoy (Docker 27+)",
+			orig:     `{"userland-proxy-path": "/usr/local/bin/envoy-docker-shim", "iptables": false, "ip6tables": true}`,
+			want:     `{"userland-proxy-path": "/usr/local/bin/envoy-docker-shim", "iptables": false, "ip6tables": false}`,
+			wantKeys: []string{KeyProxyPath, KeyIPTables, KeyIP6Tables},
+			wantPrev: []Previous{{Key: KeyIP6Tables, Present: true, Value: json.RawMessage("true")}},
 		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -179,8 +187,8 @@ func TestMergeValuesKeptByteForByte(t *testing.T) {
 
 func TestMergeAlreadyConfigured(t *testing.T) {
 	for _, orig := range []string{
-		`{"userland-proxy-path":"/usr/local/bin/envoy-docker-shim","iptables":false}`,
-		"{\n  \"debug\": true,\n  \"iptables\" :  false , \"userland-proxy-path\": \"/usr/local/bin/envoy-docker-shim\", \"userland-proxy\": true}",
+		`{"userland-proxy-path":"/usr/local/bin/envoy-docker-shim","iptables":false,"ip6tables":false}`,
+		"{\n  \"debug\": true,\n  \"iptables\" :  false , \"userland-proxy-path\": \"/usr/local/bin/envoy-docker-shim\", \"userland-proxy\": true, \"ip6tables\":false}",
 	} {
 		out, prev, changed, err := Merge([]byte(orig), shimPath)
 		if err != nil || changed || len(prev) != 0 || string(out) != orig {
@@ -246,8 +254,9 @@ func TestRestoreLeavesUserChanges(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if changed || !bytes.Equal(out, edited) {
-		t.Errorf("Restore changed a file whose managed keys the user had changed:\n%s", out)
+	// Only ip6tables, which the user left as the installer set it, goes back (it was absent).
+	if want := `{"iptables": true, "debug": true}`; !changed || !reflect.DeepEqual(decode(t, out), decode(t, []byte(want))) {
+		t.Errorf("Restore of a file whose iptables and path the user had changed: changed=%v\n%s\nwant the meaning of %s", changed, out, want)
 	}
 	if !reflect.DeepEqual(kept, []string{KeyIPTables}) {
 		t.Errorf("kept = %q, want [iptables] (the path was absent before and is absent now)", kept)

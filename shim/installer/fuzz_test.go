@@ -49,7 +49,7 @@ func FuzzMerge(f *testing.F) {
 
 		before, after := members(t, orig), members(t, out)
 		for k, v := range before {
-			if k == KeyProxyPath || k == KeyIPTables || k == KeyUserlandProx {
+			if k == KeyProxyPath || k == KeyIPTables || k == KeyIP6Tables || k == KeyUserlandProx {
 				continue
 			}
 			if !bytes.Equal(compactRaw(after[k]), compactRaw(v)) {
@@ -57,7 +57,7 @@ func FuzzMerge(f *testing.F) {
 			}
 		}
 		for k := range after {
-			if _, ok := before[k]; !ok && k != KeyProxyPath && k != KeyIPTables {
+			if _, ok := before[k]; !ok && k != KeyProxyPath && k != KeyIPTables && k != KeyIP6Tables {
 				t.Fatalf("key %q appeared", k)
 			}
 		}

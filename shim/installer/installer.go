@@ -37,7 +37,7 @@ type Config struct {
 	InstallMount     string `envconfig:"EDS_INSTALL_MOUNT" default:"/host/bin" desc:"Where EDS_INSTALL_DIR is mounted in the installer container."`
 	ShimName         string `envconfig:"EDS_SHIM_NAME" default:"envoy-docker-shim" desc:"File name of the installed shim (resync looks for processes of this name)."`
 	ShimSource       string `envconfig:"EDS_SHIM_SOURCE" default:"/envoy-docker-shim" desc:"The static shim binary to install, inside the installer image."`
-	ConfigureDockerd bool   `envconfig:"EDS_CONFIGURE_DOCKERD" default:"false" desc:"true: merge userland-proxy-path and \"iptables\": false into daemon.json (timestamped backup first; idempotent)."`
+	ConfigureDockerd bool   `envconfig:"EDS_CONFIGURE_DOCKERD" default:"false" desc:"true: merge userland-proxy-path, \"iptables\": false and \"ip6tables\": false into daemon.json (timestamped backup first; idempotent)."`
 	DaemonJSON       string `envconfig:"EDS_DAEMON_JSON" default:"/host/etc/docker/daemon.json" desc:"The host's daemon.json inside the installer container; mount its directory, not the file, so it can be replaced atomically."`
 	DaemonJSONHost   string `envconfig:"EDS_DAEMON_JSON_HOST" default:"/etc/docker/daemon.json" desc:"The same file as the host sees it, for messages."`
 	Uninstall        bool   `envconfig:"EDS_UNINSTALL" default:"false" desc:"true: restore the daemon.json values the installer changed, remove the shim, and remove envoy-docker-server's netfilter rules (the nftables table EDS_NETFILTER_TABLE)."`
@@ -112,7 +112,9 @@ type Result struct {
 	Set             []Previous // install: the keys changed, with what they held before
 	Kept            []string   // uninstall: keys the user changed since install, left alone
 	IPTablesChanged bool       // install: iptables went from enabled (absent or true) to false
-	LiveRestore     bool
+	// IP6TablesChanged: ip6tables went from absent or true to false (absent is on in Docker 27+).
+	IP6TablesChanged bool
+	LiveRestore      bool
 
 	NftTable     string // envoy-docker-server's nftables table
 	TableChecked bool   // uninstall: looked for the table (and removed it if TableRemoved)
@@ -295,6 +297,9 @@ func (in Installer) configure(r *Result) error {
 	for _, p := range prev {
 		if p.Key == KeyIPTables && !(p.Present && isBool(p.Value, false)) {
 			r.IPTablesChanged = true
+		}
+		if p.Key == KeyIP6Tables && !(p.Present && isBool(p.Value, false)) {
+			r.IP6TablesChanged = true
 		}
 	}
 	return nil

@@ -161,6 +161,7 @@ func TestInstallConfigureIdempotentUninstall(t *testing.T) {
 	merged := h.read(h.daemonJSON())
 	want := decode(t, []byte(userDaemonJSON))
 	want["iptables"] = false
+	want["ip6tables"] = false
 	want["userland-proxy-path"] = h.installed()
 	if got := decode(t, merged); !reflect.DeepEqual(got, want) {
 		t.Errorf("daemon.json after install:\n%s", merged)
@@ -179,7 +180,7 @@ func TestInstallConfigureIdempotentUninstall(t *testing.T) {
 		t.Errorf("no installer record: %v", err)
 	}
 	next := strings.Join(r.Next(), "\n")
-	for _, s := range []string{"systemctl restart docker", "stops every running container", "iptables -t nat -S DOCKER"} {
+	for _, s := range []string{"systemctl restart docker", "stops every running container", "iptables -t nat -S DOCKER", "ip6tables -t nat -S DOCKER"} {
 		if !strings.Contains(next, s) {
 			t.Errorf("next steps lack %q:\n%s", s, next)
 		}
@@ -327,7 +328,7 @@ func TestWithoutConfigureDaemonJSONIsUntouched(t *testing.T) {
 func TestUninstallWarnsAboutHandConfiguredDaemon(t *testing.T) {
 	h := newHost(t)
 	h.mustRun(false, false)
-	hand := `{"userland-proxy-path": "` + h.installed() + `", "iptables": false, "live-restore": true}`
+	hand := `{"userland-proxy-path": "` + h.installed() + `", "iptables": false, "ip6tables": false, "live-restore": true}`
 	if err := os.WriteFile(h.daemonJSON(), []byte(hand), 0o644); err != nil {
 		t.Fatal(err)
 	}

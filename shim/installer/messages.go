@@ -93,10 +93,13 @@ func (r Result) Next() []string {
 	switch {
 	case r.DaemonChanged:
 		next = append(next,
-			restart+" If dockerd's command line sets --userland-proxy-path, --iptables or --userland-proxy (see systemctl cat docker), remove them there first: dockerd refuses to start when a setting is both a flag and in daemon.json.",
+			restart+" If dockerd's command line sets --userland-proxy-path, --iptables, --ip6tables or --userland-proxy (see systemctl cat docker), remove them there first: dockerd refuses to start when a setting is both a flag and in daemon.json.",
 			r.restartEffect())
 		if r.IPTablesChanged {
 			next = append(next, "dockerd leaves behind the iptables rules it made while \"iptables\" was on: after the restart, list them with iptables -t nat -S DOCKER and delete the DNAT rules of published ports (or reboot), because such a rule sends a port's outside traffic past Envoy.")
+		}
+		if r.IP6TablesChanged {
+			next = append(next, "Docker 27 and later also leave the IPv6 rules they made while \"ip6tables\" was on (its default there): list them with ip6tables -t nat -S DOCKER and delete the DNAT rules of published ports (or reboot).")
 		}
 		next = append(next, "Keep the appliance running (docker compose up -d): with the shim configured, docker run -p fails while envoy-docker-server is down.")
 	case r.Configured && r.ShimChanged:
@@ -105,7 +108,7 @@ func (r Result) Next() []string {
 		// Nothing changed; Done says so.
 	default:
 		next = append(next,
-			fmt.Sprintf("To make dockerd use the shim, run the installer again with EDS_CONFIGURE_DOCKERD=true, or add to %s: %q: %q, %q: false.", r.DaemonJSON, KeyProxyPath, r.ShimPath, KeyIPTables),
+			fmt.Sprintf("To make dockerd use the shim, run the installer again with EDS_CONFIGURE_DOCKERD=true, or add to %s: %q: %q, %q: false, %q: false.", r.DaemonJSON, KeyProxyPath, r.ShimPath, KeyIPTables, KeyIP6Tables),
 			restart,
 			r.restartEffect())
 	}

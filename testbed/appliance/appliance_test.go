@@ -277,6 +277,7 @@ func checkDaemonJSON(t *testing.T, a *Appliance) {
 		t.Fatal(err)
 	}
 	want["iptables"] = false
+	want["ip6tables"] = false
 	want["userland-proxy-path"] = a.ShimPath
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("daemon.json = %v, want %v", got, want)
