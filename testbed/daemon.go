@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"cmp"
 	"context"
+	"crypto/rand"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -275,7 +276,10 @@ func (d *Daemon) start(bins daemonBinaries, proxy string, opts DaemonOptions) er
 		return err
 	}
 	ipCommands := [][]string{
-		{"link", "add", "name", d.Bridge, "type", "bridge"},
+		// A MAC address of its own, as dockerd gives the bridges it creates: otherwise the kernel
+		// gives the bridge its lowest port's, which changes as containers come and go, and the
+		// containers' cached gateway address then leads nowhere until they resolve it again.
+		{"link", "add", "name", d.Bridge, "address", bridgeMAC(), "type", "bridge"},
 		{"addr", "add", netip.PrefixFrom(d.Gateway, d.Subnet.Bits()).String(), "dev", d.Bridge},
 		{"link", "set", d.Bridge, "up"},
 	}
@@ -558,4 +562,12 @@ func tailFile(path string, n int) string {
 		lines = append([]string{fmt.Sprintf("... (%d earlier lines)", len(lines)-n)}, lines[len(lines)-n:]...)
 	}
 	return strings.Join(lines, "\n")
+}
+
+// bridgeMAC is a random locally administered unicast MAC address.
+func bridgeMAC() string {
+	b := make([]byte, 6)
+	_, _ = rand.Read(b)
+	b[0] = b[0]&0xfe | 0x02
+	return net.HardwareAddr(b).String()
 }

@@ -66,6 +66,10 @@ func TestStockDockerProxy(t *testing.T) {
 
 func testStockDockerProxy(t *testing.T, gen Generation) {
 	d := StartDaemon(t, DaemonOptions{Generation: gen})
+	// The bridge keeps its address as containers come and go, as dockerd's own bridges do: a
+	// bridge that took its lowest port's would leave the containers' gateway entry pointing nowhere.
+	bridgeMAC := func() string { return strings.TrimSpace(string(readFile("/sys/class/net/" + d.Bridge + "/address"))) }
+	mac := bridgeMAC()
 	httpPort, tcpPort, udpPort := FreePort(t), FreePort(t), FreePort(t)
 	c := d.Run(t, RunOptions{Publish: []string{
 		fmt.Sprintf("127.0.0.1:%d:80", httpPort),
@@ -121,7 +125,13 @@ func testStockDockerProxy(t *testing.T, gen Generation) {
 		t.Fatalf("UDP echo of %d bytes returned %d bytes, %v", len(datagram), len(got), err)
 	}
 
+	if got := bridgeMAC(); got != mac {
+		t.Errorf("the bridge's MAC address went from %s to %s with a container", mac, got)
+	}
 	d.Stop(t, c)
+	if got := bridgeMAC(); got != mac {
+		t.Errorf("the bridge's MAC address went from %s to %s when the container stopped", mac, got)
+	}
 	// 0 rather than 137 means the echo server exited on SIGTERM instead of waiting for SIGKILL.
 	if code := d.MustDocker(t, "inspect", "-f", "{{.State.ExitCode}}", c.ID); code != "0" {
 		t.Errorf("echo server exited with %s on docker stop, want 0", code)
