@@ -524,6 +524,23 @@ func (d *Daemon) teardown(t testing.TB) {
 	if err := d.inst.release(t.Logf); err != nil {
 		t.Errorf("testbed: removing daemon instance %s: %v", d.Root, err)
 	}
+	// A server the test ran must not keep rules for the bridge past the test: the slot's next
+	// daemon, under another test, would inherit them (a test's own eds_* table goes quietly if
+	// the test failed before removing it).
+	tables, err := tablesNaming(d.Bridge)
+	if err != nil {
+		t.Errorf("testbed: %v", err)
+	}
+	for _, tb := range tables {
+		if !t.Failed() || !tb.ours() {
+			t.Errorf("testbed: nftables table %s still has rules for %s after the test: a server the test ran kept them (run it with testbed.ServerHostEnv)", tb, d.Bridge)
+		}
+		if tb.ours() {
+			if err := tb.delete(); err != nil {
+				t.Errorf("testbed: %v", err)
+			}
+		}
+	}
 }
 
 // stopDaemon removes every container first (SIGKILL, no grace) so dockerd's own shutdown has

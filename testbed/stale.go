@@ -525,45 +525,90 @@ const testTablePrefix = "eds_"
 // whose rules name edsb* bridges, none of them owned by a remaining instance or present as a link;
 // a table naming none is left alone, since nothing tells whose it is.
 func removeOrphanTables(occupied map[string]instanceState, logf func(string, ...any)) {
-	nft, err := exec.LookPath("nft")
+	tables, err := listTables()
 	if err != nil {
-		return // without nft no test made a table
-	}
-	out, err := exec.Command(nft, "list", "tables", "inet").Output()
-	if err != nil {
-		logf("testbed: nft list tables: %v", err)
+		logf("testbed: %v", err)
 		return
 	}
 	owned := map[string]bool{}
 	for _, st := range occupied {
 		owned[st.Bridge] = true
 	}
-	for _, name := range testTables(string(out)) {
-		listing, err := exec.Command(nft, "list", "table", "inet", name).Output()
-		if err != nil {
-			continue // removed meanwhile by its own test
-		}
-		bridges := tableBridges(string(listing))
-		if !orphanTable(bridges, owned, linkExists) {
+	for _, tb := range tables {
+		if !tb.ours() || !orphanTable(tb.bridges, owned, linkExists) {
 			continue
 		}
-		logf("testbed: deleting nftables table inet %s, left by a dead test's server for %s", name, strings.Join(bridges, ", "))
-		if out, err := exec.Command(nft, "delete", "table", "inet", name).CombinedOutput(); err != nil {
-			logf("testbed: nft delete table inet %s: %v: %s", name, err, strings.TrimSpace(string(out)))
+		logf("testbed: deleting nftables table %s, left by a dead test's server for %s", tb, strings.Join(tb.bridges, ", "))
+		if err := tb.delete(); err != nil {
+			logf("testbed: %v", err)
 		}
 	}
 }
 
-// testTables picks the tests' tables out of `nft list tables` ("table inet eds_x" per line).
-func testTables(listing string) []string {
-	var names []string
+// nftTable is a table of the host's ruleset and the testbed bridges its rules name.
+type nftTable struct {
+	family, name string
+	bridges      []string
+}
+
+func (tb nftTable) String() string { return tb.family + " " + tb.name }
+
+// ours reports whether a test made the table for a server of its own.
+func (tb nftTable) ours() bool {
+	return tb.family == "inet" && strings.HasPrefix(tb.name, testTablePrefix)
+}
+
+func (tb nftTable) delete() error {
+	if out, err := exec.Command("nft", "delete", "table", tb.family, tb.name).CombinedOutput(); err != nil {
+		return fmt.Errorf("nft delete table %s: %v: %s", tb, err, strings.TrimSpace(string(out)))
+	}
+	return nil
+}
+
+// listTables lists the host's nftables tables with the testbed bridges each names; none without
+// the nft command (then no test made one).
+func listTables() ([]nftTable, error) {
+	nft, err := exec.LookPath("nft")
+	if err != nil {
+		return nil, nil
+	}
+	out, err := exec.Command(nft, "list", "tables").Output()
+	if err != nil {
+		return nil, fmt.Errorf("nft list tables: %w", err)
+	}
+	var tables []nftTable
+	for _, tb := range parseTables(string(out)) {
+		listing, err := exec.Command(nft, "list", "table", tb.family, tb.name).Output()
+		if err != nil {
+			continue // removed meanwhile by its own test
+		}
+		tb.bridges = tableBridges(string(listing))
+		tables = append(tables, tb)
+	}
+	return tables, nil
+}
+
+// parseTables reads `nft list tables`: "table <family> <name>" per line.
+func parseTables(listing string) []nftTable {
+	var tables []nftTable
 	for _, line := range strings.Split(listing, "\n") {
-		f := strings.Fields(line)
-		if len(f) == 3 && f[0] == "table" && f[1] == "inet" && strings.HasPrefix(f[2], testTablePrefix) {
-			names = append(names, f[2])
+		if f := strings.Fields(line); len(f) == 3 && f[0] == "table" {
+			tables = append(tables, nftTable{family: f[1], name: f[2]})
 		}
 	}
-	return names
+	return tables
+}
+
+// tablesNaming returns the tables whose rules name bridge.
+func tablesNaming(bridge string) ([]nftTable, error) {
+	tables, err := listTables()
+	var naming []nftTable
+	for _, tb := range tables {
+		if slices.Contains(tb.bridges, bridge) {
+			naming = append(naming, tb)
+		}
+	}
+	return naming, err
 }
 
 // testbedBridge matches the testbed's bridges as a table's rules name them (iifname "edsb40").

@@ -159,10 +159,18 @@ func TestParseBridges(t *testing.T) {
 	}
 }
 
-func TestTestTables(t *testing.T) {
+func TestParseTables(t *testing.T) {
 	listing := "table inet eds_edse2e68babfcd\ntable inet envoy_docker_shim\ntable ip nat\ntable inet eds_e2e_edsb40\n\n"
-	if got, want := testTables(listing), []string{"eds_edse2e68babfcd", "eds_e2e_edsb40"}; !slices.Equal(got, want) {
-		t.Errorf("testTables = %q, want %q", got, want)
+	var got []string
+	var ours []bool
+	for _, tb := range parseTables(listing) {
+		got, ours = append(got, tb.String()), append(ours, tb.ours())
+	}
+	if want := []string{"inet eds_edse2e68babfcd", "inet envoy_docker_shim", "ip nat", "inet eds_e2e_edsb40"}; !slices.Equal(got, want) {
+		t.Errorf("parseTables = %q, want %q", got, want)
+	}
+	if want := []bool{true, false, false, true}; !slices.Equal(ours, want) {
+		t.Errorf("ours = %v, want %v", ours, want)
 	}
 }
 

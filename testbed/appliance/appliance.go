@@ -120,7 +120,7 @@ func Start(t testing.TB, opts Options) *Appliance {
 		InstallDir:      filepath.Join(dir, "bin"),
 		RunDir:          filepath.Join(dir, "run"),
 		DockerConfigDir: filepath.Join(dir, "etc-docker"),
-		SysctlDir:       filepath.Join(dir, "proc-sys-net"),
+		SysctlDir:       testbed.SysctlStandIn(t),
 		XDSAddr:         loopback(testbed.FreePort(t)),
 		HTTPAddr:        loopback(testbed.FreePort(t)),
 		AdminAddr:       loopback(testbed.FreePort(t)),
@@ -140,15 +140,6 @@ func Start(t testing.TB, opts Options) *Appliance {
 	a.Socket = filepath.Join(a.RunDir, "server.sock")
 	for _, d := range []string{a.InstallDir, a.RunDir, a.DockerConfigDir} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
-			t.Fatal(err)
-		}
-	}
-	for _, f := range []string{"ipv4/ip_forward", "ipv6/conf/all/forwarding", "ipv6/conf/default/forwarding", "ipv4/tcp_migrate_req"} {
-		p := filepath.Join(a.SysctlDir, f)
-		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(p, []byte("0\n"), 0o644); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -477,6 +477,7 @@ func startServer(b *testing.B, d *testbed.Daemon, shimSocket string) *serverProc
 		"DOCKER_HOST="+d.Host,
 		"EDS_RESTART_GRACE=0s", // nothing to restore: answer Envoy at once
 	)
+	cmd.Env = append(cmd.Env, testbed.ServerHostEnv(b, d)...)
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {

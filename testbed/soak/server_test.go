@@ -69,6 +69,7 @@ func startServer(t testing.TB, d *testbed.Daemon, shimSocket string) *serverProc
 		"EDS_ACCESS_LOG=false",
 		"EDS_LOG_LEVEL=info",
 	)
+	cmd.Env = append(cmd.Env, testbed.ServerHostEnv(t, d)...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	// Its own process group: a ^C meant for go test must not stop it before the cleanup does.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}

@@ -27,6 +27,10 @@ func TestSignalsStopTheServerCleanly(t *testing.T) {
 			"EDS_HTTP_ADDR=127.0.0.1:"+strconv.Itoa(testbed.FreePort(t)),
 			"DOCKER_HOST=",
 			"EDS_RESTART_GRACE=100ms",
+			// No dockerd of the test's here: the machine's own network settings stay out of it.
+			"EDS_NETFILTER=false",
+			"EDS_NETFILTER_TABLE=eds_srv_signals",
+			"EDS_SYSCTL_NET="+testbed.SysctlStandIn(t),
 		)
 		return cmd
 	}, func(stderr string) bool {
