@@ -77,8 +77,9 @@ type Server struct {
 // their ports (Served), as long as Envoy's own batches wait (package xds). Each Served wakes an
 // idle shim, which runs in Go for 2-3 ms of CPU to steer its port to Envoy: during a port range
 // that would be hundreds of Go starts on the CPUs dockerd needs to start the range's proxies one
-// after another. A lone `docker run -p` pauses at once: its port is steered before docker run
-// returns, as the e2e tests expect. Meanwhile the shim serves what reaches its own socket.
+// after another. A registration that came after a pause goes at once while no other has come
+// (a lone docker run -p, whose port must be steered before docker run returns, as the e2e tests
+// expect). Meanwhile the shim serves what reaches its own socket.
 const servedQuiet = 20 * time.Millisecond
 
 // servedEvery paces Served: one shim woken every 10 ms, each for 2-3 ms of CPU, keeps the
@@ -146,7 +147,8 @@ func (s *Server) serve(sess session) {
 		s.fail(sess, err.Error())
 		return
 	}
-	s.lastOpen.Store(time.Now().UnixNano())
+	opened := time.Now().UnixNano()
+	lone := time.Duration(opened-s.lastOpen.Swap(opened)) >= servedQuiet
 	m := open.Mapping
 	log := s.Log.With("mapping", m.Key.String(), "container_ip", m.ContainerIP.String(), "shim_pid", open.PID)
 
@@ -217,7 +219,7 @@ func (s *Server) serve(sess session) {
 		if err != nil {
 			log.Error("the port cannot be given to Envoy; its shim keeps serving it without Envoy's metrics, logs and traces", "err", err)
 		} else {
-			go s.confirmInBackground(sess, expected, open.WantsServed, log)
+			go s.confirmInBackground(sess, expected, open.WantsServed, turn{opened: opened, lone: lone}, log)
 		}
 	}
 	s.Metrics.results.WithLabelValues("ready").Inc()
@@ -279,7 +281,7 @@ func (s *Server) confirm(ctx context.Context, expected []registry.Expected) erro
 
 // confirmInBackground waits for Envoy to take a port its shim serves meanwhile, says so in the
 // log, and tells the shim if it asked (Open.WantsServed).
-func (s *Server) confirmInBackground(sess session, expected []registry.Expected, tell bool, log *slog.Logger) {
+func (s *Server) confirmInBackground(sess session, expected []registry.Expected, tell bool, tn turn, log *slog.Logger) {
 	ctx := sess.Context()
 	start := time.Now()
 	if err := s.confirm(ctx, expected); err != nil {
@@ -289,18 +291,30 @@ func (s *Server) confirmInBackground(sess session, expected []registry.Expected,
 		return
 	}
 	log.Debug("Envoy serves the port", "envoy_us", time.Since(start).Microseconds())
-	if tell && s.servedTurn(ctx) {
+	if tell && s.servedTurn(ctx, tn) {
 		if err := sess.Served(); err != nil && ctx.Err() == nil {
 			log.Debug("telling the shim Envoy serves the port", "err", err)
 		}
 	}
 }
 
-// servedTurn waits until a Served may go: registrations have paused for servedQuiet, and this is
-// the next of the Served paced servedEvery apart; false if ctx ended.
-func (s *Server) servedTurn(ctx context.Context) bool {
+// turn is what servedTurn needs to know of a registration: when it opened, and whether it came
+// after a pause (servedQuiet without one).
+type turn struct {
+	opened int64 // Unix nanoseconds
+	lone   bool
+}
+
+// alone reports whether the registration came after a pause and none has come since: a lone
+// docker run's, or the first of a range that has not gone on yet. It need not wait for a pause,
+// and so its port is steered to Envoy before the first requests after docker run.
+func (s *Server) alone(tn turn) bool { return tn.lone && s.lastOpen.Load() == tn.opened }
+
+// servedTurn waits until a Served may go: registrations have paused for servedQuiet (unless this
+// one is alone), and this is the next of the Served paced servedEvery apart; false if ctx ended.
+func (s *Server) servedTurn(ctx context.Context, tn turn) bool {
 	for {
-		if left := servedQuiet - s.sinceLastOpen(); left > 0 {
+		if left := servedQuiet - s.sinceLastOpen(); left > 0 && !s.alone(tn) {
 			if !wait.Sleep(ctx, left) {
 				return false
 			}
@@ -316,7 +330,7 @@ func (s *Server) servedTurn(ctx context.Context) bool {
 		if !wait.Sleep(ctx, time.Until(at)) {
 			return false
 		}
-		if s.sinceLastOpen() >= servedQuiet {
+		if s.sinceLastOpen() >= servedQuiet || s.alone(tn) {
 			return true // still paused: a new burst of registrations puts the rest back
 		}
 	}

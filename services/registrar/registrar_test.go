@@ -527,7 +527,7 @@ func TestServedWaitsForRegistrationsToPause(t *testing.T) {
 	// The last registration came "in 150 ms": as if a range went on that long.
 	start := time.Now()
 	s.lastOpen.Store(start.Add(150 * time.Millisecond).UnixNano())
-	if !s.servedTurn(context.Background()) {
+	if !s.servedTurn(context.Background(), turn{opened: start.UnixNano(), lone: true}) {
 		t.Fatal("servedTurn gave up")
 	}
 	if took, want := time.Since(start), 150*time.Millisecond+servedQuiet*3/4; took < want {
@@ -537,8 +537,26 @@ func TestServedWaitsForRegistrationsToPause(t *testing.T) {
 	s.lastOpen.Store(time.Now().Add(-time.Second).UnixNano())
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
-	if !s.servedTurn(ctx) {
+	if !s.servedTurn(ctx, turn{opened: time.Now().Add(-2 * time.Second).UnixNano()}) {
 		t.Error("Served held back with registrations paused for a second")
+	}
+}
+
+// A registration that came after a pause, with none since, is told at once: a lone docker run's
+// port is steered to Envoy without waiting for a pause that has already begun.
+func TestServedAtOnceToARegistrationAlone(t *testing.T) {
+	s := &Server{}
+	opened := time.Now().UnixNano()
+	s.lastOpen.Store(opened)
+	start := time.Now()
+	if !s.servedTurn(context.Background(), turn{opened: opened, lone: true}) {
+		t.Fatal("servedTurn gave up")
+	}
+	if took := time.Since(start); took >= servedQuiet {
+		t.Errorf("Served to a registration alone went after %v, want at once (before servedQuiet, %v)", took, servedQuiet)
+	}
+	if !s.alone(turn{opened: opened, lone: true}) || s.alone(turn{opened: opened}) || s.alone(turn{opened: opened - 1, lone: true}) {
+		t.Error("alone misjudged: want it only for a registration after a pause with none since")
 	}
 }
 

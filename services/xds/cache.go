@@ -3,7 +3,8 @@
 // go-control-plane's ADS server over them, and a tracker of what Envoy acknowledged.
 //
 // New resources reach the caches in batches: a change waits until none has come for a moment
-// (coalesceQuiet), or at most coalesceMax after the first one waiting. A port range publishes a
+// (coalesceQuiet), or at most coalesceMax after the first one waiting; only one that comes after
+// such a pause goes at once, since it may be a lone docker run's. A port range publishes a
 // port every few milliseconds; one push per port made Envoy and the server rebuild and compare
 // their state a thousand times, on the same CPUs dockerd needed to start the range, while the
 // shims serve their ports themselves until Envoy takes them over (package handover). Removals
@@ -39,6 +40,7 @@ type Cache struct {
 	mu            sync.Mutex
 	pending       map[*cache.LinearCache]map[string]types.Resource
 	firstPending  time.Time
+	lastPublish   time.Time // when Publish last ran
 	flushTimer    *time.Timer
 	quiet, maxAge time.Duration
 	batches       int // how many times flush updated the caches
@@ -120,12 +122,21 @@ func (c *Cache) Publish(e registry.Entry) ([]registry.Expected, error) {
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	now := time.Now()
+	alone := c.pending == nil && now.Sub(c.lastPublish) >= c.quiet
+	c.lastPublish = now
 	if c.pending == nil {
 		c.pending = map[*cache.LinearCache]map[string]types.Resource{c.clusters: {}, c.listeners: {}}
-		c.firstPending = time.Now()
+		c.firstPending = now
 	}
 	c.pending[c.clusters][res.Cluster.GetName()] = res.Cluster
 	c.pending[c.listeners][res.Listener.GetName()] = res.Listener
+	if alone {
+		// After a pause, the first port goes at once: a lone docker run's waits for no batch, and a
+		// range's first is one push more.
+		c.flushLocked()
+		return expected, nil
+	}
 	// Flush once nothing new came for quiet, and no later than maxAge after the first.
 	wait := min(c.quiet, time.Until(c.firstPending.Add(c.maxAge)))
 	if c.flushTimer == nil {
