@@ -500,10 +500,7 @@ func removeOrphanBridges(occupied map[string]instanceState, logf func(string, ..
 		logf("testbed: %v", err)
 		return
 	}
-	owned := map[string]bool{}
-	for _, st := range occupied {
-		owned[st.Bridge] = true
-	}
+	owned := ownedBridges(occupied)
 	for _, b := range bridges {
 		if strings.HasPrefix(b.Name, bridgePrefix) && !owned[b.Name] {
 			logf("testbed: deleting orphan bridge %s", b.Name)
@@ -512,6 +509,15 @@ func removeOrphanBridges(occupied map[string]instanceState, logf func(string, ..
 			}
 		}
 	}
+}
+
+// ownedBridges is the set of the bridges the instances own.
+func ownedBridges(occupied map[string]instanceState) map[string]bool {
+	owned := map[string]bool{}
+	for _, st := range occupied {
+		owned[st.Bridge] = true
+	}
+	return owned
 }
 
 // testTablePrefix begins the name of every nftables table a test gives a server of its own
@@ -530,10 +536,7 @@ func removeOrphanTables(occupied map[string]instanceState, logf func(string, ...
 		logf("testbed: %v", err)
 		return
 	}
-	owned := map[string]bool{}
-	for _, st := range occupied {
-		owned[st.Bridge] = true
-	}
+	owned := ownedBridges(occupied)
 	for _, tb := range tables {
 		if !tb.ours() || !orphanTable(tb.bridges, owned, linkExists) {
 			continue
