@@ -29,7 +29,7 @@ func ChromiumBinary(t testing.TB) string {
 			return p
 		}
 	}
-	missing(t, "no Chromium for the UI tests", provisionHint+" (Debian package chromium)")
+	missing(t, "no Chromium for the UI tests", ProvisionHint+" (Debian package chromium)")
 	return ""
 }
 

@@ -166,7 +166,7 @@ func generationBinaries(t testing.TB, gen Generation) daemonBinaries {
 		RequireDocker(t)
 		proxy, err := lookDockerProxy()
 		if err != nil {
-			missing(t, err.Error(), provisionHint+" (Debian package docker.io)")
+			missing(t, err.Error(), ProvisionHint+" (Debian package docker.io)")
 		}
 		dockerd, err := lookTool("dockerd")
 		if err != nil {
@@ -527,11 +527,11 @@ func (d *Daemon) teardown(t testing.TB) {
 	// A server the test ran must not keep rules for the bridge past the test: the slot's next
 	// daemon, under another test, would inherit them (a test's own eds_* table goes quietly if
 	// the test failed before removing it).
-	tables, err := tablesNaming(d.Bridge)
+	tables, err := listTables()
 	if err != nil {
 		t.Errorf("testbed: %v", err)
 	}
-	for _, tb := range tables {
+	for _, tb := range mentioning(tables, []string{`"` + d.Bridge + `"`}) {
 		if !t.Failed() || !tb.ours() {
 			t.Errorf("testbed: nftables table %s still has rules for %s after the test: a server the test ran kept them (run it with testbed.ServerHostEnv)", tb, d.Bridge)
 		}

@@ -100,7 +100,7 @@ func RequireDocker29(t testing.TB) string {
 	}
 	if len(absent) > 0 {
 		missing(t, fmt.Sprintf("Docker 29 is not built: %s missing in %s", strings.Join(absent, ", "), dir),
-			provisionHint+" (it builds Docker 29 from the Go module proxy), or point DOCKER29_DIR at such a build")
+			ProvisionHint+" (it builds Docker 29 from the Go module proxy), or point DOCKER29_DIR at such a build")
 	}
 	return dir
 }

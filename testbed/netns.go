@@ -2,6 +2,7 @@ package testbed
 
 import (
 	"context"
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"io"
@@ -291,4 +292,15 @@ func UDPEchoFrom(ctx context.Context, ns *os.File, addr string, payload []byte) 
 func IsTimeout(err error) bool {
 	var ne net.Error
 	return errors.As(err, &ne) && ne.Timeout() || errors.Is(err, context.DeadlineExceeded)
+}
+
+// RandomULA returns a unique local /48 of the test's own (RFC 4193: fd + 40 random bits), as a
+// function giving its /64 number i, so that IPv6 networks of parallel tests never meet.
+func RandomULA(t testing.TB) func(i int) string {
+	b := make([]byte, 5)
+	if _, err := rand.Read(b); err != nil {
+		t.Fatal(err)
+	}
+	prefix := fmt.Sprintf("fd%02x:%02x%02x:%02x%02x", b[0], b[1], b[2], b[3], b[4])
+	return func(i int) string { return fmt.Sprintf("%s:%x::/64", prefix, i) }
 }

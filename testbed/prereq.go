@@ -10,8 +10,8 @@ import (
 	"testing"
 )
 
-// provisionHint tells a human how to get what a skipped or failed test was missing.
-const provisionHint = "run `make provision` (testbed/provision.sh) as root"
+// ProvisionHint tells a human how to get what a skipped or failed test was missing.
+const ProvisionHint = "run `make provision` (testbed/provision.sh) as root"
 
 // sbinDirs are searched besides $PATH because `go test` run through sudo or by an unprivileged
 // user's shell often lacks the sbin directories where Debian puts dockerd and docker-proxy.
@@ -57,7 +57,7 @@ func RequireDocker(t testing.TB) {
 		}
 	}
 	if len(absent) > 0 {
-		missing(t, "not installed: "+strings.Join(absent, ", "), provisionHint+" (Debian packages docker.io and iproute2)")
+		missing(t, "not installed: "+strings.Join(absent, ", "), ProvisionHint+" (Debian packages docker.io and iproute2)")
 	}
 }
 
@@ -70,7 +70,7 @@ func EnvoyBinary(t testing.TB) string {
 		path = defaultEnvoyPath()
 	}
 	if err := checkExecutable(path); err != nil {
-		missing(t, fmt.Sprintf("no Envoy binary: %v", err), provisionHint+", or point ENVOY_BIN at an Envoy binary")
+		missing(t, fmt.Sprintf("no Envoy binary: %v", err), ProvisionHint+", or point ENVOY_BIN at an Envoy binary")
 	}
 	return path
 }
@@ -115,7 +115,7 @@ func DockerProxyBinary(t testing.TB) string {
 	t.Helper()
 	p, err := lookDockerProxy()
 	if err != nil {
-		missing(t, err.Error(), provisionHint+" (Debian package docker.io)")
+		missing(t, err.Error(), ProvisionHint+" (Debian package docker.io)")
 	}
 	return p
 }

@@ -548,9 +548,11 @@ func removeOrphanTables(occupied map[string]instanceState, logf func(string, ...
 	}
 }
 
-// nftTable is a table of the host's ruleset and the testbed bridges its rules name.
+// nftTable is a table of the host's ruleset, its text (`nft list table`) and the testbed bridges
+// its rules name.
 type nftTable struct {
 	family, name string
+	listing      string
 	bridges      []string
 }
 
@@ -585,7 +587,7 @@ func listTables() ([]nftTable, error) {
 		if err != nil {
 			continue // removed meanwhile by its own test
 		}
-		tb.bridges = tableBridges(string(listing))
+		tb.listing, tb.bridges = string(listing), tableBridges(string(listing))
 		tables = append(tables, tb)
 	}
 	return tables, nil
@@ -602,16 +604,27 @@ func parseTables(listing string) []nftTable {
 	return tables
 }
 
-// tablesNaming returns the tables whose rules name bridge.
-func tablesNaming(bridge string) ([]nftTable, error) {
+// NftTablesMentioning lists the host's nftables tables ("inet envoy_docker_shim") whose text
+// contains any of needles, e.g. a bridge's quoted name (`"edsb40"`) or a subnet: rules left there
+// would act on the network a test is about to set up.
+func NftTablesMentioning(needles ...string) ([]string, error) {
 	tables, err := listTables()
-	var naming []nftTable
+	var names []string
+	for _, tb := range mentioning(tables, needles) {
+		names = append(names, tb.String())
+	}
+	return names, err
+}
+
+// mentioning keeps the tables whose text contains any of needles.
+func mentioning(tables []nftTable, needles []string) []nftTable {
+	var hits []nftTable
 	for _, tb := range tables {
-		if slices.Contains(tb.bridges, bridge) {
-			naming = append(naming, tb)
+		if slices.ContainsFunc(needles, func(n string) bool { return strings.Contains(tb.listing, n) }) {
+			hits = append(hits, tb)
 		}
 	}
-	return naming, err
+	return hits
 }
 
 // testbedBridge matches the testbed's bridges as a table's rules name them (iifname "edsb40").

@@ -212,7 +212,7 @@ func TestSweepRemovesOrphanTables(t *testing.T) {
 	RequireRoot(t)
 	nft, err := exec.LookPath("nft")
 	if err != nil {
-		missing(t, "the nft command", provisionHint+" (Debian package nftables)")
+		missing(t, "the nft command", ProvisionHint+" (Debian package nftables)")
 	}
 	n := 5000 + mathrand.IntN(4000) // beyond any slot: no instance's bridge
 	live, gone := fmt.Sprintf("%s%d", bridgePrefix, n), fmt.Sprintf("%s%d", bridgePrefix, n+1)
@@ -251,6 +251,42 @@ func TestSweepRemovesOrphanTables(t *testing.T) {
 		exists := exec.Command(nft, "list", "table", "inet", name).Run() == nil
 		if want := bridge != gone; exists != want {
 			t.Errorf("table %s (naming %q): exists %v after the sweep, want %v", name, bridge, exists, want)
+		}
+	}
+}
+
+// The tables a table listing mentions: a leftover masquerading a test's bridge shows by the
+// bridge's quoted name or by its subnet; a longer bridge name is another bridge.
+func TestMentioning(t *testing.T) {
+	tables := []nftTable{
+		{family: "inet", name: "envoy_docker_shim", listing: `table inet envoy_docker_shim {
+	chain postrouting {
+		ip saddr 172.29.40.0/24 oifname != "edsb40" masquerade
+	}
+}`},
+		{family: "inet", name: "eds_e2e_edsb41", listing: `table inet eds_e2e_edsb41 {
+	chain forward {
+		iifname "edsb41" accept
+		oifname "edsb41" accept
+	}
+}`},
+		{family: "ip", name: "nat", listing: "table ip nat {\n}"},
+	}
+	tests := []struct {
+		needles []string
+		want    []string
+	}{
+		{[]string{`"edsb40"`, "172.29.40.0/24"}, []string{"inet envoy_docker_shim"}},
+		{[]string{`"edsb41"`, "172.29.41.0/24"}, []string{"inet eds_e2e_edsb41"}},
+		{[]string{`"edsb4"`, "172.29.4.0/24"}, nil},
+	}
+	for _, tt := range tests {
+		var got []string
+		for _, tb := range mentioning(tables, tt.needles) {
+			got = append(got, tb.String())
+		}
+		if !slices.Equal(got, tt.want) {
+			t.Errorf("mentioning(%q) = %q, want %q", tt.needles, got, tt.want)
 		}
 	}
 }

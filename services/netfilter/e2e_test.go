@@ -3,14 +3,12 @@ package netfilter_test
 import (
 	"bufio"
 	"context"
-	"crypto/rand"
 	"fmt"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
-	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -59,7 +57,7 @@ func TestE2ENetfilter(t *testing.T) {
 	}
 	socket, shimSocket := filepath.Join(runDir, "server.sock"), filepath.Join(runDir, "shim.sock")
 	shim := testbed.BuildStatic(t, shimPkg, "envoy-docker-shim")
-	ula := randomULA(t)
+	ula := testbed.RandomULA(t)
 	opts := testbed.DaemonOptions{UserlandProxyPath: shim, Env: []string{"EDS_SHIM_SOCKET=" + shimSocket}}
 	if ipv6 {
 		opts.ExtraArgs = []string{"--ipv6", "--fixed-cidr-v6", ula(0)}
@@ -70,7 +68,11 @@ func TestE2ENetfilter(t *testing.T) {
 	if strings.Contains(before, table.Name) {
 		t.Fatalf("table %s exists before the test:\n%s", table, before)
 	}
-	if others := tablesNaming(run(t, nft, "list", "ruleset"), `"`+d.Bridge+`"`, d.Subnet.String()); len(others) > 0 {
+	others, err := testbed.NftTablesMentioning(`"`+d.Bridge+`"`, d.Subnet.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(others) > 0 {
 		t.Fatalf("%s already have rules for this test's bridge %s (%s), left by a run that did not clean up: "+
 			"they would answer for the rules under test; delete them (nft delete table <family> <name>) and run again", strings.Join(others, ", "), d.Bridge, d.Subnet)
 	}
@@ -345,23 +347,6 @@ func ruleset(t *testing.T, nft, own string) string {
 	return regexp.MustCompile(`\[\d+:\d+\]`).ReplaceAllString(out, "[-]")
 }
 
-// tablesNaming lists the tables of an `nft list ruleset` whose text contains any of needles.
-func tablesNaming(ruleset string, needles ...string) []string {
-	var names []string
-	name, hit := "", false
-	for _, line := range strings.Split(ruleset, "\n") {
-		if strings.HasPrefix(line, "table ") {
-			name, hit = strings.TrimSuffix(strings.TrimPrefix(line, "table "), " {"), false
-		}
-		for _, n := range needles {
-			if !hit && name != "" && strings.Contains(line, n) {
-				names, hit = append(names, name), true
-			}
-		}
-	}
-	return names
-}
-
 // iptablesSave is what iptables-save and ip6tables-save print, without their timestamp comments.
 func iptablesSave(t *testing.T) string {
 	t.Helper()
@@ -401,17 +386,6 @@ func lookNft(t *testing.T) string {
 	}
 	t.Skip("skipping: no nft command (Debian package nftables); run testbed/provision.sh")
 	return ""
-}
-
-// randomULA returns a unique local /48 of the test's own (RFC 4193: fd + 40 random bits), as a
-// function giving its /64 number i.
-func randomULA(t *testing.T) func(i int) string {
-	b := make([]byte, 5)
-	if _, err := rand.Read(b); err != nil {
-		t.Fatal(err)
-	}
-	prefix := fmt.Sprintf("fd%02x:%02x%02x:%02x%02x", b[0], b[1], b[2], b[3], b[4])
-	return func(i int) string { return fmt.Sprintf("%s:%x::/64", prefix, i) }
 }
 
 // forwardingState is the host's forwarding settings as the test found them, put back at the end.
@@ -471,35 +445,6 @@ func (f *forwardingState) expectOn(t *testing.T) {
 	for p, v := range f.files {
 		if v == "0" {
 			t.Logf("the server turned %s on", p)
-		}
-	}
-}
-
-func TestTablesNaming(t *testing.T) {
-	ruleset := `table inet envoy_docker_shim {
-	chain postrouting {
-		ip saddr 172.29.40.0/24 oifname != "edsb40" masquerade
-	}
-}
-table inet eds_e2e_edsb41 {
-	chain forward {
-		iifname "edsb41" accept
-		oifname "edsb41" accept
-	}
-}
-table ip nat {
-}`
-	tests := []struct {
-		needles []string
-		want    []string
-	}{
-		{[]string{`"edsb40"`, "172.29.40.0/24"}, []string{"inet envoy_docker_shim"}},
-		{[]string{`"edsb41"`, "172.29.41.0/24"}, []string{"inet eds_e2e_edsb41"}},
-		{[]string{`"edsb4"`, "172.29.4.0/24"}, nil},
-	}
-	for _, tt := range tests {
-		if got := tablesNaming(ruleset, tt.needles...); !slices.Equal(got, tt.want) {
-			t.Errorf("tablesNaming(%q) = %q, want %q", tt.needles, got, tt.want)
 		}
 	}
 }

@@ -2,7 +2,6 @@ package installer_test
 
 import (
 	"context"
-	"crypto/rand"
 	"fmt"
 	"os/exec"
 	"path/filepath"
@@ -29,13 +28,13 @@ func TestE2EDaemonJSONOnRealDockerd(t *testing.T) {
 	if !testbed.HostHasIPv6() {
 		testbed.Missing(t, "IPv6 in the kernel (net.ipv6.conf.all.disable_ipv6=0)", "the test publishes a port on an IPv6 network")
 	}
-	ip6tablesSave := testbed.RequireTool(t, "ip6tables-save", testbedProvision+" (Debian package iptables)")
+	ip6tablesSave := testbed.RequireTool(t, "ip6tables-save", testbed.ProvisionHint+" (Debian package iptables)")
 	shim := testbed.BuildStatic(t, shimPkg, "envoy-docker-shim")
 	for _, gen := range testbed.Generations(t) {
 		t.Run(string(gen), func(t *testing.T) {
 			socket := filepath.Join(t.TempDir(), "shim.sock")
 			registrar := shimtest.StartRegistrar(t, socket, nil)
-			operators := fmt.Sprintf(`{"ipv6": true, "fixed-cidr-v6": %q, "log-level": "info"}`, randomULA(t))
+			operators := fmt.Sprintf(`{"ipv6": true, "fixed-cidr-v6": %q, "log-level": "info"}`, testbed.RandomULA(t)(1))
 			merged, _, changed, err := installer.Merge([]byte(operators), shim)
 			if err != nil || !changed {
 				t.Fatalf("Merge: changed=%v err=%v", changed, err)
@@ -93,16 +92,4 @@ func TestE2EDaemonJSONOnRealDockerd(t *testing.T) {
 			}
 		})
 	}
-}
-
-// testbedProvision says how to install what the end-to-end tests need.
-const testbedProvision = "run `make provision` (testbed/provision.sh) as root"
-
-// randomULA is a unique local /64 of the test's own (RFC 4193: fd + 40 random bits).
-func randomULA(t *testing.T) string {
-	b := make([]byte, 5)
-	if _, err := rand.Read(b); err != nil {
-		t.Fatal(err)
-	}
-	return fmt.Sprintf("fd%02x:%02x%02x:%02x%02x:1::/64", b[0], b[1], b[2], b[3], b[4])
 }
