@@ -31,15 +31,23 @@ const shimPkg = "github.com/envoy-docker-shim/envoy-docker-shim/shim/cmd/envoy-d
 
 // recorder wraps the shim to record its exit status for the test, forwarding dockerd's signals.
 // /bin/sh starts it in the background with SIGINT ignored; the shim's signal.Notify re-enables it.
+// A trapped signal cuts wait short with a status above 128 of its own, and by then the shell may
+// already have reaped a shim that exited at once (so kill -0 cannot tell the two apart: 130 was
+// recorded for a shim that exited 0): after a cut, wait again, which gives the shim's status, or
+// 127 when the first wait had given it after all.
 const recorder = `#!/bin/sh
 "$EDS_TEST_SHIM" "$@" &
 child=$!
-trap 'kill -INT $child 2>/dev/null' INT
-trap 'kill -TERM $child 2>/dev/null' TERM
+trap 'cut=1; kill -INT $child 2>/dev/null' INT
+trap 'cut=1; kill -TERM $child 2>/dev/null' TERM
+rc=
 while :; do
+	cut=
 	wait $child
-	rc=$?
-	kill -0 $child 2>/dev/null || break
+	status=$?
+	[ "$status" -eq 127 ] && [ -n "$rc" ] && break
+	rc=$status
+	[ -n "$cut" ] || break
 done
 echo "$rc $*" >> "$EDS_TEST_SHIM_STATUS"
 exit $rc
