@@ -19,7 +19,8 @@
 //     connections between S and them. The shim serves its share.
 //  2. Once the server accepted the registration, Steer counts Envoy's sockets (waiting for some to
 //     appear, as Envoy takes the port in the background): N, the other
-//     sockets listening on exactly this address (from the kernel's sock_diag; N must hold still).
+//     sockets listening on exactly this address (from the kernel's sock_diag; N must hold still,
+//     unless the server said Envoy acknowledged the port: see Acknowledged).
 //     The group's array is then [S, E1..EN]: S was there first, and each socket is appended as
 //     it listens.
 //  3. It attaches a program to the group through S (SO_ATTACH_REUSEPORT_CBPF): "return 1 +
@@ -114,6 +115,11 @@ type Listener struct {
 	pause   *pause
 	// peersIn runs a sock_diag query; tests run it in the network namespace of their sockets.
 	peersIn func(func() error) error
+	// acked is closed once Envoy has acknowledged the port's listener (Acknowledged).
+	acked     chan struct{}
+	ackedOnce sync.Once
+	// settle is how long a count of Envoy's sockets must hold still (the package's settle).
+	settle time.Duration
 }
 
 // Adopt takes f (fd 4) as host's listening TCP socket, forwarding to container. It checks that f
@@ -186,7 +192,8 @@ func newListener(tl *net.TCPListener, host, container netip.AddrPort, log *loggi
 		tl.Close()
 		return nil, fmt.Errorf("the socket of %s: %w", host, errors.Join(err, serr))
 	}
-	l := &Listener{l: tl, raw: raw, addr: host, inode: st.Ino, proxy: tcpproxy.New(container, log), log: log, moved: make(chan struct{}, 1)}
+	l := &Listener{l: tl, raw: raw, addr: host, inode: st.Ino, proxy: tcpproxy.New(container, log), log: log,
+		moved: make(chan struct{}, 1), acked: make(chan struct{}), settle: settle}
 	l.lastAccept.Store(time.Now().UnixNano())
 	return l, nil
 }
@@ -359,16 +366,30 @@ func (l *Listener) Steer(ctx context.Context) error {
 	}
 }
 
-// waitPeers returns the number of Envoy's sockets once there are some and it holds still. While
-// there are none, S takes every new connection.
+// Acknowledged tells the Listener that Envoy has acknowledged the port's listener (the server's
+// Served). Envoy makes all of a listener's sockets listen, in one pass of its main thread, before
+// it acknowledges the listener; so from then on a count of its sockets that is not zero is whole,
+// and the first steering trusts it at once instead of waiting settle for it to hold still: those
+// 50 ms left the first connections after a lone docker run to the shim, outside Envoy's stats.
+func (l *Listener) Acknowledged() { l.ackedOnce.Do(func() { close(l.acked) }) }
+
+// waitPeers returns the number of Envoy's sockets once there are some and it holds still (or,
+// first, once Envoy acknowledged the port). While there are none, S takes every new connection.
 func (l *Listener) waitPeers(ctx context.Context, first bool) (int, error) {
+	var acked <-chan struct{}
+	if first {
+		acked = l.acked
+	}
 	start := time.Now()
 	warned := false
 	pause := retryMin
 	for {
-		n, err := l.stablePeers(ctx)
+		n, err := l.stablePeers(ctx, acked)
 		if err != nil || n > 0 {
 			return n, err
+		}
+		if closed(acked) {
+			acked = nil // acknowledged, yet no socket of Envoy's on this address: count as before
 		}
 		if l.steered.Swap(0) > 0 {
 			l.log.Info("Envoy's sockets are gone: the shim serves the port until Envoy is back", "addr", l.addr)
@@ -381,7 +402,7 @@ func (l *Listener) waitPeers(ctx context.Context, first bool) (int, error) {
 				l.log.Warn("Envoy has not come back to the port yet; the shim keeps serving it", "addr", l.addr, "for", time.Since(start).Round(time.Second))
 			}
 		}
-		if !wait.Sleep(ctx, pause) {
+		if !sleep(ctx, pause, acked) {
 			return 0, ctx.Err()
 		}
 		pause = min(2*pause, retryMax)
@@ -399,21 +420,49 @@ func (l *Listener) peers() (n int, err error) {
 	return n, err
 }
 
-// stablePeers returns the number of Envoy's sockets once it holds still for settle.
-func (l *Listener) stablePeers(ctx context.Context) (int, error) {
+// stablePeers returns the number of Envoy's sockets once it holds still for settle, or the first
+// count that is not zero once acked is closed.
+func (l *Listener) stablePeers(ctx context.Context, acked <-chan struct{}) (int, error) {
 	n, err := l.peers()
 	for err == nil {
-		if !wait.Sleep(ctx, settle) {
+		if closed(acked) {
+			if n > 0 {
+				return n, nil
+			}
+			acked = nil
+		}
+		if !sleep(ctx, l.settle, acked) {
 			return 0, ctx.Err()
 		}
 		var again int
-		again, err = l.peers()
-		if err == nil && again == n {
+		if again, err = l.peers(); err == nil && again == n {
 			return n, nil
 		}
 		n = again
 	}
 	return 0, fmt.Errorf("steering: reading sockets: %w", err)
+}
+
+// sleep waits d, or less if acked closes; it reports whether ctx is still live.
+func sleep(ctx context.Context, d time.Duration, acked <-chan struct{}) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+	case <-acked:
+	}
+	return true
+}
+
+func closed(c <-chan struct{}) bool {
+	select {
+	case <-c:
+		return true
+	default:
+		return false
+	}
 }
 
 func (l *Listener) attach(prog []bpf.Instruction) error {

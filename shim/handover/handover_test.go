@@ -481,6 +481,60 @@ func TestSteeredEnvoySocketsShareEvenly(t *testing.T) {
 	share("after the shim closed its socket")
 }
 
+// Once the server said Envoy acknowledged the port (Acknowledged), the first count of Envoy's
+// sockets that is not zero is trusted at once: settle, here an hour, is not waited for, whether the
+// acknowledgement comes before Steer counts or while it waits for the count to hold still. An
+// acknowledgement with no socket of Envoy's on the address does not make Steer count in a loop.
+func TestAcknowledgedSteersAtOnce(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		before bool // acknowledged before Steer starts
+	}{{"acknowledged first", true}, {"acknowledged while the count settles", false}} {
+		t.Run(tc.name, func(t *testing.T) {
+			l, host, _ := adopt(t, netip.MustParseAddrPort("127.0.0.1:0"))
+			l.settle = time.Hour
+			var counts atomic.Int64
+			l.peersIn = func(fn func() error) error { counts.Add(1); return fn() }
+			startFakeEnvoy(t, host, 2)
+			if tc.before {
+				l.Acknowledged()
+			}
+			ctx, cancel := context.WithCancel(context.Background())
+			done := make(chan error, 1)
+			go func() { done <- l.Steer(ctx) }()
+			defer func() { cancel(); <-done }()
+			if !tc.before {
+				for counts.Load() == 0 {
+					time.Sleep(time.Millisecond)
+				}
+				if l.Steered() != 0 {
+					t.Fatal("steered before the acknowledgement, with an hour to settle")
+				}
+				l.Acknowledged()
+			}
+			waitSteered(t, l, 2)
+			if who, err := roundTrip(host, "steered"); err != nil || who != "envoy" {
+				t.Fatalf("after the acknowledgement: %q, %v; want Envoy", who, err)
+			}
+		})
+	}
+	t.Run("acknowledged without Envoy's sockets", func(t *testing.T) {
+		l, _, _ := adopt(t, netip.MustParseAddrPort("127.0.0.1:0"))
+		var counts atomic.Int64
+		l.peersIn = func(fn func() error) error { counts.Add(1); return fn() }
+		l.Acknowledged()
+		ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+		defer cancel()
+		if err := l.Steer(ctx); err != context.DeadlineExceeded {
+			t.Fatalf("Steer: %v, want the context's deadline", err)
+		}
+		// As without an acknowledgement: a count, settle, a count, a pause of 20 ms doubling.
+		if n := counts.Load(); n > 12 {
+			t.Fatalf("%d counts of Envoy's sockets in 300 ms", n)
+		}
+	})
+}
+
 // Without Envoy's sockets on the address the shim keeps serving and Steer waits.
 func TestNoEnvoyKeepsServing(t *testing.T) {
 	l, host, _ := adopt(t, netip.MustParseAddrPort("127.0.0.1:0"))

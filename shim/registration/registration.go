@@ -68,6 +68,10 @@ type Options struct {
 	Stats func() shimlink.Stats
 	// StatsEvery defaults to DefaultStatsEvery.
 	StatsEvery time.Duration
+	// Served, if not nil, is called when the server says Envoy has taken the port over (the
+	// Served a shim gets when its Open asked for it): from the goroutine reading the
+	// registration, so it must not block.
+	Served func()
 }
 
 // Client holds one registration. Register, then Hold, from one goroutine.
@@ -230,6 +234,7 @@ type session struct {
 	// done is closed once the server ended the connection; endErr then says why.
 	done   chan struct{}
 	endErr error
+	served func()
 
 	stopLogs chan struct{}
 	logsDone chan struct{}
@@ -255,7 +260,7 @@ func (c *Client) open(ctx context.Context, open shimlink.Open) (*session, error)
 }
 
 func (c *Client) newSession(conn *shimlink.Conn, ready *shimlink.Ready) *session {
-	s := &session{conn: conn, ready: ready, done: make(chan struct{}), stopLogs: make(chan struct{}), logsDone: make(chan struct{})}
+	s := &session{conn: conn, ready: ready, done: make(chan struct{}), served: c.opts.Served, stopLogs: make(chan struct{}), logsDone: make(chan struct{})}
 	go s.watch()
 	stats := c.opts.Stats
 	if !ready.WantsStats {
@@ -283,8 +288,8 @@ func start(conn *shimlink.Conn, open shimlink.Open) (*shimlink.Ready, error) {
 	return nil, fmt.Errorf("envoy-docker-server answered Open with %T", msg)
 }
 
-// watch reads until the server ends the connection: after Ready it sends nothing until then,
-// perhaps a Failed saying why.
+// watch reads until the server ends the connection: after Ready it sends nothing until then but
+// perhaps Served, and perhaps a Failed saying why it ends it.
 func (s *session) watch() {
 	defer close(s.done)
 	for {
@@ -295,8 +300,13 @@ func (s *session) watch() {
 			}
 			return
 		}
-		if f, ok := msg.(*shimlink.Failed); ok {
-			s.endErr = f
+		switch m := msg.(type) {
+		case *shimlink.Failed:
+			s.endErr = m
+		case *shimlink.Served:
+			if s.served != nil {
+				s.served()
+			}
 		}
 	}
 }

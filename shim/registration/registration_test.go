@@ -291,3 +291,43 @@ func TestHoldReturnsPromptlyWhenServerIsGone(t *testing.T) {
 	}
 	t.Logf("returned in %s", time.Since(start))
 }
+
+// The server's Served (Envoy has the port) reaches the shim through Options.Served, once, while the
+// registration stays held.
+func TestServedIsPassedOn(t *testing.T) {
+	sock := socketPath(t)
+	srv := shimtest.StartRegistrar(t, sock, nil)
+	served := make(chan struct{}, 2)
+	o := open()
+	o.WantsServed = true
+	c := New(Options{Socket: sock, Open: o, Log: logging.Discard(), Served: func() { served <- struct{}{} }})
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := c.Register(ctx); err != nil {
+		t.Fatal(err)
+	}
+	holdCtx, stop := context.WithCancel(context.Background())
+	held := make(chan error, 1)
+	go func() { held <- c.Hold(holdCtx) }()
+	if n := srv.TellServed(); n != 1 {
+		t.Fatalf("Served sent on %d registrations, want 1", n)
+	}
+	select {
+	case <-served:
+	case <-time.After(2 * time.Second):
+		t.Fatal("Options.Served was not called after the server's Served")
+	}
+	select {
+	case err := <-held:
+		t.Fatalf("Hold returned after Served: %v", err)
+	case <-time.After(50 * time.Millisecond):
+	}
+	if len(srv.Live()) != 1 {
+		t.Fatalf("live registrations after Served: %d, want 1", len(srv.Live()))
+	}
+	stop()
+	<-held
+	if len(served) != 0 {
+		t.Fatalf("Options.Served called %d more times", len(served))
+	}
+}

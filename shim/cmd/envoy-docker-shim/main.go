@@ -355,11 +355,27 @@ func resume(held idle.Held, err error, args proxyargs.Result, signals chan os.Si
 		return 1
 	}
 	var lis *handover.Listener
+	if held.Listener != nil {
+		if lis, err = handover.Adopt(held.Listener, m.Host(), m.Container(), log); err != nil {
+			log.Error("resuming after idle: the port's socket", "err", err)
+			return 1
+		}
+		if d, err := time.ParseDuration(os.Getenv(idle.RetryWindowEnv)); err == nil {
+			lis.SetRetryWindow(d)
+		}
+		os.Unsetenv(idle.RetryWindowEnv)
+	}
 	idleReady := make(chan struct{})
-	reg := registration.New(registration.Options{
+	opts := registration.Options{
 		Socket: cfg.ShimSocket, Open: registration.NewOpen(m, false), Log: log, Relay: relay,
 		Idle: idler(m.Proto, func() *handover.Listener { return lis }, signals, log), IdleReady: idleReady,
-	})
+	}
+	if lis != nil {
+		// Most often the server's Served is what woke the idle program: Envoy listens on the
+		// port, and the shim steers to it at once (handover.Listener.Acknowledged).
+		opts.Served = lis.Acknowledged
+	}
+	reg := registration.New(opts)
 	reg.Adopt(shimlink.NewConn(held.Registration))
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -375,15 +391,7 @@ func resume(held idle.Held, err error, args proxyargs.Result, signals chan os.Si
 			return nil
 		}
 	}, func(error) { cancel() })
-	if held.Listener != nil {
-		if lis, err = handover.Adopt(held.Listener, m.Host(), m.Container(), log); err != nil {
-			log.Error("resuming after idle: the port's socket", "err", err)
-			return 1
-		}
-		if d, err := time.ParseDuration(os.Getenv(idle.RetryWindowEnv)); err == nil {
-			lis.SetRetryWindow(d)
-		}
-		os.Unsetenv(idle.RetryWindowEnv)
+	if lis != nil {
 		registered := make(chan struct{})
 		close(registered)
 		servePort(ctx, cancel, &g, lis, registered, idleReady, log)
