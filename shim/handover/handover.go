@@ -115,9 +115,11 @@ type Listener struct {
 	pause   *pause
 	// peersIn runs a sock_diag query; tests run it in the network namespace of their sockets.
 	peersIn func(func() error) error
-	// acked is closed once Envoy has acknowledged the port's listener (Acknowledged).
+	// acked is closed once Envoy has acknowledged the port's listener (Acknowledged); ackUsed is
+	// set once the first steering is past the point where that could speed it up.
 	acked     chan struct{}
 	ackedOnce sync.Once
+	ackUsed   atomic.Bool
 	// settle is how long a count of Envoy's sockets must hold still (the package's settle).
 	settle time.Duration
 }
@@ -336,12 +338,20 @@ func (l *Listener) Close() {
 // another error if the kernel refuses the program.
 func (l *Listener) Steer(ctx context.Context) error {
 	start := time.Now()
+	defer l.ackUsed.Store(true)
 	for first := true; ; first = false {
 		n, err := l.waitPeers(ctx, first)
 		if err != nil {
 			return err
 		}
-		if err := l.attach(spread(n)); err != nil {
+		err = l.attach(spread(n))
+		if err == nil {
+			if prev := l.steered.Swap(int64(n)); prev != int64(n) {
+				l.log.Info("port handed over to Envoy: new connections go to its sockets", "addr", l.addr, "envoy_sockets", n, "took", time.Since(start).Round(time.Millisecond))
+			}
+		}
+		l.ackUsed.Store(true)
+		if err != nil {
 			if !errors.Is(err, unix.EINVAL) {
 				return err
 			}
@@ -351,9 +361,6 @@ func (l *Listener) Steer(ctx context.Context) error {
 				return ctx.Err()
 			}
 			continue
-		}
-		if prev := l.steered.Swap(int64(n)); prev != int64(n) {
-			l.log.Info("port handed over to Envoy: new connections go to its sockets", "addr", l.addr, "envoy_sockets", n, "took", time.Since(start).Round(time.Millisecond))
 		}
 		// Wait for a connection to reach S. Those that chose S before the program may still be
 		// accepted now: they only cause a recount that finds the same sockets.
@@ -373,6 +380,11 @@ func (l *Listener) Steer(ctx context.Context) error {
 // 50 ms left the first connections after a lone docker run to the shim, outside Envoy's stats.
 func (l *Listener) Acknowledged() { l.ackedOnce.Do(func() { close(l.acked) }) }
 
+// Acknowledging reports whether Envoy's acknowledgement came and the first steering has not yet
+// acted on it: the shim is about to steer the port (so it should not go idle now: the steering
+// would be lost with the Go runtime, and the acknowledgement with it).
+func (l *Listener) Acknowledging() bool { return closed(l.acked) && !l.ackUsed.Load() }
+
 // waitPeers returns the number of Envoy's sockets once there are some and it holds still (or,
 // first, once Envoy acknowledged the port). While there are none, S takes every new connection.
 func (l *Listener) waitPeers(ctx context.Context, first bool) (int, error) {
@@ -390,6 +402,7 @@ func (l *Listener) waitPeers(ctx context.Context, first bool) (int, error) {
 		}
 		if closed(acked) {
 			acked = nil // acknowledged, yet no socket of Envoy's on this address: count as before
+			l.ackUsed.Store(true)
 		}
 		if l.steered.Swap(0) > 0 {
 			l.log.Info("Envoy's sockets are gone: the shim serves the port until Envoy is back", "addr", l.addr)
@@ -421,15 +434,12 @@ func (l *Listener) peers() (n int, err error) {
 }
 
 // stablePeers returns the number of Envoy's sockets once it holds still for settle, or the first
-// count that is not zero once acked is closed.
+// count once acked is closed.
 func (l *Listener) stablePeers(ctx context.Context, acked <-chan struct{}) (int, error) {
 	n, err := l.peers()
 	for err == nil {
 		if closed(acked) {
-			if n > 0 {
-				return n, nil
-			}
-			acked = nil
+			return n, nil // whole; or none, which needs no settling either
 		}
 		if !sleep(ctx, l.settle, acked) {
 			return 0, ctx.Err()

@@ -513,6 +513,9 @@ func TestAcknowledgedSteersAtOnce(t *testing.T) {
 				l.Acknowledged()
 			}
 			waitSteered(t, l, 2)
+			if l.Acknowledging() {
+				t.Error("Acknowledging after the steering")
+			}
 			if who, err := roundTrip(host, "steered"); err != nil || who != "envoy" {
 				t.Fatalf("after the acknowledgement: %q, %v; want Envoy", who, err)
 			}
@@ -523,9 +526,21 @@ func TestAcknowledgedSteersAtOnce(t *testing.T) {
 		var counts atomic.Int64
 		l.peersIn = func(fn func() error) error { counts.Add(1); return fn() }
 		l.Acknowledged()
+		if !l.Acknowledging() {
+			t.Fatal("not Acknowledging before any steering")
+		}
 		ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
 		defer cancel()
-		if err := l.Steer(ctx); err != context.DeadlineExceeded {
+		done := make(chan error, 1)
+		go func() { done <- l.Steer(ctx) }()
+		// Once a count found none, the acknowledgement is spent: the shim may go idle unsteered.
+		for counts.Load() < 2 {
+			time.Sleep(time.Millisecond)
+		}
+		if l.Acknowledging() {
+			t.Error("still Acknowledging after counting no socket of Envoy's")
+		}
+		if err := <-done; err != context.DeadlineExceeded {
 			t.Fatalf("Steer: %v, want the context's deadline", err)
 		}
 		// As without an acknowledgement: a count, settle, a count, a pause of 20 ms doubling.

@@ -41,7 +41,6 @@ import (
 	"runtime"
 	"strings"
 	"syscall"
-	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -85,12 +84,6 @@ const maxProgram = 4096
 
 // ErrStopping says Enter saw the shim's context end (a stop signal) and left the process as it was.
 var ErrStopping = errors.New("the shim is stopping")
-
-// stopSettle is how long Enter lets a stop signal that reached Go travel to the caller. On a
-// loaded 2-CPU machine 2 ms lost such a signal about once in 30 racing stops (the shim then sat in
-// the idle program with nobody to stop it: TestIdleSignalBeforeIdle); 25 ms lost none in 480. It
-// is a margin, not a proof: see Enter.
-const stopSettle = 25 * time.Millisecond
 
 // ErrUnsupported says there is no idle program for this architecture.
 var ErrUnsupported = errors.New("no idle program for this architecture")
@@ -176,10 +169,10 @@ func Executable(conn, exe, listen int, name string) ([]byte, error) {
 // either (the caller is to deal with it in Go first).
 //
 // The caller must have nothing else to do: every goroutine, every file but conn and listener, is
-// gone with the Go runtime. ctx is the shim's, ended by its stop signals: a SIGINT or SIGTERM that
-// reached Go before Enter blocked them in every thread ends ctx, and Enter returns ErrStopping for
-// the caller to stop as usual; one that comes later stays pending for the idle program, which
-// handles it.
+// gone with the Go runtime. ctx is the shim's, ended by its stop signals: for a SIGINT or SIGTERM
+// that reached Go before Enter blocked them in every thread (stops sees it), Enter returns
+// ErrStopping for the caller to stop as usual; one that comes later stays pending for the idle
+// program, which handles it.
 func Enter(ctx context.Context, conn *net.UnixConn, listener syscall.Conn, env []string, stops Stops) error {
 	c, err := descriptor(conn)
 	if err != nil {
@@ -261,47 +254,46 @@ func Enter(ctx context.Context, conn *net.UnixConn, listener syscall.Conn, env [
 	}
 	empty := [1]byte{}
 
-	// Block the stop signals in every thread, so that one arriving from now on stays pending
-	// until the idle program reads it: delivered to Go, it would be lost with the runtime. No
-	// thread may start after that (the runtime unblocks them in every new thread), so there is
-	// one P, held by this thread, and nothing from here on enters the scheduler: raw system
-	// calls only, no allocation.
+	// From here on no stop signal may reach Go, which would lose it with the runtime: it must
+	// stay pending for the idle program. Blocking it in this thread is not enough: a process's
+	// signal goes to any thread that does not block it, and the runtime unblocks them in each of
+	// its threads (AllThreadsSyscall cannot help: a signal handler runs it in the other threads,
+	// and the kernel restores their mask when it returns). So the stop signals get a handler of
+	// this package's own (holdStops), which blocks the signal in the thread that took it and
+	// sends it to the process again, until no thread is left to take it. One P, so that the
+	// runtime seldom starts a thread meanwhile.
 	runtime.GOMAXPROCS(1)
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
-	var stopSignals uint64 = 1<<(unix.SIGINT-1) | 1<<(unix.SIGTERM-1)
-	if _, _, errno := syscall.AllThreadsSyscall6(unix.SYS_RT_SIGPROCMASK, unix.SIG_BLOCK, uintptr(unsafe.Pointer(&stopSignals)), 0, 8, 0, 0); errno != 0 {
+	release, err := holdStops()
+	if err != nil {
 		closeKept()
-		return fmt.Errorf("idle program: blocking the stop signals: %w", errno)
+		return err
 	}
-	unblock := func() {
-		_, _, _ = syscall.AllThreadsSyscall6(unix.SYS_RT_SIGPROCMASK, unix.SIG_UNBLOCK, uintptr(unsafe.Pointer(&stopSignals)), 0, 8, 0, 0)
+	// A stop signal Go's handler took before is on its way to os/signal: wait until it has
+	// passed it on (Stops.flush). (Nothing here may enable or disable a signal through the
+	// runtime: its signal thread would unblock them again.)
+	if err := stops.flush(); err != nil {
+		release()
+		closeKept()
+		return err
 	}
-	// A stop signal the runtime took before the block is on its way to the shim: give it time to
-	// arrive (its handler already ran; the goroutines forwarding it need this thread's P), then
-	// look at every place it can be by now: not yet taken from stops.Signals, taken (stops.Seen),
-	// or through to ctx. (Nothing here may enable or disable a signal: the runtime's signal
-	// thread would unblock them again.)
-	time.Sleep(stopSettle)
-	if ctx.Err() != nil || len(stops.Signals) > 0 || (stops.Seen != nil && stops.Seen()) {
-		unblock()
+	if ctx.Err() != nil {
+		release()
 		closeKept()
 		return ErrStopping
+	}
+	if err := holdAllThreads(); err != nil {
+		release()
+		closeKept()
+		return err
 	}
 	_, _, errno := syscall.RawSyscall6(unix.SYS_EXECVEAT, uintptr(mfd), uintptr(unsafe.Pointer(&empty[0])),
 		uintptr(unsafe.Pointer(&argvp[0])), uintptr(unsafe.Pointer(&envp[0])), unix.AT_EMPTY_PATH, 0)
 	// Still here: the process is unchanged. Undo, and let the caller go on holding in Go.
-	unblock()
+	release()
 	closeKept()
 	return fmt.Errorf("idle program: exec: %w", errno)
-}
-
-// Stops is how Enter learns of a stop signal (SIGINT, SIGTERM) the shim took just before Enter
-// blocked them: Signals is the channel signal.Notify delivers them to, Seen reports whether the
-// shim has received one from it (the shim sets it the moment it does). Both may be zero (a test).
-type Stops struct {
-	Signals chan os.Signal
-	Seen    func() bool
 }
 
 // ErrBusy says something waits on the registration or the listening socket: the idle program

@@ -203,3 +203,41 @@ TEXT ·imageText(SB), NOSPLIT, $0-24
 	MOVQ $4096, ret_len+8(FP)
 	MOVQ $4096, ret_cap+16(FP)
 	RET
+
+// func stopHandlerPC() uintptr
+TEXT ·stopHandlerPC(SB), NOSPLIT, $0-8
+	LEAQ ·stopHandler(SB), AX
+	MOVQ AX, ret+0(FP)
+	RET
+
+// stopHandler is the stop signals' handler while Enter replaces the process (see holdStops): it
+// blocks the signal in the thread that took it, from its return on (in the mask the kernel
+// restores then, uc_sigmask in the ucontext at DX), and sends it to the process again, where it
+// waits for a thread that does not block it yet, or, once none is left, for the idle program.
+// Called by the kernel: DI the signal, SI its siginfo, DX the ucontext; it returns to the
+// restorer, which restores every register.
+TEXT ·stopHandler(SB), NOSPLIT|NOFRAME, $0
+	ORQ  $0x4002, 296(DX)    // uc_sigmask |= SIGINT, SIGTERM
+	MOVQ DI, R12
+	MOVQ $39, AX             // getpid
+	SYSCALL
+	MOVQ AX, DI
+	MOVQ R12, SI
+	MOVQ $62, AX             // kill(getpid(), sig)
+	SYSCALL
+	RET
+
+// func blockHandlerPC() uintptr
+TEXT ·blockHandlerPC(SB), NOSPLIT, $0-8
+	LEAQ ·blockHandler(SB), AX
+	MOVQ AX, ret+0(FP)
+	RET
+
+// blockHandler is blockSignal's handler while Enter replaces the process (see holdAllThreads): it
+// blocks the stop signals in the thread it runs in, from its return on, and counts it in
+// threadsHeld.
+TEXT ·blockHandler(SB), NOSPLIT|NOFRAME, $0
+	ORQ  $0x4002, 296(DX)    // uc_sigmask |= SIGINT, SIGTERM
+	LOCK
+	INCL ·threadsHeld(SB)
+	RET

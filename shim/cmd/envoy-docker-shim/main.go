@@ -59,6 +59,9 @@ func main() {
 	// From the start, so that a stop signal at any moment means "exit 0" (and not death by signal).
 	signals := make(chan os.Signal, 1)
 	signal.Notify(signals, os.Interrupt, syscall.SIGTERM)
+	if idle.Supported() {
+		stops = idle.WatchStops()
+	}
 	args, argsErr := proxyargs.Parse(os.Args[1:])
 	// Run again by the idle program (package idle): fd 3 is the registration, not dockerd's pipe.
 	if held, resumed, err := idle.Resumed(); resumed {
@@ -134,9 +137,16 @@ func shim(start time.Time, status *statuspipe.Pipe, pipeErr error, args proxyarg
 	// A TCP shim serves the port's socket itself from the start: the server answers once the
 	// registration is valid, and Envoy takes the port over in the background (package handover).
 	open.Serving = m.Proto == mapping.TCP
+	// It asks to hear when Envoy has the port (Served): still in Go, it then steers at once; gone
+	// idle unsteered (Envoy took longer than unsteeredIdleAfter), it is woken to steer, rather
+	// than leaving the port's first connection to the shim, outside Envoy's stats.
+	open.WantsServed = open.Serving
 	regOpts := registration.Options{
 		Socket: cfg.ShimSocket, Open: open, Log: log, Relay: relay,
-		Idle: idler(m.Proto, func() *handover.Listener { return lis }, signals, log), IdleReady: idleReady,
+		Idle: idler(m.Proto, func() *handover.Listener { return lis }, log), IdleReady: idleReady,
+	}
+	if m.Proto == mapping.TCP {
+		regOpts.Served = func() { lis.Acknowledged() } // lis is set before Register starts reading
 	}
 	reg := registration.New(regOpts)
 	deadline := start.Add(cfg.Timeout - 250*time.Millisecond) // leaves time to write the reason, even on a loaded host
@@ -147,7 +157,6 @@ func shim(start time.Time, status *statuspipe.Pipe, pipeErr error, args proxyarg
 	g.Add(func() error {
 		select {
 		case sig := <-signals:
-			stopSeen.Store(true) // first: the idle program must not be entered now (package idle)
 			log.Info("stopping", "signal", sig.String())
 			time.AfterFunc(stopWithin, func() { os.Exit(0) }) // whatever else is stuck, exit 0 soon
 			return run.SignalError{Signal: sig}
@@ -276,11 +285,12 @@ const unsteeredIdleAfter = 250 * time.Millisecond
 
 // offerIdle offers the process to the idle program whenever no connection runs through the shim
 // and either Envoy's sockets take the port's new connections or none has reached the shim for
-// unsteeredIdleAfter, until ctx ends or the idle program cannot run here.
+// unsteeredIdleAfter (and the server's Served is not being acted on), until ctx ends or the idle
+// program cannot run here.
 func offerIdle(ctx context.Context, lis *handover.Listener, idleReady chan<- struct{}) {
 	retry := idleRetryMin
 	for look := idleLookMin; ; {
-		if lis.Active() > 0 || (lis.Steered() == 0 && lis.Quiet() < unsteeredIdleAfter) {
+		if lis.Active() > 0 || lis.Acknowledging() || (lis.Steered() == 0 && lis.Quiet() < unsteeredIdleAfter) {
 			if !wait.Sleep(ctx, look) {
 				return
 			}
@@ -301,15 +311,15 @@ func offerIdle(ctx context.Context, lis *handover.Listener, idleReady chan<- str
 	}
 }
 
-// stopSeen is set the moment the shim takes a stop signal.
-var stopSeen atomic.Bool
+// stops is what the idle program's Enter learns stop signals from.
+var stops idle.Stops
 
 // idleBroken says the idle program cannot run here (no memfd exec, say): stop offering.
 var idleBroken atomic.Bool
 
 // idler is the registration's Idle hook: TCP shims hand their process, with the port's socket,
 // over to the idle program, with the environment they are to resume with (one P).
-func idler(proto mapping.Protocol, port func() *handover.Listener, signals chan os.Signal, log *logging.Logger) func(context.Context, *net.UnixConn) error {
+func idler(proto mapping.Protocol, port func() *handover.Listener, log *logging.Logger) func(context.Context, *net.UnixConn) error {
 	if proto != mapping.TCP || !idle.Supported() {
 		return nil
 	}
@@ -319,7 +329,6 @@ func idler(proto mapping.Protocol, port func() *handover.Listener, signals chan 
 		if _, set := os.LookupEnv("GOMAXPROCS"); !set {
 			env = append(env, "GOMAXPROCS=1")
 		}
-		stops := idle.Stops{Signals: signals, Seen: stopSeen.Load}
 		var err error
 		if l := port(); l != nil {
 			env = append(env, idle.RetryWindowEnv+"="+l.RetryWindow().String())
@@ -368,7 +377,7 @@ func resume(held idle.Held, err error, args proxyargs.Result, signals chan os.Si
 	idleReady := make(chan struct{})
 	opts := registration.Options{
 		Socket: cfg.ShimSocket, Open: registration.NewOpen(m, false), Log: log, Relay: relay,
-		Idle: idler(m.Proto, func() *handover.Listener { return lis }, signals, log), IdleReady: idleReady,
+		Idle: idler(m.Proto, func() *handover.Listener { return lis }, log), IdleReady: idleReady,
 	}
 	if lis != nil {
 		// Most often the server's Served is what woke the idle program: Envoy listens on the
@@ -383,7 +392,6 @@ func resume(held idle.Held, err error, args proxyargs.Result, signals chan os.Si
 	g.Add(func() error {
 		select {
 		case sig := <-signals:
-			stopSeen.Store(true) // first: the idle program must not be entered now (package idle)
 			log.Info("stopping", "signal", sig.String())
 			time.AfterFunc(stopWithin, func() { os.Exit(0) })
 			return nil

@@ -1103,3 +1103,52 @@ func TestServedSteersAFastStartedShim(t *testing.T) {
 		})
 	}
 }
+
+// The shim in Go (here because an EDS_SHIM_ setting besides the socket turns the fast start
+// away) asks for Served too. With no Envoy on the port it goes idle unsteered after
+// unsteeredIdleAfter; the server's Served then wakes it, and it steers the port to Envoy's
+// sockets and goes idle again, with no connection having reached the shim: Envoy gets the port's
+// connections from the first one on.
+func TestServedSteersAGoShimThatWentIdle(t *testing.T) {
+	if !idle.Supported() {
+		t.Skipf("no idle program on %s", runtime.GOARCH)
+	}
+	h := newHarness(t)
+	srv := h.server(nil)
+	echo := tcpEcho(t)
+	host := netip.AddrPortFrom(loopback, freePort(t))
+	p := h.start(shimtest.Args("tcp", host, echo, false), []string{"EDS_SHIM_TIMEOUT=9s"}, nil)
+	h.expectReady(p)
+	pid := p.Cmd.Process.Pid
+	if opens := srv.Opens(); len(opens) != 1 || !opens[0].WantsServed {
+		t.Fatalf("Opens %+v, want one that asks for Served", opens)
+	}
+	waitIdle(t, pid)
+	if exe, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid)); !strings.Contains(exe, "memfd:") {
+		t.Fatalf("idle, but not through the shim in Go: the executable is %q", exe)
+	}
+	startReusePortServer(t, host, 2, "envoy")
+	if n := srv.TellServed(); n != 1 {
+		t.Fatalf("Served sent on %d registrations, want 1", n)
+	}
+	if !srv.WaitFor(5*time.Second, func(r *shimtest.Registrar) bool {
+		for _, l := range r.Logs() {
+			if strings.Contains(l.Message, "port handed over to Envoy") {
+				return true
+			}
+		}
+		return false
+	}) {
+		t.Fatalf("the shim did not steer the port after Served; logs: %v", srv.Logs())
+	}
+	waitIdle(t, pid)
+	for i := range 30 {
+		if who := answeredBy(t, host); who != "envoy" {
+			t.Fatalf("connection %d answered by %q, want Envoy", i, who)
+		}
+	}
+	if len(srv.Live()) != 1 || len(srv.Opens()) != 1 {
+		t.Fatalf("%d live registrations after %d opens, want 1 and 1", len(srv.Live()), len(srv.Opens()))
+	}
+	h.stop(p, os.Interrupt)
+}
