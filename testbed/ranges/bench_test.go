@@ -239,14 +239,19 @@ func waitEnvoyListens(b *testing.B, p *path, base counts, n int, start time.Time
 	}
 }
 
-// waitAllIdle waits until each of the n shims went idle (package idle): their memory is then what
-// the host keeps paying. It returns the time since start.
+// waitAllIdle waits until each of the n shims went idle (package idle) after steering its port to
+// Envoy: idle through the idle program's memfd, which a shim the fast start left idle reaches once
+// the server's Served woke it (one every 10 ms) and it steered. Their memory is then what the host
+// keeps paying. (Idle alone is no such point: a woken shim steers and goes idle again in a few
+// milliseconds, so every shim is idle now and then while most have yet to be woken.) It returns
+// the time since start.
 func waitAllIdle(b *testing.B, p *path, n int, start time.Time) time.Duration {
 	deadline := time.Now().Add(2 * time.Minute)
 	for {
 		idled := 0
 		for _, pid := range p.daemon.Processes(p.proxy) {
-			if idle.Running(pid) {
+			exe, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
+			if idle.Running(pid) && strings.Contains(exe, "memfd:") {
 				idled++
 			}
 		}
@@ -254,7 +259,7 @@ func waitAllIdle(b *testing.B, p *path, n int, start time.Time) time.Duration {
 			return time.Since(start)
 		}
 		if time.Now().After(deadline) {
-			b.Fatalf("%s: %d of %d shims idle 2 minutes after docker run", p.name, idled, n)
+			b.Fatalf("%s: %d of %d shims steered and idle 2 minutes after docker run", p.name, idled, n)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
@@ -396,7 +401,7 @@ func write(b *testing.B, all []Series, rounds int, settle time.Duration, loadBef
 	fmt.Fprintf(&doc, "# Port ranges: `docker run -p` of N ports, docker-proxy and ours\n\nMachine: %s; load average (1, 5, 15 min) %s before the run, %s after.\n\n", bench.Machine(), loadBefore, bench.LoadAverage())
 	fmt.Fprintf(&doc, "One container (the echo image, HTTP on every container port, default labels: Envoy's HTTP mode) publishing `127.0.0.1:lo-hi:%d-...`; "+
 		"each generation's own docker-proxy against envoy-docker-shim with its server and Envoy (shipped defaults) as processes of their own; "+
-		"%d rounds, alternating, medians (leftovers: the worst round). Memory is read %v after the ports answer: the sum over every proxy process of "+
+		"%d rounds, alternating, medians (leftovers: the worst round). Memory is read %v after the ports answer and every shim steered its port to Envoy and went idle: the sum over every proxy process of "+
 		"RSS, PSS and USS from /proc/PID/smaps_rollup; Envoy's and the server's growth from before `docker run`, per port. Ratios against docker-proxy.\n\n", containerBase, rounds, settle)
 	doc.WriteString(Markdown(sums))
 	doc.WriteString("Every round:\n\n")

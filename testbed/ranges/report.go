@@ -177,7 +177,7 @@ func Markdown(sums []Summary) string {
 	}
 	for _, gen := range gens {
 		fmt.Fprintf(&b, "### %s\n\n", gen)
-		b.WriteString("| ports | path | rounds | `docker run` s | Envoy has every port, s | every shim idle, s | per port ms | proxies | RSS MiB | PSS MiB | USS MiB | Envoy KiB/port (RSS, PSS) | server KiB/port (RSS, PSS) | `docker rm -f` s | left at return | left 1 s later | CPU ms/port |\n")
+		b.WriteString("| ports | path | rounds | `docker run` s | Envoy has every port, s | every shim steered and idle, s | per port ms | proxies | RSS MiB | PSS MiB | USS MiB | Envoy KiB/port (RSS, PSS) | server KiB/port (RSS, PSS) | `docker rm -f` s | left at return | left 1 s later | CPU ms/port |\n")
 		b.WriteString("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|\n")
 		for _, s := range sums {
 			if s.Generation != gen {
@@ -231,7 +231,7 @@ func Markdown(sums []Summary) string {
 // Rounds lists every round's figures, for a reader who wants more than the medians.
 func Rounds(series []Series) string {
 	var b strings.Builder
-	b.WriteString("| generation | ports | path | round | `docker run` s | Envoy has every port, s | every shim idle, s | PSS MiB | USS MiB | Envoy RSS +MiB | server RSS +MiB | `docker rm -f` s | CPU s: dockerd, proxies, Envoy, server |\n")
+	b.WriteString("| generation | ports | path | round | `docker run` s | Envoy has every port, s | every shim steered and idle, s | PSS MiB | USS MiB | Envoy RSS +MiB | server RSS +MiB | `docker rm -f` s | CPU s: dockerd, proxies, Envoy, server |\n")
 	b.WriteString("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n")
 	for _, s := range series {
 		for i, x := range s.Samples {
