@@ -37,3 +37,22 @@ func TestSleep(t *testing.T) {
 		t.Errorf("a context that ends during the sleep: not cut short")
 	}
 }
+
+// SleepUnless ends when wake is closed, with the context still live; a nil wake waits the whole time.
+func TestSleepUnless(t *testing.T) {
+	wake := make(chan struct{})
+	time.AfterFunc(20*time.Millisecond, func() { close(wake) })
+	start := time.Now()
+	if !SleepUnless(context.Background(), time.Hour, wake) || time.Since(start) > 5*time.Second {
+		t.Errorf("a wake channel closed during the sleep: not cut short")
+	}
+	start = time.Now()
+	if !SleepUnless(context.Background(), 20*time.Millisecond, nil) || time.Since(start) < 20*time.Millisecond {
+		t.Errorf("a nil wake channel: the sleep was cut short")
+	}
+	ended, cancel := context.WithCancel(context.Background())
+	cancel()
+	if SleepUnless(ended, time.Hour, wake) {
+		t.Errorf("an ended context: SleepUnless reports it live")
+	}
+}

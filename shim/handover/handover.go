@@ -415,7 +415,7 @@ func (l *Listener) waitPeers(ctx context.Context, first bool) (int, error) {
 				l.log.Warn("Envoy has not come back to the port yet; the shim keeps serving it", "addr", l.addr, "for", time.Since(start).Round(time.Second))
 			}
 		}
-		if !sleep(ctx, pause, acked) {
+		if !wait.SleepUnless(ctx, pause, acked) {
 			return 0, ctx.Err()
 		}
 		pause = min(2*pause, retryMax)
@@ -441,7 +441,7 @@ func (l *Listener) stablePeers(ctx context.Context, acked <-chan struct{}) (int,
 		if closed(acked) {
 			return n, nil // whole; or none, which needs no settling either
 		}
-		if !sleep(ctx, l.settle, acked) {
+		if !wait.SleepUnless(ctx, l.settle, acked) {
 			return 0, ctx.Err()
 		}
 		var again int
@@ -451,19 +451,6 @@ func (l *Listener) stablePeers(ctx context.Context, acked <-chan struct{}) (int,
 		n = again
 	}
 	return 0, fmt.Errorf("steering: reading sockets: %w", err)
-}
-
-// sleep waits d, or less if acked closes; it reports whether ctx is still live.
-func sleep(ctx context.Context, d time.Duration, acked <-chan struct{}) bool {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return false
-	case <-t.C:
-	case <-acked:
-	}
-	return true
 }
 
 func closed(c <-chan struct{}) bool {
