@@ -170,9 +170,9 @@ func Executable(conn, exe, listen int, name string) ([]byte, error) {
 //
 // The caller must have nothing else to do: every goroutine, every file but conn and listener, is
 // gone with the Go runtime. ctx is the shim's, ended by its stop signals: for a SIGINT or SIGTERM
-// that reached Go before Enter blocked them in every thread (stops sees it), Enter returns
-// ErrStopping for the caller to stop as usual; one that comes later stays pending for the idle
-// program, which handles it.
+// that reached Go before Enter took them over (stops sees it), Enter returns ErrStopping for the
+// caller to stop as usual; one that comes later stays pending for the idle program, which
+// handles it.
 func Enter(ctx context.Context, conn *net.UnixConn, listener syscall.Conn, env []string, stops Stops) error {
 	c, err := descriptor(conn)
 	if err != nil {

@@ -59,45 +59,35 @@ func (s Stops) flush() error {
 	}
 	deadline := time.NewTimer(flushWait)
 	defer deadline.Stop()
-	// What came so far; and the flushSignal of an Enter that gave up on it, which says nothing
-	// about the signals taken since: wait for it before sending another.
-	for drained := false; !drained; {
+	// take reads one signal: a stop ends the flush; a flushSignal is the one awaited.
+	take := func() error {
 		select {
 		case sig := <-s.c:
 			if sig != flushSignal {
 				return ErrStopping
 			}
 			*s.flushing = false
-		default:
-			if !*s.flushing {
-				drained = true
-				continue
-			}
-			select {
-			case sig := <-s.c:
-				if sig != flushSignal {
-					return ErrStopping
-				}
-				*s.flushing = false
-			case <-deadline.C:
-				return errors.New("idle program: the Go runtime did not pass its own signal on within 5 s")
-			}
+			return nil
+		case <-deadline.C:
+			return errors.New("idle program: the Go runtime did not pass its own signal on within 5 s")
+		}
+	}
+	// What came so far, and the flushSignal of an Enter that gave up on it, which says nothing
+	// about the signals taken since: wait for it before sending another.
+	for len(s.c) > 0 || *s.flushing {
+		if err := take(); err != nil {
+			return err
 		}
 	}
 	if err := unix.Kill(os.Getpid(), flushSignal); err != nil {
 		return fmt.Errorf("idle program: signalling itself: %w", err)
 	}
-	*s.flushing = true
-	select {
-	case sig := <-s.c:
-		if sig != flushSignal {
-			return ErrStopping
+	for *s.flushing = true; *s.flushing; {
+		if err := take(); err != nil {
+			return err
 		}
-		*s.flushing = false
-		return nil
-	case <-deadline.C:
-		return errors.New("idle program: the Go runtime did not pass its own signal on within 5 s")
 	}
+	return nil
 }
 
 // holdStops makes the stop signals wait for the idle program (see Enter): it gives them

@@ -104,14 +104,7 @@ func TestListenFDHandoverToRealEnvoy(t *testing.T) {
 			sock.Close() // "The daemon closes its own copy after a successful start."
 			t.Logf("ready after %s (Envoy started and serving)", status.After.Round(time.Millisecond))
 
-			if !srv.WaitFor(5*time.Second, func(r *shimtest.Registrar) bool {
-				for _, l := range r.Logs() {
-					if strings.Contains(l.Message, "port handed over to Envoy") {
-						return true
-					}
-				}
-				return false
-			}) {
+			if !srv.WaitFor(5*time.Second, loggedHandover) {
 				t.Fatalf("no handover logged; shim logs: %v", srv.Logs())
 			}
 			handedOverAt := time.Now()

@@ -1091,14 +1091,7 @@ func TestServedSteersAFastStartedShim(t *testing.T) {
 				}
 				time.Sleep(10 * time.Millisecond)
 			}
-			for i := range 30 {
-				if who := answeredBy(t, host); who != "envoy" {
-					t.Fatalf("connection %d answered by %q, want Envoy: the port was not steered before it", i, who)
-				}
-			}
-			if len(srv.Live()) != 1 || len(srv.Opens()) != 1 {
-				t.Fatalf("%d live registrations after %d opens, want 1 and 1", len(srv.Live()), len(srv.Opens()))
-			}
+			expectSteeredOnce(t, srv, host)
 			h.stop(p, os.Interrupt)
 		})
 	}
@@ -1131,24 +1124,34 @@ func TestServedSteersAGoShimThatWentIdle(t *testing.T) {
 	if n := srv.TellServed(); n != 1 {
 		t.Fatalf("Served sent on %d registrations, want 1", n)
 	}
-	if !srv.WaitFor(5*time.Second, func(r *shimtest.Registrar) bool {
-		for _, l := range r.Logs() {
-			if strings.Contains(l.Message, "port handed over to Envoy") {
-				return true
-			}
-		}
-		return false
-	}) {
+	if !srv.WaitFor(5*time.Second, loggedHandover) {
 		t.Fatalf("the shim did not steer the port after Served; logs: %v", srv.Logs())
 	}
 	waitIdle(t, pid)
+	expectSteeredOnce(t, srv, host)
+	h.stop(p, os.Interrupt)
+}
+
+// loggedHandover reports whether a shim logged that it handed its port over to Envoy.
+func loggedHandover(r *shimtest.Registrar) bool {
+	for _, l := range r.Logs() {
+		if strings.Contains(l.Message, "port handed over to Envoy") {
+			return true
+		}
+	}
+	return false
+}
+
+// expectSteeredOnce checks that Envoy answers 30 connections in a row to host (the port was
+// steered before them) and that the shim registered once and holds that registration.
+func expectSteeredOnce(t *testing.T, srv *shimtest.Registrar, host netip.AddrPort) {
+	t.Helper()
 	for i := range 30 {
 		if who := answeredBy(t, host); who != "envoy" {
-			t.Fatalf("connection %d answered by %q, want Envoy", i, who)
+			t.Fatalf("connection %d answered by %q, want Envoy: the port was not steered before it", i, who)
 		}
 	}
 	if len(srv.Live()) != 1 || len(srv.Opens()) != 1 {
 		t.Fatalf("%d live registrations after %d opens, want 1 and 1", len(srv.Live()), len(srv.Opens()))
 	}
-	h.stop(p, os.Interrupt)
 }
