@@ -33,7 +33,11 @@
 //     Envoy's sockets gone only S is left: every new connection reaches S, none is refused.
 //     With net.ipv4.tcp_migrate_req=1 (the server sets it) the kernel also moves the accept
 //     queues and half-open handshakes of Envoy's closing sockets to another socket of the group
-//     (S, or a worker still listening) instead of resetting them.
+//     (S, or a worker still listening) instead of resetting them. Not covered, by any design: a
+//     handshake whose last ACK the kernel processes in the very instant its socket stops
+//     listening is reset (tcp_check_req finds the socket listening, and by the time
+//     inet_csk_reqsk_queue_add queues the connection it no longer is), a few microseconds per
+//     closing socket.
 //  5. The first connection S accepts while steered says that Envoy's sockets changed: the shim
 //     counts them again (sock_diag, backing off while there are none) and, once a new Envoy's
 //     sockets listen and hold still, attaches "1 + random % N" for their count: step 3 again.

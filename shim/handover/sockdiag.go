@@ -28,6 +28,7 @@ type diagEntry struct {
 	local  netip.AddrPort
 	remote netip.AddrPort
 	cookie uint64 // unique per socket (and per request socket) for its lifetime
+	queued uint32 // a listening socket's accept queue: connections waiting for accept
 	inode  uint32
 }
 
@@ -120,6 +121,7 @@ func parseDiagMsg(d []byte, family uint8) diagEntry {
 		local:  netip.AddrPortFrom(src, sport),
 		remote: netip.AddrPortFrom(dst, dport),
 		cookie: uint64(ne.Uint32(id[40:])) | uint64(ne.Uint32(id[44:]))<<32,
+		queued: ne.Uint32(d[56:]), // idiag_rqueue, which for a listener is its accept backlog
 		inode:  ne.Uint32(d[68:]),
 	}
 }
