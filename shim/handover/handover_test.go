@@ -482,22 +482,22 @@ func TestEnvoyGoneAndBack(t *testing.T) {
 // connections in their accept queues, together.
 func waitQueued(t *testing.T, ns *testNetns, addr netip.AddrPort, inode uint64, n int) {
 	t.Helper()
-	for deadline := time.Now().Add(time.Second); ; time.Sleep(time.Millisecond) {
+	testbed.WaitFor(t, time.Second, fmt.Sprintf("%d connections in Envoy's accept queues", n), func() error {
 		var entries []diagEntry
-		ns.do(t, func() (err error) { entries, err = dump(addr, tcpListen); return err })
+		if err := testbed.InNetns(ns.f, func() (err error) { entries, err = dump(addr, tcpListen); return err }); err != nil {
+			return err
+		}
 		queued := 0
 		for _, e := range entries {
 			if uint64(e.inode) != inode {
 				queued += int(e.queued)
 			}
 		}
-		if queued == n {
-			return
+		if queued != n {
+			return fmt.Errorf("%d queued", queued)
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("Envoy's sockets hold %d connections in their accept queues, want %d", queued, n)
-		}
-	}
+		return nil
+	})
 }
 
 // Once steered, Envoy's sockets share the port evenly, and still do after the shim has closed
